@@ -1,0 +1,992 @@
+//! The saga state machine. Pure: no I/O, no clock, no randomness of its own.
+//!
+//! [`apply`] takes a saga's control state, its definition and one [`Event`], and returns the next
+//! state plus the [`Effect`]s the driver must persist in the same transaction (commands for the
+//! outbox, outputs, history entries). Time, the id of a command it may send and the jitter of a
+//! back-off come in through [`Ctx`] so every transition is reproducible in tests.
+//!
+//! A saga runs one step at a time. Actions run forwards; a failure at or before the pivot turns
+//! the saga around and compensations run backwards over the completed steps; after the pivot
+//! actions are retried until they succeed.
+
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::definition::Definition;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
+    /// A compensation exhausted its attempts: nothing more happens until an operator acts.
+    NeedsOperator,
+}
+
+impl Status {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Completed | Status::Compensated)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Compensating => "compensating",
+            Status::Completed => "completed",
+            Status::Compensated => "compensated",
+            Status::NeedsOperator => "needs_operator",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Some(match s {
+            "running" => Status::Running,
+            "compensating" => Status::Compensating,
+            "completed" => Status::Completed,
+            "compensated" => Status::Compensated,
+            "needs_operator" => Status::NeedsOperator,
+            _ => return None,
+        })
+    }
+}
+
+/// Whether a command performs a step or undoes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Action,
+    Compensation,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Action => "action",
+            Kind::Compensation => "compensation",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "action" => Some(Kind::Action),
+            "compensation" => Some(Kind::Compensation),
+            _ => None,
+        }
+    }
+}
+
+/// What the saga is waiting for. It is never waiting for two things: steps run one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// Not started yet, or finished, or held for an operator.
+    Nothing,
+    /// The reply to `command_id`, until `deadline`.
+    Reply {
+        command_id: Uuid,
+        deadline: OffsetDateTime,
+    },
+    /// The back-off before the next attempt ends at `at`.
+    Retry { at: OffsetDateTime },
+}
+
+/// The control state of one saga: everything [`apply`] needs and nothing more.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaState {
+    pub status: Status,
+    /// Index of the step being executed (`kind == Action`) or compensated.
+    pub step: usize,
+    pub kind: Kind,
+    /// 1-based attempt of the current command; 0 before the first dispatch.
+    pub attempt: u32,
+    pub waiting: Waiting,
+    /// Why the saga turned around or stopped.
+    pub error: Option<String>,
+}
+
+impl SagaState {
+    pub fn new() -> Self {
+        SagaState {
+            status: Status::Running,
+            step: 0,
+            kind: Kind::Action,
+            attempt: 0,
+            waiting: Waiting::Nothing,
+            error: None,
+        }
+    }
+
+    /// When the timer sweeper must deliver [`Event::Timer`]; `None` when no timer is due.
+    pub fn wake_at(&self) -> Option<OffsetDateTime> {
+        match self.waiting {
+            Waiting::Nothing => None,
+            Waiting::Reply { deadline, .. } => Some(deadline),
+            Waiting::Retry { at } => Some(at),
+        }
+    }
+}
+
+impl Default for SagaState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Success {
+        output: Value,
+    },
+    /// `retryable`: the participant believes the same command may succeed later (a transient
+    /// error). A non-retryable failure of a step up to the pivot compensates at once.
+    Failure {
+        reason: String,
+        retryable: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Start,
+    Reply {
+        command_id: Uuid,
+        outcome: Outcome,
+    },
+    /// The saga's wake-up time has passed.
+    Timer,
+}
+
+/// Inputs from the outside world, so that [`apply`] is deterministic.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub now: OffsetDateTime,
+    /// The id to give a command if this transition sends one (a new attempt gets a new id).
+    pub next_command_id: Uuid,
+    /// In [0, 1): spreads retries of many sagas apart.
+    pub jitter: f64,
+}
+
+/// A command for a participant, to be written to the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    pub command_id: Uuid,
+    pub step: usize,
+    pub kind: Kind,
+    pub attempt: u32,
+    pub deadline: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Record an attempt and put its command in the outbox.
+    Send(Command),
+    /// The attempt `command_id` ended: with a reply (`outcome`) or by its deadline (`None`).
+    AttemptEnded {
+        command_id: Uuid,
+        outcome: Option<Outcome>,
+    },
+    /// Merge a step's output into the saga's outputs, passed to every later command.
+    SaveOutput { step: usize, output: Value },
+    /// Append to the saga's history (its timeline).
+    History {
+        kind: HistoryKind,
+        step: Option<usize>,
+        command_id: Option<Uuid>,
+        detail: Value,
+    },
+    /// The saga entered a status that others may want to know about.
+    Lifecycle(Status),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryKind {
+    SagaStarted,
+    CommandSent,
+    StepSucceeded,
+    StepFailed,
+    StepTimedOut,
+    RetryScheduled,
+    CompensationStarted,
+    StepCompensated,
+    CompensationFailed,
+    LateReply,
+    SagaCompleted,
+    SagaCompensated,
+    NeedsOperator,
+}
+
+impl HistoryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HistoryKind::SagaStarted => "saga_started",
+            HistoryKind::CommandSent => "command_sent",
+            HistoryKind::StepSucceeded => "step_succeeded",
+            HistoryKind::StepFailed => "step_failed",
+            HistoryKind::StepTimedOut => "step_timed_out",
+            HistoryKind::RetryScheduled => "retry_scheduled",
+            HistoryKind::CompensationStarted => "compensation_started",
+            HistoryKind::StepCompensated => "step_compensated",
+            HistoryKind::CompensationFailed => "compensation_failed",
+            HistoryKind::LateReply => "late_reply",
+            HistoryKind::SagaCompleted => "saga_completed",
+            HistoryKind::SagaCompensated => "saga_compensated",
+            HistoryKind::NeedsOperator => "needs_operator",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub state: SagaState,
+    pub effects: Vec<Effect>,
+}
+
+impl Transition {
+    /// Nothing changed: the event did not apply to this saga's current state.
+    pub fn is_noop(&self) -> bool {
+        self.effects.is_empty()
+    }
+}
+
+/// Applies one event. Events that do not fit the state (a duplicate or late reply, a timer that
+/// is not due, anything after the saga ended) leave the state unchanged; a late reply to an
+/// attempt that already ended is only recorded in the history.
+pub fn apply(def: &Definition, state: &SagaState, event: Event, ctx: Ctx) -> Transition {
+    let mut m = Machine {
+        def,
+        state: state.clone(),
+        effects: Vec::new(),
+        ctx,
+    };
+    match event {
+        Event::Start => m.start(),
+        Event::Reply {
+            command_id,
+            outcome,
+        } => m.reply(command_id, outcome),
+        Event::Timer => m.timer(),
+    }
+    Transition {
+        state: m.state,
+        effects: m.effects,
+    }
+}
+
+struct Machine<'a> {
+    def: &'a Definition,
+    state: SagaState,
+    effects: Vec<Effect>,
+    ctx: Ctx,
+}
+
+impl Machine<'_> {
+    fn start(&mut self) {
+        if self.state.status != Status::Running || self.state.attempt != 0 {
+            return;
+        }
+        self.history(
+            HistoryKind::SagaStarted,
+            None,
+            None,
+            json!({"definition_version": self.def.version}),
+        );
+        self.effects.push(Effect::Lifecycle(Status::Running));
+        self.send(0, Kind::Action, 1);
+    }
+
+    fn reply(&mut self, command_id: Uuid, outcome: Outcome) {
+        let current =
+            matches!(self.state.waiting, Waiting::Reply { command_id: c, .. } if c == command_id);
+        if !current {
+            // The driver only hands us replies to attempts that never got one, so this is an
+            // answer that arrived after its attempt timed out: keep it for the operator.
+            if !self.state.status.is_terminal() {
+                self.effects.push(Effect::AttemptEnded {
+                    command_id,
+                    outcome: Some(outcome.clone()),
+                });
+                self.history(
+                    HistoryKind::LateReply,
+                    None,
+                    Some(command_id),
+                    outcome_detail(&outcome),
+                );
+            }
+            return;
+        }
+        self.effects.push(Effect::AttemptEnded {
+            command_id,
+            outcome: Some(outcome.clone()),
+        });
+        let step = self.state.step;
+        match (self.state.kind, outcome) {
+            (Kind::Action, Outcome::Success { output }) => {
+                self.history(
+                    HistoryKind::StepSucceeded,
+                    Some(step),
+                    Some(command_id),
+                    json!({"output": output}),
+                );
+                self.effects.push(Effect::SaveOutput { step, output });
+                if step + 1 < self.def.steps.len() {
+                    self.send(step + 1, Kind::Action, 1);
+                } else {
+                    self.finish(Status::Completed);
+                }
+            }
+            (Kind::Action, Outcome::Failure { reason, retryable }) => {
+                self.history(
+                    HistoryKind::StepFailed,
+                    Some(step),
+                    Some(command_id),
+                    json!({"reason": reason, "retryable": retryable}),
+                );
+                // The participant answered: its local transaction did not happen, so this step
+                // has nothing to undo.
+                self.action_failed(reason, retryable, false);
+            }
+            (Kind::Compensation, Outcome::Success { .. }) => {
+                self.history(
+                    HistoryKind::StepCompensated,
+                    Some(step),
+                    Some(command_id),
+                    json!({}),
+                );
+                self.compensate_from(step.checked_sub(1));
+            }
+            (Kind::Compensation, Outcome::Failure { reason, .. }) => {
+                self.history(
+                    HistoryKind::CompensationFailed,
+                    Some(step),
+                    Some(command_id),
+                    json!({"reason": reason}),
+                );
+                self.compensation_failed(reason);
+            }
+        }
+    }
+
+    fn timer(&mut self) {
+        let now = self.ctx.now;
+        match self.state.waiting {
+            Waiting::Reply {
+                command_id,
+                deadline,
+            } if deadline <= now => {
+                self.effects.push(Effect::AttemptEnded {
+                    command_id,
+                    outcome: None,
+                });
+                let step = self.state.step;
+                let timeout = self.def.steps[step].timeout;
+                self.history(
+                    HistoryKind::StepTimedOut,
+                    Some(step),
+                    Some(command_id),
+                    json!({"kind": self.state.kind.as_str(), "timeout_ms": timeout.as_millis() as u64}),
+                );
+                let reason = format!(
+                    "{} of step {} got no reply within {}",
+                    self.state.kind.as_str(),
+                    self.def.steps[step].name,
+                    humantime::format_duration(timeout)
+                );
+                match self.state.kind {
+                    // Unlike a failure, a timeout leaves us not knowing whether the participant
+                    // applied the action: if we give up on it, it is compensated too.
+                    Kind::Action => self.action_failed(reason, true, true),
+                    Kind::Compensation => self.compensation_failed(reason),
+                }
+            }
+            Waiting::Retry { at } if at <= now => {
+                self.send(self.state.step, self.state.kind, self.state.attempt + 1);
+            }
+            _ => {}
+        }
+    }
+
+    fn action_failed(&mut self, reason: String, retryable: bool, uncertain: bool) {
+        let step = self.state.step;
+        let policy = &self.def.steps[step].retry;
+        if step > self.def.pivot {
+            // Past the point of no return: the only way is forwards.
+            self.retry_later(&reason);
+        } else if retryable && self.state.attempt < policy.max_attempts {
+            self.retry_later(&reason);
+        } else {
+            let from = if uncertain {
+                Some(step)
+            } else {
+                step.checked_sub(1)
+            };
+            self.state.error = Some(format!(
+                "step {} failed: {reason}",
+                self.def.steps[step].name
+            ));
+            self.history(
+                HistoryKind::CompensationStarted,
+                Some(step),
+                None,
+                json!({"reason": reason, "attempts": self.state.attempt}),
+            );
+            self.state.status = Status::Compensating;
+            self.compensate_from(from);
+        }
+    }
+
+    fn compensation_failed(&mut self, reason: String) {
+        if self.state.attempt >= self.def.compensation_max_attempts {
+            let step = self.state.step;
+            self.state.status = Status::NeedsOperator;
+            self.state.waiting = Waiting::Nothing;
+            self.state.error = Some(format!(
+                "compensation of step {} failed {} times, last: {reason}",
+                self.def.steps[step].name, self.state.attempt
+            ));
+            self.history(
+                HistoryKind::NeedsOperator,
+                Some(step),
+                None,
+                json!({"reason": reason}),
+            );
+            self.effects.push(Effect::Lifecycle(Status::NeedsOperator));
+        } else {
+            self.retry_later(&reason);
+        }
+    }
+
+    fn retry_later(&mut self, reason: &str) {
+        let step = &self.def.steps[self.state.step];
+        let delay = step.retry.backoff(self.state.attempt + 1, self.ctx.jitter);
+        let at = self.ctx.now + delay;
+        self.state.waiting = Waiting::Retry { at };
+        self.history(
+            HistoryKind::RetryScheduled,
+            Some(self.state.step),
+            None,
+            json!({
+                "kind": self.state.kind.as_str(),
+                "next_attempt": self.state.attempt + 1,
+                "delay_ms": delay.as_millis() as u64,
+                "reason": reason,
+            }),
+        );
+    }
+
+    /// Compensates the highest step at or below `from` that has a compensation, or ends the saga
+    /// as compensated when none is left.
+    fn compensate_from(&mut self, from: Option<usize>) {
+        let next = from.and_then(|from| {
+            (0..=from)
+                .rev()
+                .find(|&i| self.def.steps[i].compensation.is_some())
+        });
+        match next {
+            Some(i) => self.send(i, Kind::Compensation, 1),
+            None => self.finish(Status::Compensated),
+        }
+    }
+
+    fn send(&mut self, step: usize, kind: Kind, attempt: u32) {
+        let command_id = self.ctx.next_command_id;
+        let deadline = self.ctx.now + self.def.steps[step].timeout;
+        self.state.step = step;
+        self.state.kind = kind;
+        self.state.attempt = attempt;
+        self.state.waiting = Waiting::Reply {
+            command_id,
+            deadline,
+        };
+        self.effects.push(Effect::Send(Command {
+            command_id,
+            step,
+            kind,
+            attempt,
+            deadline,
+        }));
+        self.history(
+            HistoryKind::CommandSent,
+            Some(step),
+            Some(command_id),
+            json!({"kind": kind.as_str(), "attempt": attempt}),
+        );
+    }
+
+    fn finish(&mut self, status: Status) {
+        self.state.status = status;
+        self.state.waiting = Waiting::Nothing;
+        let kind = match status {
+            Status::Completed => HistoryKind::SagaCompleted,
+            _ => HistoryKind::SagaCompensated,
+        };
+        self.history(kind, None, None, json!({}));
+        self.effects.push(Effect::Lifecycle(status));
+    }
+
+    fn history(
+        &mut self,
+        kind: HistoryKind,
+        step: Option<usize>,
+        command_id: Option<Uuid>,
+        detail: Value,
+    ) {
+        self.effects.push(Effect::History {
+            kind,
+            step,
+            command_id,
+            detail,
+        });
+    }
+}
+
+fn outcome_detail(outcome: &Outcome) -> Value {
+    match outcome {
+        Outcome::Success { output } => json!({"outcome": "success", "output": output}),
+        Outcome::Failure { reason, retryable } => {
+            json!({"outcome": "failure", "reason": reason, "retryable": retryable})
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::definition;
+    use std::path::Path;
+    use time::macros::datetime;
+
+    const T0: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
+
+    fn order_saga() -> Definition {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas/order_fulfillment.toml"),
+        )
+        .unwrap();
+        definition::parse(Path::new("order_fulfillment.toml"), &text).unwrap()
+    }
+
+    /// What a scripted participant does with one command.
+    #[derive(Clone, Copy, Debug)]
+    enum Answer {
+        Ok,
+        Fail,
+        Transient,
+        Silent,
+    }
+
+    /// Runs a saga to its end (or `max_events`), answering each command with `script`, and
+    /// returns the commands in the order they were sent as "step:kind:attempt".
+    struct Run {
+        sent: Vec<String>,
+        history: Vec<HistoryKind>,
+        state: SagaState,
+        lifecycle: Vec<Status>,
+    }
+
+    fn run(def: &Definition, script: impl Fn(&str, Kind, u32) -> Answer) -> Run {
+        let mut state = SagaState::new();
+        let mut now = T0;
+        let mut ids = 0u128;
+        let mut out = Run {
+            sent: vec![],
+            history: vec![],
+            state: state.clone(),
+            lifecycle: vec![],
+        };
+        let mut event = Event::Start;
+        for _ in 0..500 {
+            ids += 1;
+            let ctx = Ctx {
+                now,
+                next_command_id: Uuid::from_u128(ids),
+                jitter: 0.5,
+            };
+            let t = apply(def, &state, event, ctx);
+            for e in &t.effects {
+                match e {
+                    Effect::Send(c) => out.sent.push(format!(
+                        "{}:{}:{}",
+                        def.steps[c.step].name,
+                        c.kind.as_str(),
+                        c.attempt
+                    )),
+                    Effect::History { kind, .. } => out.history.push(*kind),
+                    Effect::Lifecycle(s) => out.lifecycle.push(*s),
+                    _ => {}
+                }
+            }
+            state = t.state;
+            event = match state.waiting {
+                Waiting::Nothing => break,
+                Waiting::Retry { at } => {
+                    now = at;
+                    Event::Timer
+                }
+                Waiting::Reply {
+                    command_id,
+                    deadline,
+                } => match script(&def.steps[state.step].name, state.kind, state.attempt) {
+                    Answer::Ok => Event::Reply {
+                        command_id,
+                        outcome: Outcome::Success {
+                            output: json!({"by": def.steps[state.step].name}),
+                        },
+                    },
+                    Answer::Fail => Event::Reply {
+                        command_id,
+                        outcome: Outcome::Failure {
+                            reason: "no".into(),
+                            retryable: false,
+                        },
+                    },
+                    Answer::Transient => Event::Reply {
+                        command_id,
+                        outcome: Outcome::Failure {
+                            reason: "busy".into(),
+                            retryable: true,
+                        },
+                    },
+                    Answer::Silent => {
+                        now = deadline;
+                        Event::Timer
+                    }
+                },
+            };
+        }
+        out.state = state;
+        out
+    }
+
+    #[test]
+    fn all_steps_succeed_in_order() {
+        let r = run(&order_saga(), |_, _, _| Answer::Ok);
+        assert_eq!(
+            r.sent,
+            [
+                "create_order:action:1",
+                "authorize_payment:action:1",
+                "schedule_delivery:action:1",
+                "approve_order:action:1"
+            ]
+        );
+        assert_eq!(r.state.status, Status::Completed);
+        assert_eq!(r.lifecycle, [Status::Running, Status::Completed]);
+        assert_eq!(r.history.first(), Some(&HistoryKind::SagaStarted));
+        assert_eq!(r.history.last(), Some(&HistoryKind::SagaCompleted));
+    }
+
+    #[test]
+    fn a_definitive_failure_at_each_position_compensates_the_completed_steps_in_reverse() {
+        let cases: &[(&str, &[&str], Status)] = &[
+            ("create_order", &[], Status::Compensated),
+            (
+                "authorize_payment",
+                &["create_order:compensation:1"],
+                Status::Compensated,
+            ),
+            (
+                "schedule_delivery",
+                &[
+                    "authorize_payment:compensation:1",
+                    "create_order:compensation:1",
+                ],
+                Status::Compensated,
+            ),
+        ];
+        let def = order_saga();
+        for (failing, compensations, status) in cases {
+            let r = run(&def, |step, kind, _| match (step, kind) {
+                (s, Kind::Action) if s == *failing => Answer::Fail,
+                _ => Answer::Ok,
+            });
+            let undo: Vec<_> = r
+                .sent
+                .iter()
+                .filter(|s| s.contains(":compensation:"))
+                .cloned()
+                .collect();
+            assert_eq!(undo, *compensations, "failing {failing}");
+            assert_eq!(r.state.status, *status, "failing {failing}");
+            // A definitive failure is not retried.
+            assert_eq!(
+                r.sent.iter().filter(|s| s.starts_with(failing)).count(),
+                1,
+                "{:?}",
+                r.sent
+            );
+            assert!(r.state.error.as_deref().unwrap().contains(failing));
+            assert_eq!(r.lifecycle.last(), Some(&Status::Compensated));
+        }
+    }
+
+    #[test]
+    fn transient_failures_are_retried_up_to_max_attempts_then_compensate() {
+        let def = order_saga();
+        let r = run(&def, |step, kind, _| match (step, kind) {
+            ("authorize_payment", Kind::Action) => Answer::Transient,
+            _ => Answer::Ok,
+        });
+        assert_eq!(
+            r.sent,
+            [
+                "create_order:action:1",
+                "authorize_payment:action:1",
+                "authorize_payment:action:2",
+                "authorize_payment:action:3",
+                "create_order:compensation:1"
+            ]
+        );
+        assert_eq!(r.state.status, Status::Compensated);
+
+        // Succeeding on the last allowed attempt carries on.
+        let r = run(&def, |step, kind, attempt| match (step, kind) {
+            ("authorize_payment", Kind::Action) if attempt < 3 => Answer::Transient,
+            _ => Answer::Ok,
+        });
+        assert_eq!(r.state.status, Status::Completed);
+    }
+
+    #[test]
+    fn a_step_that_times_out_every_attempt_is_itself_compensated() {
+        let def = order_saga();
+        let r = run(&def, |step, kind, _| match (step, kind) {
+            ("schedule_delivery", Kind::Action) => Answer::Silent,
+            _ => Answer::Ok,
+        });
+        let undo: Vec<_> = r
+            .sent
+            .iter()
+            .filter(|s| s.contains(":compensation:"))
+            .cloned()
+            .collect();
+        // We never learnt whether delivery was scheduled, so it is cancelled too.
+        assert_eq!(
+            undo,
+            [
+                "schedule_delivery:compensation:1",
+                "authorize_payment:compensation:1",
+                "create_order:compensation:1"
+            ]
+        );
+        assert_eq!(
+            r.history
+                .iter()
+                .filter(|h| **h == HistoryKind::StepTimedOut)
+                .count(),
+            3
+        );
+        assert_eq!(r.state.status, Status::Compensated);
+    }
+
+    #[test]
+    fn a_failure_after_the_pivot_is_retried_and_never_compensated() {
+        let def = order_saga();
+        let r = run(&def, |step, kind, attempt| match (step, kind) {
+            // Even a "definitive" failure: after the pivot the saga can only go forwards.
+            ("approve_order", Kind::Action) if attempt <= 6 => Answer::Fail,
+            _ => Answer::Ok,
+        });
+        assert_eq!(r.state.status, Status::Completed);
+        assert!(
+            !r.sent.iter().any(|s| s.contains("compensation")),
+            "{:?}",
+            r.sent
+        );
+        assert_eq!(r.sent.last().unwrap(), "approve_order:action:7");
+    }
+
+    #[test]
+    fn a_failing_compensation_is_retried_then_waits_for_an_operator() {
+        let def = order_saga();
+        let r = run(&def, |step, kind, attempt| match (step, kind) {
+            ("schedule_delivery", Kind::Action) => Answer::Fail,
+            ("authorize_payment", Kind::Compensation) if attempt < 4 => Answer::Transient,
+            _ => Answer::Ok,
+        });
+        assert_eq!(r.state.status, Status::Compensated);
+        let refunds = r
+            .sent
+            .iter()
+            .filter(|s| s.starts_with("authorize_payment:compensation"))
+            .count();
+        assert_eq!(refunds, 4);
+        assert_eq!(r.sent.last().unwrap(), "create_order:compensation:1");
+
+        let r = run(&def, |step, kind, _| match (step, kind) {
+            ("schedule_delivery", Kind::Action) => Answer::Fail,
+            ("authorize_payment", Kind::Compensation) => Answer::Fail,
+            _ => Answer::Ok,
+        });
+        assert_eq!(r.state.status, Status::NeedsOperator);
+        assert_eq!(r.state.waiting, Waiting::Nothing);
+        let refunds = r
+            .sent
+            .iter()
+            .filter(|s| s.starts_with("authorize_payment:compensation"))
+            .count();
+        assert_eq!(refunds as u32, def.compensation_max_attempts);
+        // The order is not cancelled while the payment is not refunded.
+        assert!(
+            !r.sent
+                .iter()
+                .any(|s| s.starts_with("create_order:compensation"))
+        );
+        assert_eq!(r.lifecycle.last(), Some(&Status::NeedsOperator));
+    }
+
+    #[test]
+    fn a_silent_compensation_is_retried_like_a_failed_one() {
+        let def = order_saga();
+        let r = run(&def, |step, kind, attempt| match (step, kind) {
+            ("authorize_payment", Kind::Action) => Answer::Fail,
+            ("create_order", Kind::Compensation) if attempt == 1 => Answer::Silent,
+            _ => Answer::Ok,
+        });
+        assert_eq!(
+            r.sent[2..],
+            ["create_order:compensation:1", "create_order:compensation:2"]
+        );
+        assert_eq!(r.state.status, Status::Compensated);
+    }
+
+    fn started(def: &Definition) -> (SagaState, Uuid) {
+        let t = apply(
+            def,
+            &SagaState::new(),
+            Event::Start,
+            Ctx {
+                now: T0,
+                next_command_id: Uuid::from_u128(1),
+                jitter: 0.0,
+            },
+        );
+        (t.state, Uuid::from_u128(1))
+    }
+
+    fn ok(command_id: Uuid) -> Event {
+        Event::Reply {
+            command_id,
+            outcome: Outcome::Success { output: json!({}) },
+        }
+    }
+
+    #[test]
+    fn events_that_do_not_fit_change_nothing() {
+        let def = order_saga();
+        let ctx = Ctx {
+            now: T0,
+            next_command_id: Uuid::from_u128(99),
+            jitter: 0.0,
+        };
+        let (running, first) = started(&def);
+
+        // A second start, an early timer, a reply to a command never sent.
+        for event in [Event::Start, Event::Timer] {
+            let t = apply(&def, &running, event, ctx);
+            assert!(t.is_noop());
+            assert_eq!(t.state, running);
+        }
+        let t = apply(&def, &running, ok(Uuid::from_u128(42)), ctx);
+        assert_eq!(t.state, running, "an unknown reply must not move the saga");
+
+        // A duplicate of a reply that was already applied is not the current command any more.
+        let after = apply(&def, &running, ok(first), ctx).state;
+        assert_eq!(after.step, 1);
+        let t = apply(&def, &after, ok(first), ctx);
+        assert_eq!(t.state, after);
+        assert!(
+            !t.effects
+                .iter()
+                .any(|e| matches!(e, Effect::Send(_) | Effect::SaveOutput { .. }))
+        );
+
+        // Finished sagas ignore everything.
+        for status in [Status::Completed, Status::Compensated] {
+            let done = SagaState {
+                status,
+                waiting: Waiting::Nothing,
+                ..after.clone()
+            };
+            for event in [
+                Event::Start,
+                Event::Timer,
+                ok(first),
+                ok(Uuid::from_u128(99)),
+            ] {
+                let t = apply(&def, &done, event, ctx);
+                assert!(t.is_noop(), "{status:?}");
+                assert_eq!(t.state, done);
+            }
+        }
+    }
+
+    #[test]
+    fn a_late_reply_after_a_timeout_is_recorded_but_does_not_resurrect_the_attempt() {
+        let def = order_saga();
+        let (running, first) = started(&def);
+        let deadline = running.wake_at().unwrap();
+        let ctx = |now, id| Ctx {
+            now,
+            next_command_id: Uuid::from_u128(id),
+            jitter: 0.0,
+        };
+        let timed_out = apply(&def, &running, Event::Timer, ctx(deadline, 2)).state;
+        assert!(matches!(timed_out.waiting, Waiting::Retry { .. }));
+
+        let t = apply(&def, &timed_out, ok(first), ctx(deadline, 3));
+        assert_eq!(t.state, timed_out);
+        assert!(t.effects.iter().any(|e| matches!(
+            e,
+            Effect::History {
+                kind: HistoryKind::LateReply,
+                ..
+            }
+        )));
+        assert!(
+            !t.effects
+                .iter()
+                .any(|e| matches!(e, Effect::Send(_) | Effect::SaveOutput { .. }))
+        );
+    }
+
+    #[test]
+    fn a_new_attempt_gets_a_new_command_id_and_a_fresh_deadline() {
+        let def = order_saga();
+        let (running, first) = started(&def);
+        let deadline = running.wake_at().unwrap();
+        assert_eq!(deadline, T0 + def.steps[0].timeout);
+        let retry = apply(
+            &def,
+            &running,
+            Event::Timer,
+            Ctx {
+                now: deadline,
+                next_command_id: Uuid::from_u128(5),
+                jitter: 0.0,
+            },
+        )
+        .state;
+        let Waiting::Retry { at } = retry.waiting else {
+            panic!("{retry:?}")
+        };
+        assert_eq!(at, deadline + def.steps[0].retry.backoff(2, 0.0));
+        let t = apply(
+            &def,
+            &retry,
+            Event::Timer,
+            Ctx {
+                now: at,
+                next_command_id: Uuid::from_u128(6),
+                jitter: 0.0,
+            },
+        );
+        let Effect::Send(cmd) = &t.effects[0] else {
+            panic!("{:?}", t.effects)
+        };
+        assert_ne!(cmd.command_id, first);
+        assert_eq!(
+            (cmd.command_id, cmd.attempt, cmd.deadline),
+            (Uuid::from_u128(6), 2, at + def.steps[0].timeout)
+        );
+    }
+}

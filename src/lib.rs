@@ -1,0 +1,6 @@
+//! A durable saga orchestrator.
+//!
+//! - [`definition`]: saga definition files (`sagas/*.toml`), parsed and validated.
+//! - [`engine`]: the pure state machine: (saga, event, now) -> (saga, effects).
+pub mod definition;
+pub mod engine;
