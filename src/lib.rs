@@ -2,5 +2,7 @@
 //!
 //! - [`definition`]: saga definition files (`sagas/*.toml`), parsed and validated.
 //! - [`engine`]: the pure state machine: (saga, event, now) -> (saga, effects).
+pub mod contract;
 pub mod definition;
 pub mod engine;
+pub mod proto;
