@@ -2,7 +2,19 @@
 //!
 //! - [`definition`]: saga definition files (`sagas/*.toml`), parsed and validated.
 //! - [`engine`]: the pure state machine: (saga, event, now) -> (saga, effects).
+//! - [`store`]: PostgreSQL: saga rows, attempts, history, outbox; one transaction per transition.
+//! - [`broker`]: RabbitMQ: the outbox relay and the reply consumer.
+//! - [`contract`]: the AMQP wire contract shared with participants.
+//! - [`timers`]: the sweeper that fires reply deadlines and retry back-offs.
+//! - [`api`]: the gRPC service; [`proto`]: its generated code.
+//! - [`app`]: start-up and shutdown; [`config`]: settings.
+pub mod api;
+pub mod app;
+pub mod broker;
+pub mod config;
 pub mod contract;
 pub mod definition;
 pub mod engine;
 pub mod proto;
+pub mod store;
+pub mod timers;

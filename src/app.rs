@@ -1,0 +1,152 @@
+//! Start-up and shutdown: loads definitions, prepares the database, binds the gRPC listener and
+//! runs the background tasks (outbox relay, reply consumer, timer sweeper) until cancelled.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::api::SagaApi;
+use crate::broker::{self, ConsumerSettings, RelaySettings};
+use crate::config::{Settings, redact_url};
+use crate::definition::{self, DefinitionError, Registry};
+use crate::proto::v1::saga_service_server::SagaServiceServer;
+use crate::store::{Store, StoreError};
+use crate::timers;
+
+/// Largest gRPC request accepted; saga inputs are further limited by
+/// [`MAX_INPUT_BYTES`](crate::api::MAX_INPUT_BYTES).
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("invalid saga definition: {0}")]
+    Definition(#[from] DefinitionError),
+    #[error("no saga definitions found in {0}")]
+    NoDefinitions(String),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+pub struct Application {
+    addr: SocketAddr,
+    store: Store,
+    registry: Arc<Registry>,
+    tasks: JoinSet<()>,
+    shutdown: CancellationToken,
+    grace: std::time::Duration,
+}
+
+impl Application {
+    /// Everything that can fail at start-up happens here, before any task runs, so that
+    /// `sagad` refuses to start with a clear reason (an invalid definition names its file and
+    /// line). Binding port 0 picks a free port (see [`Application::local_addr`]).
+    pub async fn build(settings: Settings, shutdown: CancellationToken) -> Result<Application, StartupError> {
+        let defs = definition::load_dir(&settings.definitions)?;
+        if defs.is_empty() {
+            return Err(StartupError::NoDefinitions(settings.definitions.display().to_string()));
+        }
+        info!(database = %redact_url(&settings.database_url), "connecting to PostgreSQL");
+        let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
+        store.migrate().await?;
+        let registry = Arc::new(store.sync_definitions(&defs).await?);
+        for d in &defs {
+            info!(definition = %d.name, version = d.version, steps = d.steps.len(), "definition loaded");
+        }
+        let mut participants: Vec<String> =
+            registry.all().flat_map(|d| d.participants().map(str::to_owned)).collect();
+        participants.sort();
+        participants.dedup();
+
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
+
+        let mut tasks = JoinSet::new();
+        info!(amqp = %redact_url(&settings.amqp_url), "starting outbox relay and reply consumer");
+        tasks.spawn(broker::run_relay(
+            store.clone(),
+            RelaySettings {
+                amqp_url: settings.amqp_url.clone(),
+                participants: participants.clone(),
+                batch_size: settings.outbox_batch,
+                poll_interval: settings.outbox_poll,
+            },
+            shutdown.clone(),
+        ));
+        tasks.spawn(broker::run_reply_consumer(
+            store.clone(),
+            registry.clone(),
+            ConsumerSettings { amqp_url: settings.amqp_url.clone(), participants, prefetch: settings.reply_prefetch },
+            shutdown.clone(),
+        ));
+        tasks.spawn(timers::run_sweeper(store.clone(), registry.clone(), settings.timer_poll, shutdown.clone()));
+        tasks.spawn(serve(listener, store.clone(), registry.clone(), shutdown.clone()));
+        info!(%addr, "sagad listening");
+        Ok(Application { addr, store, registry, tasks, shutdown, grace: settings.shutdown_grace })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Runs until the shutdown token is cancelled, then waits (at most the grace period) for
+    /// the tasks to finish their in-flight work.
+    pub async fn run_until_stopped(mut self) {
+        self.shutdown.cancelled().await;
+        info!("shutting down");
+        let drained = tokio::time::timeout(self.grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(grace = ?self.grace, "tasks still running after the grace period; aborting them");
+            self.tasks.abort_all();
+        }
+        self.store.pool().close().await;
+        info!("stopped");
+    }
+}
+
+async fn serve(listener: TcpListener, store: Store, registry: Arc<Registry>, shutdown: CancellationToken) {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<SagaServiceServer<SagaApi>>().await;
+    let reflection = match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!(error = %e, "server reflection unavailable");
+            None
+        }
+    };
+    let api = SagaServiceServer::new(SagaApi::new(store, registry))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let result = tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .add_service(health)
+        .add_optional_service(reflection)
+        .add_service(api)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        warn!(error = %e, "gRPC server stopped with an error");
+        shutdown.cancel();
+    }
+}

@@ -1,0 +1,332 @@
+//! The RabbitMQ adapter: the outbox relay (commands out) and the reply consumer (replies in).
+//!
+//! Both loops survive broker restarts: any AMQP or database error drops the connection, waits
+//! with capped back-off and starts again. Nothing is lost meanwhile: unpublished commands stay
+//! in the outbox, unacknowledged replies stay in their queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::Value;
+use sqlx::postgres::PgListener;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::contract::{self, ReplyBody, ReplyOutcome};
+use crate::definition::Registry;
+use crate::engine::Outcome;
+use crate::store::{OUTBOX_CHANNEL, ReplyResult, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("the broker ended the consumer")]
+    ConsumerEnded,
+    #[error("broker refused message {0}")]
+    Nacked(String),
+}
+
+pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
+    Connection::connect(url, ConnectionProperties::default()).await
+}
+
+/// Capped exponential back-off for reconnect loops.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Backoff { next: Self::MIN }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+
+    /// Waits for the next delay; false if shutdown came first.
+    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let delay = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub amqp_url: String,
+    /// Participants whose queues must exist before commands are routed to them.
+    pub participants: Vec<String>,
+    pub batch_size: i64,
+    /// Fallback when a notification is missed (e.g. the listener reconnecting).
+    pub poll_interval: Duration,
+}
+
+/// Publishes the outbox: woken by `NOTIFY` after each committed transition, with polling as a
+/// fallback. Rows are deleted in the transaction that claimed them, after the broker confirmed
+/// every message, so a crash in between re-publishes (at least once, same `message_id`).
+pub async fn run_relay(store: Store, settings: RelaySettings, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new();
+    loop {
+        match relay_session(&store, &settings, &shutdown, &mut backoff).await {
+            Ok(()) => return,
+            Err(e) => warn!(error = %e, "outbox relay interrupted; reconnecting"),
+        }
+        if !backoff.wait(&shutdown).await {
+            return;
+        }
+    }
+}
+
+async fn relay_session(
+    store: &Store,
+    settings: &RelaySettings,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+) -> Result<(), BrokerError> {
+    let conn = connect(&settings.amqp_url).await?;
+    let channel = conn.create_channel().await?;
+    // Declared on every connect: a broker that lost its state gets it back before we publish.
+    contract::declare_topology(&channel, settings.participants.iter().map(String::as_str)).await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut listener = PgListener::connect_with(store.pool()).await?;
+    listener.listen(OUTBOX_CHANNEL).await?;
+    info!("outbox relay connected");
+    backoff.reset();
+    loop {
+        while publish_batch(store, &channel, settings.batch_size).await? == settings.batch_size as usize {}
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let _ = channel.close(200, "shutdown".into()).await;
+                let _ = conn.close(200, "shutdown".into()).await;
+                return Ok(());
+            }
+            n = listener.recv() => { n?; }
+            _ = tokio::time::sleep(settings.poll_interval) => {}
+        }
+    }
+}
+
+async fn publish_batch(store: &Store, channel: &Channel, limit: i64) -> Result<usize, BrokerError> {
+    let mut tx = store.pool().begin().await?;
+    let rows = Store::claim_outbox(&mut tx, limit).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    // Publish everything, then wait for the confirms together: one broker round trip per batch.
+    let mut confirms = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let confirm = channel
+            .basic_publish(
+                row.exchange.as_str().into(),
+                row.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &row.body,
+                command_properties(row.message_id, row.created_at, &row.properties),
+            )
+            .await?;
+        confirms.push((row.message_id, confirm));
+    }
+    for (message_id, confirm) in confirms {
+        if !confirm.await?.is_ack() {
+            return Err(BrokerError::Nacked(message_id.to_string()));
+        }
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    Store::delete_outbox(&mut tx, &ids).await?;
+    tx.commit().await?;
+    debug!(count = ids.len(), "published outbox batch");
+    Ok(ids.len())
+}
+
+fn command_properties(message_id: uuid::Uuid, created_at: OffsetDateTime, props: &Value) -> BasicProperties {
+    let text = |k: &str| props.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let mut headers = FieldTable::default();
+    if let Some(Value::Object(map)) = props.get("headers") {
+        for (k, v) in map {
+            let value = match v {
+                Value::Number(n) => AMQPValue::LongLongInt(n.as_i64().unwrap_or_default()),
+                Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+                other => AMQPValue::LongString(LongString::from(other.to_string())),
+            };
+            headers.insert(ShortString::from(k.as_str()), value);
+        }
+    }
+    BasicProperties::default()
+        .with_message_id(message_id.to_string().into())
+        .with_correlation_id(text("correlation_id").into())
+        .with_reply_to(text("reply_to").into())
+        .with_type(text("type").into())
+        .with_content_type(contract::JSON.into())
+        .with_delivery_mode(2)
+        .with_timestamp(created_at.unix_timestamp().max(0) as u64)
+        .with_headers(headers)
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub amqp_url: String,
+    pub participants: Vec<String>,
+    pub prefetch: u16,
+}
+
+/// Consumes `saga.replies`: applies each reply in its own transaction and acks it only after
+/// the commit. Malformed or unknown replies are moved to the dead-letter queue with the reason.
+pub async fn run_reply_consumer(
+    store: Store,
+    registry: Arc<Registry>,
+    settings: ConsumerSettings,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    loop {
+        match consume_session(&store, &registry, &settings, &shutdown, &mut backoff).await {
+            Ok(()) => return,
+            Err(e) => warn!(error = %e, "reply consumer interrupted; reconnecting"),
+        }
+        if !backoff.wait(&shutdown).await {
+            return;
+        }
+    }
+}
+
+async fn consume_session(
+    store: &Store,
+    registry: &Registry,
+    settings: &ConsumerSettings,
+    shutdown: &CancellationToken,
+    backoff: &mut Backoff,
+) -> Result<(), BrokerError> {
+    let conn = connect(&settings.amqp_url).await?;
+    let channel = conn.create_channel().await?;
+    contract::declare_topology(&channel, settings.participants.iter().map(String::as_str)).await?;
+    channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
+    // Dead-letter publishes are confirmed before the original is acked.
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let tag = format!("sagad-{}", uuid::Uuid::now_v7());
+    let consumer = channel
+        .basic_consume(
+            contract::REPLIES_QUEUE.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    info!(queue = contract::REPLIES_QUEUE, "reply consumer connected");
+    backoff.reset();
+
+    let stopped = shutdown.clone();
+    let handled = consumer
+        .take_until(async move { stopped.cancelled().await })
+        .for_each_concurrent(usize::from(settings.prefetch.max(1)), |delivery| async {
+            match delivery {
+                Ok(delivery) => handle_reply(store, registry, &channel, delivery).await,
+                Err(e) => warn!(error = %e, "reply delivery error"),
+            }
+        });
+    handled.await;
+    if shutdown.is_cancelled() {
+        // Unacked replies go back to the queue when the channel closes.
+        let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        let _ = channel.close(200, "shutdown".into()).await;
+        let _ = conn.close(200, "shutdown".into()).await;
+        return Ok(());
+    }
+    Err(BrokerError::ConsumerEnded)
+}
+
+async fn handle_reply(store: &Store, registry: &Registry, channel: &Channel, delivery: lapin::message::Delivery) {
+    let reply = match ReplyBody::parse(&delivery.data) {
+        Ok(reply) => reply,
+        Err(reason) => return dead_letter(channel, delivery, &reason).await,
+    };
+    let outcome = match reply.outcome {
+        ReplyOutcome::Success => Outcome::Success { output: reply.output },
+        ReplyOutcome::Failure => Outcome::Failure {
+            reason: reply.reason.unwrap_or_default(),
+            retryable: reply.retryable,
+        },
+    };
+    match store.apply_reply(registry, reply.command_id, outcome, OffsetDateTime::now_utc()).await {
+        Ok(ReplyResult::Applied) => ack(&delivery).await,
+        Ok(ReplyResult::Duplicate) => {
+            debug!(command_id = %reply.command_id, "duplicate reply ignored");
+            ack(&delivery).await
+        }
+        Ok(ReplyResult::UnknownCommand) => {
+            let reason = format!("unknown command id {}: no saga sent it", reply.command_id);
+            dead_letter(channel, delivery, &reason).await
+        }
+        Err(StoreError::Corrupt(e)) => {
+            error!(command_id = %reply.command_id, error = %e, "reply for a corrupt saga");
+            dead_letter(channel, delivery, &format!("saga state cannot be read: {e}")).await
+        }
+        Err(e) => {
+            // Most likely the database is down: give the reply back and let the consumer slow
+            // down rather than spin on redeliveries.
+            warn!(command_id = %reply.command_id, error = %e, "reply not applied; requeued");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+            if let Err(e) = delivery.nack(requeue).await {
+                warn!(error = %e, "nack failed; the broker will redeliver on reconnect");
+            }
+        }
+    }
+}
+
+async fn ack(delivery: &lapin::message::Delivery) {
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        // The channel is gone: the reply is redelivered and recognised as a duplicate.
+        warn!(error = %e, "ack failed");
+    }
+}
+
+/// Copies a refused message to the dead-letter exchange with `x-saga-error`, then acks it.
+async fn dead_letter(channel: &Channel, delivery: lapin::message::Delivery, reason: &str) {
+    warn!(reason, "reply dead-lettered");
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(contract::H_ERROR.into(), AMQPValue::LongString(reason.into()));
+    headers.insert("x-original-queue".into(), AMQPValue::LongString(contract::REPLIES_QUEUE.into()));
+    let properties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+    let published = async {
+        channel
+            .basic_publish(
+                contract::DEAD_LETTER_EXCHANGE.into(),
+                contract::REPLIES_QUEUE.into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await?
+            .await
+    }
+    .await;
+    match published {
+        Ok(confirm) if confirm.is_ack() => ack(&delivery).await,
+        other => {
+            // Keep the message rather than lose it; it comes back and is tried again.
+            warn!(result = ?other.map(|c| c.is_ack()), "dead-letter publish failed; requeued");
+            let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+            let _ = delivery.nack(requeue).await;
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Settings: defaults that work on a development machine, overridable by `SAGA_*` environment
+//! variables and command-line flags (flags win).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything `sagad` can be told. Connection URLs may carry passwords: log them only through
+/// [`redact_url`].
+#[derive(clap::Args, Clone)]
+pub struct Settings {
+    /// PostgreSQL URL. The database is created if it does not exist.
+    #[arg(long, env = "SAGA_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/saga")]
+    pub database_url: String,
+    /// RabbitMQ URL (the vhost is the path, `%2f` for `/`).
+    #[arg(long, env = "SAGA_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Address the gRPC API listens on.
+    #[arg(long, env = "SAGA_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Directory of saga definition files (`*.toml`).
+    #[arg(long, env = "SAGA_DEFINITIONS", default_value = "sagas")]
+    pub definitions: PathBuf,
+    /// Size of the PostgreSQL connection pool.
+    #[arg(long, env = "SAGA_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+    /// Replies processed concurrently (the AMQP prefetch of the reply consumer).
+    #[arg(long, env = "SAGA_REPLY_PREFETCH", default_value_t = 64)]
+    pub reply_prefetch: u16,
+    /// Outbox rows published per batch (one confirm round trip per batch).
+    #[arg(long, env = "SAGA_OUTBOX_BATCH", default_value_t = 256)]
+    pub outbox_batch: i64,
+    /// How often the relay polls the outbox when no notification arrives.
+    #[arg(long, env = "SAGA_OUTBOX_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub outbox_poll: Duration,
+    /// How often due timers (reply deadlines, retry back-offs) are looked for.
+    #[arg(long, env = "SAGA_TIMER_POLL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub timer_poll: Duration,
+    /// How long shutdown waits for in-flight work before giving up.
+    #[arg(long, env = "SAGA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    /// The defaults, as if no flag or variable were given.
+    pub fn defaults() -> Settings {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        <Only as clap::Parser>::parse_from(["sagad"]).settings
+    }
+}
+
+/// The URL with its password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<unparsable url>".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_the_logs() {
+        assert_eq!(redact_url("amqp://guest:s3cret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(redact_url("postgres://postgres@127.0.0.1/saga"), "postgres://postgres@127.0.0.1/saga");
+        assert!(!redact_url("not a url s3cret").contains("s3cret"));
+    }
+}

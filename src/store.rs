@@ -1,0 +1,679 @@
+//! The PostgreSQL store: saga rows, attempts, history and the outbox.
+//!
+//! Every transition runs in one transaction: lock the saga row, run the engine, write the new
+//! state, the attempts, the history and the outbox rows, notify the relay, commit. Commands are
+//! never published from here: the outbox relay does that after the commit.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::contract::{self, CommandBody};
+use crate::definition::{Definition, Registry};
+use crate::engine::{self, Ctx, Effect, Event, Kind, Outcome, SagaState, Status, Waiting};
+
+/// The channel the relay listens on; notified by every transaction that fills the outbox.
+/// The columns [`saga_from_row`] reads; a macro so queries stay `&'static str` literals.
+macro_rules! saga_columns {
+    () => {
+        "id, definition, definition_version, status, step, kind, attempt, command_id, wake_at, \
+         input, outputs, error, idempotency_key, created_at, updated_at"
+    };
+}
+
+pub const OUTBOX_CHANNEL: &str = "saga_outbox";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database is unreachable or refused the statement; worth retrying.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    DefinitionConflict(String),
+    /// A row the engine cannot read: a bug or a hand edit, never the caller's fault.
+    #[error("corrupt saga state: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A saga as stored, with what the API shows.
+#[derive(Debug, Clone)]
+pub struct SagaRecord {
+    pub id: Uuid,
+    pub definition: String,
+    pub definition_version: u32,
+    pub state: SagaState,
+    pub input: Value,
+    pub outputs: Value,
+    pub idempotency_key: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub command_id: Uuid,
+    pub step: String,
+    pub participant: String,
+    pub kind: Kind,
+    pub attempt: u32,
+    pub sent_at: OffsetDateTime,
+    pub replied_at: Option<OffsetDateTime>,
+    pub outcome: Option<String>,
+    pub output: Option<Value>,
+    pub reason: Option<String>,
+    pub timed_out: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryRecord {
+    pub seq: i64,
+    pub at: OffsetDateTime,
+    pub kind: String,
+    pub step: Option<String>,
+    pub command_id: Option<Uuid>,
+    pub detail: Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub statuses: Vec<Status>,
+    pub definition: Option<String>,
+    /// Only sagas with an id below this one (the previous page's last id).
+    pub before: Option<Uuid>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyResult {
+    /// The reply moved the saga on (or was recorded as late).
+    Applied,
+    /// The command had already been answered: nothing changed.
+    Duplicate,
+    /// No command with this id was ever sent.
+    UnknownCommand,
+}
+
+/// A claimed outbox row, ready to publish.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub id: i64,
+    pub exchange: String,
+    pub routing_key: String,
+    pub message_id: Uuid,
+    pub properties: Value,
+    pub body: Vec<u8>,
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects, creating the database first if the server does not have it yet, so a fresh
+    /// machine needs no set-up step.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        let options = PgConnectOptions::from_str(url)?;
+        if let Some(db) = options.get_database().map(str::to_owned) {
+            let admin = options.clone().database("postgres");
+            let mut conn = PgConnection::connect_with(&admin).await?;
+            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(&db)
+                .fetch_one(&mut conn)
+                .await?;
+            if !exists {
+                // Identifiers cannot be bound; quote it instead.
+                let stmt = format!("CREATE DATABASE \"{}\"", db.replace('"', "\"\""));
+                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(&mut conn).await {
+                    // Another replica may have created it a moment ago.
+                    let raced = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "42P04");
+                    if !raced {
+                        return Err(e.into());
+                    }
+                }
+            }
+            conn.close().await?;
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(Store { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Records the definitions from files and returns every version known, including older
+    /// ones that sagas still run on. A file whose content differs from the stored snapshot of
+    /// the same name and version is refused: sagas started on that version must not change.
+    pub async fn sync_definitions(&self, defs: &[Definition]) -> Result<Registry> {
+        for def in defs {
+            let body = serde_json::to_value(def).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            sqlx::query(
+                "INSERT INTO saga_definitions (name, version, body) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(&def.name)
+            .bind(def.version as i32)
+            .bind(&body)
+            .execute(&self.pool)
+            .await?;
+            let stored: Value = sqlx::query_scalar("SELECT body FROM saga_definitions WHERE name = $1 AND version = $2")
+                .bind(&def.name)
+                .bind(def.version as i32)
+                .fetch_one(&self.pool)
+                .await?;
+            if stored != body {
+                return Err(StoreError::DefinitionConflict(format!(
+                    "definition {} version {} differs from the one sagas already started on; \
+                     give the changed definition a new version",
+                    def.name, def.version
+                )));
+            }
+        }
+        let mut registry = Registry::default();
+        for row in sqlx::query("SELECT body FROM saga_definitions").fetch_all(&self.pool).await? {
+            let body: Value = row.try_get("body")?;
+            let def: Definition =
+                serde_json::from_value(body).map_err(|e| StoreError::Corrupt(format!("stored definition: {e}")))?;
+            registry.insert(def);
+        }
+        Ok(registry)
+    }
+
+    /// Starts a saga, or returns the one an earlier call with the same idempotency key started.
+    pub async fn start_saga(
+        &self,
+        def: &Definition,
+        input: Value,
+        idempotency_key: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<(Uuid, bool, Status)> {
+        let id = Uuid::now_v7();
+        let mut tx = self.pool.begin().await?;
+        let inserted: Option<Uuid> = sqlx::query_scalar(
+            "INSERT INTO sagas (id, definition, definition_version, status, step, kind, attempt, input, \
+             idempotency_key, created_at, updated_at) \
+             VALUES ($1, $2, $3, 'running', 0, 'action', 0, $4, $5, $6, $6) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+        )
+        .bind(id)
+        .bind(&def.name)
+        .bind(def.version as i32)
+        .bind(&input)
+        .bind(idempotency_key)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if inserted.is_none() {
+            tx.rollback().await?;
+            let row = sqlx::query("SELECT id, definition, status FROM sagas WHERE idempotency_key = $1")
+                .bind(idempotency_key)
+                .fetch_one(&self.pool)
+                .await?;
+            let existing: Uuid = row.try_get("id")?;
+            let existing_def: String = row.try_get("definition")?;
+            if existing_def != def.name {
+                return Err(StoreError::InvalidArgument(format!(
+                    "idempotency key already used by saga {existing} of definition {existing_def}"
+                )));
+            }
+            return Ok((existing, false, parse_status(&row)?));
+        }
+        let record = SagaRecord {
+            id,
+            definition: def.name.clone(),
+            definition_version: def.version,
+            state: SagaState::new(),
+            input,
+            outputs: json!({}),
+            idempotency_key: idempotency_key.map(str::to_owned),
+            created_at: now,
+            updated_at: now,
+        };
+        let status = transition(&mut tx, def, record, Event::Start, now).await?;
+        tx.commit().await?;
+        Ok((id, true, status))
+    }
+
+    /// Applies a participant's reply. Safe to call any number of times for the same reply.
+    pub async fn apply_reply(
+        &self,
+        registry: &Registry,
+        command_id: Uuid,
+        outcome: Outcome,
+        now: OffsetDateTime,
+    ) -> Result<ReplyResult> {
+        let mut tx = self.pool.begin().await?;
+        let saga_id: Option<Uuid> = sqlx::query_scalar("SELECT saga_id FROM step_attempts WHERE command_id = $1")
+            .bind(command_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(saga_id) = saga_id else {
+            return Ok(ReplyResult::UnknownCommand);
+        };
+        let record = lock_saga(&mut tx, saga_id).await?;
+        // Attempts only change under the saga's lock, so this read cannot race.
+        let answered: bool = sqlx::query_scalar(
+            "SELECT replied_at IS NOT NULL FROM step_attempts WHERE command_id = $1",
+        )
+        .bind(command_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if answered {
+            return Ok(ReplyResult::Duplicate);
+        }
+        let def = definition_of(registry, &record)?;
+        transition(&mut tx, &def, record, Event::Reply { command_id, outcome }, now).await?;
+        tx.commit().await?;
+        Ok(ReplyResult::Applied)
+    }
+
+    /// Delivers the timer event to up to `limit` sagas whose wake-up time has passed. Rows locked
+    /// by another replica are skipped, not waited for. Returns how many fired.
+    pub async fn fire_due_timers(&self, registry: &Registry, now: OffsetDateTime, limit: i64) -> Result<usize> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ", saga_columns!(), " FROM sagas WHERE wake_at <= $1 ORDER BY wake_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let n = rows.len();
+        for row in rows {
+            let record = saga_from_row(&row)?;
+            let def = definition_of(registry, &record)?;
+            transition(&mut tx, &def, record, Event::Timer, now).await?;
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub async fn get_saga(&self, id: Uuid) -> Result<(SagaRecord, Vec<AttemptRecord>, Vec<HistoryRecord>)> {
+        let row = sqlx::query(concat!(
+            "SELECT ", saga_columns!(), " FROM sagas WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))?;
+        let saga = saga_from_row(&row)?;
+        let attempts = sqlx::query(
+            "SELECT command_id, step, participant, kind, attempt, sent_at, replied_at, outcome, output, reason, \
+             timed_out FROM step_attempts WHERE saga_id = $1 ORDER BY sent_at, attempt",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(AttemptRecord {
+                command_id: r.try_get("command_id")?,
+                step: r.try_get("step")?,
+                participant: r.try_get("participant")?,
+                kind: parse_kind(r.try_get("kind")?)?,
+                attempt: r.try_get::<i32, _>("attempt")? as u32,
+                sent_at: r.try_get("sent_at")?,
+                replied_at: r.try_get("replied_at")?,
+                outcome: r.try_get("outcome")?,
+                output: r.try_get("output")?,
+                reason: r.try_get("reason")?,
+                timed_out: r.try_get("timed_out")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+        let history = sqlx::query(
+            "SELECT seq, at, kind, step, command_id, detail FROM saga_history WHERE saga_id = $1 ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(HistoryRecord {
+                seq: r.try_get("seq")?,
+                at: r.try_get("at")?,
+                kind: r.try_get("kind")?,
+                step: r.try_get("step")?,
+                command_id: r.try_get("command_id")?,
+                detail: r.try_get("detail")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+        Ok((saga, attempts, history))
+    }
+
+    /// Newest first. Pages by id (UUIDv7 ids sort by creation), so pages stay stable while new
+    /// sagas arrive.
+    pub async fn list_sagas(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
+        let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        let rows = sqlx::query(concat!(
+            "SELECT ", saga_columns!(), " FROM sagas \
+             WHERE (cardinality($1::text[]) = 0 OR status = ANY($1)) \
+               AND ($2::text IS NULL OR definition = $2) \
+               AND ($3::uuid IS NULL OR id < $3) \
+             ORDER BY id DESC LIMIT $4"
+        ))
+        .bind(&statuses)
+        .bind(&filter.definition)
+        .bind(filter.before)
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(saga_from_row).collect()
+    }
+
+    /// Locks up to `limit` outbox rows for publishing, skipping rows another relay holds. The
+    /// caller publishes them and then calls [`delete_outbox`] in the same transaction, so a
+    /// crash before the broker confirmed leaves the rows to be published again.
+    pub async fn claim_outbox(tx: &mut Transaction<'_, Postgres>, limit: i64) -> Result<Vec<OutboxMessage>> {
+        let rows = sqlx::query(
+            "SELECT id, exchange, routing_key, message_id, properties, body, created_at FROM outbox \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut **tx)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxMessage {
+                    id: r.try_get("id")?,
+                    exchange: r.try_get("exchange")?,
+                    routing_key: r.try_get("routing_key")?,
+                    message_id: r.try_get("message_id")?,
+                    properties: r.try_get("properties")?,
+                    body: r.try_get("body")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn delete_outbox(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<()> {
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(&mut **tx).await?;
+        Ok(())
+    }
+}
+
+
+async fn lock_saga(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<SagaRecord> {
+    let row = sqlx::query(concat!(
+            "SELECT ", saga_columns!(), " FROM sagas WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))?;
+    saga_from_row(&row)
+}
+
+fn definition_of(registry: &Registry, record: &SagaRecord) -> Result<std::sync::Arc<Definition>> {
+    registry.get(&record.definition, record.definition_version).ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "saga {} runs on {} version {}, which is not loaded",
+            record.id, record.definition, record.definition_version
+        ))
+    })
+}
+
+fn parse_status(row: &PgRow) -> Result<Status> {
+    let s: String = row.try_get("status")?;
+    Status::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("unknown status {s:?}")))
+}
+
+fn parse_kind(s: String) -> Result<Kind> {
+    Kind::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("unknown kind {s:?}")))
+}
+
+fn saga_from_row(row: &PgRow) -> Result<SagaRecord> {
+    let command_id: Option<Uuid> = row.try_get("command_id")?;
+    let wake_at: Option<OffsetDateTime> = row.try_get("wake_at")?;
+    let waiting = match (command_id, wake_at) {
+        (Some(command_id), Some(deadline)) => Waiting::Reply { command_id, deadline },
+        (None, Some(at)) => Waiting::Retry { at },
+        (None, None) => Waiting::Nothing,
+        (Some(_), None) => return Err(StoreError::Corrupt("command without a deadline".into())),
+    };
+    let step: i32 = row.try_get("step")?;
+    let attempt: i32 = row.try_get("attempt")?;
+    Ok(SagaRecord {
+        id: row.try_get("id")?,
+        definition: row.try_get("definition")?,
+        definition_version: row.try_get::<i32, _>("definition_version")? as u32,
+        state: SagaState {
+            status: parse_status(row)?,
+            step: step as usize,
+            kind: parse_kind(row.try_get("kind")?)?,
+            attempt: attempt as u32,
+            waiting,
+            error: row.try_get("error")?,
+        },
+        input: row.try_get("input")?,
+        outputs: row.try_get("outputs")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// Runs the engine on a locked saga and writes the result. Returns the new status.
+async fn transition(
+    tx: &mut Transaction<'_, Postgres>,
+    def: &Definition,
+    mut record: SagaRecord,
+    event: Event,
+    now: OffsetDateTime,
+) -> Result<Status> {
+    let ctx = Ctx { now, next_command_id: Uuid::now_v7(), jitter: rand::random::<f64>() };
+    let t = engine::apply(def, &record.state, event, ctx);
+    if t.is_noop() {
+        return Ok(record.state.status);
+    }
+
+    let mut new_outputs = serde_json::Map::new();
+    let mut history: Vec<(String, Option<String>, Option<Uuid>, Value)> = Vec::new();
+    let mut sent = false;
+    for effect in t.effects {
+        match effect {
+            Effect::SaveOutput { step, output } => {
+                let name = def.steps[step].name.clone();
+                if let Value::Object(outputs) = &mut record.outputs {
+                    outputs.insert(name.clone(), output.clone());
+                }
+                new_outputs.insert(name, output);
+            }
+            Effect::Send(cmd) => {
+                send_command(tx, def, &record, &cmd, now).await?;
+                sent = true;
+            }
+            Effect::AttemptEnded { command_id, outcome } => {
+                end_attempt(tx, command_id, outcome, now).await?;
+            }
+            Effect::History { kind, step, command_id, detail } => {
+                history.push((kind.as_str().to_string(), step.map(|i| def.steps[i].name.clone()), command_id, detail));
+            }
+            Effect::Lifecycle(status) => {
+                tracing::info!(saga_id = %record.id, definition = %def.name, status = status.as_str(), "saga lifecycle");
+            }
+        }
+    }
+
+    let (command_id, wake_at) = match t.state.waiting {
+        Waiting::Nothing => (None, None),
+        Waiting::Reply { command_id, deadline } => (Some(command_id), Some(deadline)),
+        Waiting::Retry { at } => (None, Some(at)),
+    };
+    sqlx::query(
+        "UPDATE sagas SET status = $2, step = $3, kind = $4, attempt = $5, command_id = $6, wake_at = $7, \
+         error = $8, outputs = outputs || $9, updated_at = $10 WHERE id = $1",
+    )
+    .bind(record.id)
+    .bind(t.state.status.as_str())
+    .bind(t.state.step as i32)
+    .bind(t.state.kind.as_str())
+    .bind(t.state.attempt as i32)
+    .bind(command_id)
+    .bind(wake_at)
+    .bind(&t.state.error)
+    .bind(Value::Object(new_outputs))
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+
+    if !history.is_empty() {
+        let (kinds, steps, commands, details): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) = history.into_iter().fold(
+            (vec![], vec![], vec![], vec![]),
+            |(mut k, mut s, mut c, mut d), (kind, step, command, detail)| {
+                k.push(kind);
+                s.push(step);
+                c.push(command);
+                d.push(detail);
+                (k, s, c, d)
+            },
+        );
+        // One round trip for all entries; WITH ORDINALITY keeps their order in `seq`.
+        sqlx::query(
+            "INSERT INTO saga_history (saga_id, at, kind, step, command_id, detail) \
+             SELECT $1, $2, k, s, c, d FROM UNNEST($3::text[], $4::text[], $5::uuid[], $6::jsonb[]) \
+             WITH ORDINALITY AS h(k, s, c, d, n) ORDER BY n",
+        )
+        .bind(record.id)
+        .bind(now)
+        .bind(&kinds)
+        .bind(&steps)
+        .bind(&commands)
+        .bind(&details)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if sent {
+        // Delivered at commit: the relay wakes only once the rows are visible.
+        sqlx::query("SELECT pg_notify($1, '')").bind(OUTBOX_CHANNEL).execute(&mut **tx).await?;
+    }
+    Ok(t.state.status)
+}
+
+async fn send_command(
+    tx: &mut Transaction<'_, Postgres>,
+    def: &Definition,
+    record: &SagaRecord,
+    cmd: &engine::Command,
+    now: OffsetDateTime,
+) -> Result<()> {
+    let step = &def.steps[cmd.step];
+    let command = match cmd.kind {
+        Kind::Action => step.action.clone(),
+        Kind::Compensation => step.compensation.clone().ok_or_else(|| {
+            StoreError::Corrupt(format!("step {} has no compensation to send", step.name))
+        })?,
+    };
+    sqlx::query(
+        "INSERT INTO step_attempts (command_id, saga_id, step_index, step, participant, kind, attempt, sent_at, deadline) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(cmd.command_id)
+    .bind(record.id)
+    .bind(cmd.step as i32)
+    .bind(&step.name)
+    .bind(&step.participant)
+    .bind(cmd.kind.as_str())
+    .bind(cmd.attempt as i32)
+    .bind(now)
+    .bind(cmd.deadline)
+    .execute(&mut **tx)
+    .await?;
+
+    let body = CommandBody {
+        command_id: cmd.command_id,
+        saga_id: record.id,
+        definition: def.name.clone(),
+        definition_version: def.version,
+        step: step.name.clone(),
+        kind: cmd.kind.as_str().to_string(),
+        command: command.clone(),
+        attempt: cmd.attempt,
+        input: record.input.clone(),
+        outputs: record.outputs.clone(),
+    };
+    let properties = json!({
+        "type": command,
+        "correlation_id": record.id.to_string(),
+        "reply_to": contract::REPLIES_QUEUE,
+        "headers": {
+            contract::H_SAGA_ID: record.id.to_string(),
+            contract::H_DEFINITION: def.name,
+            contract::H_STEP: step.name,
+            contract::H_KIND: cmd.kind.as_str(),
+            contract::H_ATTEMPT: cmd.attempt,
+        },
+    });
+    let body = serde_json::to_vec(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO outbox (exchange, routing_key, message_id, properties, body) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(contract::COMMANDS_EXCHANGE)
+    .bind(&step.participant)
+    .bind(cmd.command_id)
+    .bind(&properties)
+    .bind(&body)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn end_attempt(
+    tx: &mut Transaction<'_, Postgres>,
+    command_id: Uuid,
+    outcome: Option<Outcome>,
+    now: OffsetDateTime,
+) -> Result<()> {
+    let (outcome, output, reason, timed_out) = match outcome {
+        Some(Outcome::Success { output }) => (Some("success"), Some(output), None, false),
+        Some(Outcome::Failure { reason, .. }) => (Some("failure"), None, Some(reason), false),
+        None => (None, None, None, true),
+    };
+    // A late reply to a timed-out attempt fills in the reply without clearing `timed_out`.
+    sqlx::query(
+        "UPDATE step_attempts SET \
+           replied_at = CASE WHEN $2::text IS NULL THEN replied_at ELSE $5 END, \
+           outcome = COALESCE($2, outcome), output = COALESCE($3, output), reason = COALESCE($4, reason), \
+           timed_out = timed_out OR $6 \
+         WHERE command_id = $1 AND replied_at IS NULL",
+    )
+    .bind(command_id)
+    .bind(outcome)
+    .bind(output)
+    .bind(reason)
+    .bind(now)
+    .bind(timed_out)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Counts by status, for tests and dashboards.
+pub async fn count_by_status(pool: &PgPool) -> Result<HashMap<String, i64>> {
+    let rows = sqlx::query("SELECT status, count(*) AS n FROM sagas GROUP BY status").fetch_all(pool).await?;
+    rows.iter().map(|r| Ok((r.try_get("status")?, r.try_get("n")?))).collect()
+}
