@@ -51,7 +51,8 @@ pub fn status_of(e: StoreError) -> Status {
 }
 
 fn parse_id(field: &str, s: &str) -> Result<Uuid, Status> {
-    Uuid::parse_str(s.trim()).map_err(|_| Status::invalid_argument(format!("{field} {s:?} is not a UUID")))
+    Uuid::parse_str(s.trim())
+        .map_err(|_| Status::invalid_argument(format!("{field} {s:?} is not a UUID")))
 }
 
 fn parse_json(field: &str, s: &str) -> Result<Value, Status> {
@@ -61,20 +62,33 @@ fn parse_json(field: &str, s: &str) -> Result<Value, Status> {
             s.len()
         )));
     }
-    serde_json::from_str(s).map_err(|e| Status::invalid_argument(format!("{field} is not valid JSON: {e}")))
+    serde_json::from_str(s)
+        .map_err(|e| Status::invalid_argument(format!("{field} is not valid JSON: {e}")))
 }
 
 #[tonic::async_trait]
 impl pb::saga_service_server::SagaService for SagaApi {
-    async fn start_saga(&self, req: Request<pb::StartSagaRequest>) -> Result<Response<pb::StartSagaResponse>, Status> {
+    async fn start_saga(
+        &self,
+        req: Request<pb::StartSagaRequest>,
+    ) -> Result<Response<pb::StartSagaResponse>, Status> {
         let req = req.into_inner();
         let name = req.definition.trim();
         if name.is_empty() {
             return Err(Status::invalid_argument("definition is required"));
         }
         let def = self.registry.latest(name).ok_or_else(|| {
-            let known: Vec<_> = self.registry.all().map(|d| d.name.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-            Status::not_found(format!("no saga definition named {name:?}; known: {}", known.join(", ")))
+            let known: Vec<_> = self
+                .registry
+                .all()
+                .map(|d| d.name.as_str())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            Status::not_found(format!(
+                "no saga definition named {name:?}; known: {}",
+                known.join(", ")
+            ))
         })?;
         let input = if req.input_json.trim().is_empty() {
             Value::Object(Default::default())
@@ -86,7 +100,9 @@ impl pb::saga_service_server::SagaService for SagaApi {
         }
         let key = req.idempotency_key.trim();
         if key.len() > MAX_IDEMPOTENCY_KEY {
-            return Err(Status::invalid_argument(format!("idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} bytes")));
+            return Err(Status::invalid_argument(format!(
+                "idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} bytes"
+            )));
         }
         let key = (!key.is_empty()).then_some(key);
         let (id, created, status) = self
@@ -102,7 +118,10 @@ impl pb::saga_service_server::SagaService for SagaApi {
         }))
     }
 
-    async fn get_saga(&self, req: Request<pb::GetSagaRequest>) -> Result<Response<pb::Saga>, Status> {
+    async fn get_saga(
+        &self,
+        req: Request<pb::GetSagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
         let id = parse_id("saga_id", &req.get_ref().saga_id)?;
         let (saga, attempts, history) = self.store.get_saga(id).await.map_err(status_of)?;
         let current_step = current_step(&self.registry, &saga);
@@ -123,7 +142,10 @@ impl pb::saga_service_server::SagaService for SagaApi {
         }))
     }
 
-    async fn list_sagas(&self, req: Request<pb::ListSagasRequest>) -> Result<Response<pb::ListSagasResponse>, Status> {
+    async fn list_sagas(
+        &self,
+        req: Request<pb::ListSagasRequest>,
+    ) -> Result<Response<pb::ListSagasResponse>, Status> {
         let req = req.into_inner();
         let statuses = req
             .statuses
@@ -132,20 +154,31 @@ impl pb::saga_service_server::SagaService for SagaApi {
                 pb::SagaStatus::try_from(*s)
                     .ok()
                     .and_then(status_from_pb)
-                    .ok_or_else(|| Status::invalid_argument(format!("statuses: {s} is not a saga status")))
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!("statuses: {s} is not a saga status"))
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let limit = match req.page_size {
             0 => DEFAULT_PAGE,
             n if n <= MAX_PAGE => n,
-            n => return Err(Status::invalid_argument(format!("page_size {n} exceeds {MAX_PAGE}"))),
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "page_size {n} exceeds {MAX_PAGE}"
+                )));
+            }
         };
         let before = match req.page_token.trim() {
             "" => None,
             t => Some(parse_id("page_token", t)?),
         };
         let definition = Some(req.definition.trim().to_string()).filter(|d| !d.is_empty());
-        let filter = ListFilter { statuses, definition, before, limit: limit + 1 };
+        let filter = ListFilter {
+            statuses,
+            definition,
+            before,
+            limit: limit + 1,
+        };
         let mut sagas = self.store.list_sagas(&filter).await.map_err(status_of)?;
         // One extra row tells whether another page exists without a count query.
         let next_page_token = if sagas.len() > limit as usize {
@@ -167,7 +200,10 @@ impl pb::saga_service_server::SagaService for SagaApi {
                 error: s.state.error.clone().unwrap_or_default(),
             })
             .collect();
-        Ok(Response::new(pb::ListSagasResponse { sagas, next_page_token }))
+        Ok(Response::new(pb::ListSagasResponse {
+            sagas,
+            next_page_token,
+        }))
     }
 
     async fn report_step_result(
@@ -178,25 +214,47 @@ impl pb::saga_service_server::SagaService for SagaApi {
         let command_id = parse_id("command_id", &req.command_id)?;
         let outcome = match pb::Outcome::try_from(req.outcome) {
             Ok(pb::Outcome::Success) => engine::Outcome::Success {
-                output: if req.output_json.trim().is_empty() { Value::Null } else { parse_json("output_json", &req.output_json)? },
+                output: if req.output_json.trim().is_empty() {
+                    Value::Null
+                } else {
+                    parse_json("output_json", &req.output_json)?
+                },
             },
             Ok(pb::Outcome::Failure) => {
                 if req.reason.trim().is_empty() {
                     return Err(Status::invalid_argument("a failure needs a reason"));
                 }
-                engine::Outcome::Failure { reason: req.reason, retryable: req.retryable }
+                engine::Outcome::Failure {
+                    reason: req.reason,
+                    retryable: req.retryable,
+                }
             }
-            _ => return Err(Status::invalid_argument("outcome must be OUTCOME_SUCCESS or OUTCOME_FAILURE")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "outcome must be OUTCOME_SUCCESS or OUTCOME_FAILURE",
+                ));
+            }
         };
         let result = self
             .store
-            .apply_reply(&self.registry, command_id, outcome, OffsetDateTime::now_utc())
+            .apply_reply(
+                &self.registry,
+                command_id,
+                outcome,
+                OffsetDateTime::now_utc(),
+            )
             .await
             .map_err(status_of)?;
         match result {
-            ReplyResult::Applied => Ok(Response::new(pb::ReportStepResultResponse { applied: true })),
-            ReplyResult::Duplicate => Ok(Response::new(pb::ReportStepResultResponse { applied: false })),
-            ReplyResult::UnknownCommand => Err(Status::not_found(format!("no command with id {command_id} was sent"))),
+            ReplyResult::Applied => Ok(Response::new(pb::ReportStepResultResponse {
+                applied: true,
+            })),
+            ReplyResult::Duplicate => Ok(Response::new(pb::ReportStepResultResponse {
+                applied: false,
+            })),
+            ReplyResult::UnknownCommand => Err(Status::not_found(format!(
+                "no command with id {command_id} was sent"
+            ))),
         }
     }
 }
@@ -212,7 +270,10 @@ fn current_step(registry: &Registry, saga: &store::SagaRecord) -> String {
 }
 
 pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: t.unix_timestamp(), nanos: t.nanosecond() as i32 }
+    prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: t.nanosecond() as i32,
+    }
 }
 
 pub fn status_to_pb(s: engine::Status) -> pb::SagaStatus {

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use crate::api::SagaApi;
 use crate::broker::{self, ConsumerSettings, RelaySettings};
 use crate::config::{Settings, redact_url};
+use crate::contract;
 use crate::definition::{self, DefinitionError, Registry};
 use crate::proto::v1::saga_service_server::SagaServiceServer;
 use crate::store::{Store, StoreError};
@@ -31,7 +32,10 @@ pub enum StartupError {
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub struct Application {
@@ -47,10 +51,15 @@ impl Application {
     /// Everything that can fail at start-up happens here, before any task runs, so that
     /// `sagad` refuses to start with a clear reason (an invalid definition names its file and
     /// line). Binding port 0 picks a free port (see [`Application::local_addr`]).
-    pub async fn build(settings: Settings, shutdown: CancellationToken) -> Result<Application, StartupError> {
+    pub async fn build(
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> Result<Application, StartupError> {
         let defs = definition::load_dir(&settings.definitions)?;
         if defs.is_empty() {
-            return Err(StartupError::NoDefinitions(settings.definitions.display().to_string()));
+            return Err(StartupError::NoDefinitions(
+                settings.definitions.display().to_string(),
+            ));
         }
         info!(database = %redact_url(&settings.database_url), "connecting to PostgreSQL");
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
@@ -59,15 +68,31 @@ impl Application {
         for d in &defs {
             info!(definition = %d.name, version = d.version, steps = d.steps.len(), "definition loaded");
         }
-        let mut participants: Vec<String> =
-            registry.all().flat_map(|d| d.participants().map(str::to_owned)).collect();
+        let mut participants: Vec<String> = registry
+            .all()
+            .flat_map(|d| d.participants().map(str::to_owned))
+            .collect();
         participants.sort();
         participants.dedup();
 
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| StartupError::Bind { addr: settings.listen, source })?;
+        // Declared now so participants and clients find the queues as soon as we are up. If the
+        // broker is down this only warns: the relay and consumer declare again on connect.
+        match declare_topology(&settings.amqp_url, &participants).await {
+            Ok(()) => info!(participants = ?participants, "broker topology declared"),
+            Err(e) => warn!(error = %e, "broker unreachable at start-up; will keep trying"),
+        }
+
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
 
         let mut tasks = JoinSet::new();
         info!(amqp = %redact_url(&settings.amqp_url), "starting outbox relay and reply consumer");
@@ -84,13 +109,34 @@ impl Application {
         tasks.spawn(broker::run_reply_consumer(
             store.clone(),
             registry.clone(),
-            ConsumerSettings { amqp_url: settings.amqp_url.clone(), participants, prefetch: settings.reply_prefetch },
+            ConsumerSettings {
+                amqp_url: settings.amqp_url.clone(),
+                participants,
+                prefetch: settings.reply_prefetch,
+            },
             shutdown.clone(),
         ));
-        tasks.spawn(timers::run_sweeper(store.clone(), registry.clone(), settings.timer_poll, shutdown.clone()));
-        tasks.spawn(serve(listener, store.clone(), registry.clone(), shutdown.clone()));
+        tasks.spawn(timers::run_sweeper(
+            store.clone(),
+            registry.clone(),
+            settings.timer_poll,
+            shutdown.clone(),
+        ));
+        tasks.spawn(serve(
+            listener,
+            store.clone(),
+            registry.clone(),
+            shutdown.clone(),
+        ));
         info!(%addr, "sagad listening");
-        Ok(Application { addr, store, registry, tasks, shutdown, grace: settings.shutdown_grace })
+        Ok(Application {
+            addr,
+            store,
+            registry,
+            tasks,
+            shutdown,
+            grace: settings.shutdown_grace,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -123,9 +169,34 @@ impl Application {
     }
 }
 
-async fn serve(listener: TcpListener, store: Store, registry: Arc<Registry>, shutdown: CancellationToken) {
+async fn declare_topology(amqp_url: &str, participants: &[String]) -> Result<(), lapin::Error> {
+    let attempt = async {
+        let conn = broker::connect(amqp_url).await?;
+        let channel = conn.create_channel().await?;
+        contract::declare_topology(&channel, participants.iter().map(String::as_str)).await?;
+        conn.close(200, "topology declared".into()).await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(lapin::Error::from(lapin::ErrorKind::IOError(
+            std::sync::Arc::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "timed out",
+            )),
+        ))),
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    store: Store,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<SagaServiceServer<SagaApi>>().await;
+    health_reporter
+        .set_serving::<SagaServiceServer<SagaApi>>()
+        .await;
     let reflection = match tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -143,7 +214,10 @@ async fn serve(listener: TcpListener, store: Store, registry: Arc<Registry>, shu
         .add_service(health)
         .add_optional_service(reflection)
         .add_service(api)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned())
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        )
         .await;
     if let Err(e) = result {
         warn!(error = %e, "gRPC server stopped with an error");

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -107,13 +107,17 @@ async fn relay_session(
     let channel = conn.create_channel().await?;
     // Declared on every connect: a broker that lost its state gets it back before we publish.
     contract::declare_topology(&channel, settings.participants.iter().map(String::as_str)).await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let mut listener = PgListener::connect_with(store.pool()).await?;
     listener.listen(OUTBOX_CHANNEL).await?;
     info!("outbox relay connected");
     backoff.reset();
     loop {
-        while publish_batch(store, &channel, settings.batch_size).await? == settings.batch_size as usize {}
+        while publish_batch(store, &channel, settings.batch_size).await?
+            == settings.batch_size as usize
+        {}
         tokio::select! {
             _ = shutdown.cancelled() => {
                 let _ = channel.close(200, "shutdown".into()).await;
@@ -158,8 +162,18 @@ async fn publish_batch(store: &Store, channel: &Channel, limit: i64) -> Result<u
     Ok(ids.len())
 }
 
-fn command_properties(message_id: uuid::Uuid, created_at: OffsetDateTime, props: &Value) -> BasicProperties {
-    let text = |k: &str| props.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+fn command_properties(
+    message_id: uuid::Uuid,
+    created_at: OffsetDateTime,
+    props: &Value,
+) -> BasicProperties {
+    let text = |k: &str| {
+        props
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     let mut headers = FieldTable::default();
     if let Some(Value::Object(map)) = props.get("headers") {
         for (k, v) in map {
@@ -219,9 +233,13 @@ async fn consume_session(
     let conn = connect(&settings.amqp_url).await?;
     let channel = conn.create_channel().await?;
     contract::declare_topology(&channel, settings.participants.iter().map(String::as_str)).await?;
-    channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await?;
     // Dead-letter publishes are confirmed before the original is acked.
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let tag = format!("sagad-{}", uuid::Uuid::now_v7());
     let consumer = channel
         .basic_consume(
@@ -246,7 +264,9 @@ async fn consume_session(
     handled.await;
     if shutdown.is_cancelled() {
         // Unacked replies go back to the queue when the channel closes.
-        let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        let _ = channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
         let _ = channel.close(200, "shutdown".into()).await;
         let _ = conn.close(200, "shutdown".into()).await;
         return Ok(());
@@ -254,19 +274,34 @@ async fn consume_session(
     Err(BrokerError::ConsumerEnded)
 }
 
-async fn handle_reply(store: &Store, registry: &Registry, channel: &Channel, delivery: lapin::message::Delivery) {
+async fn handle_reply(
+    store: &Store,
+    registry: &Registry,
+    channel: &Channel,
+    delivery: lapin::message::Delivery,
+) {
     let reply = match ReplyBody::parse(&delivery.data) {
         Ok(reply) => reply,
         Err(reason) => return dead_letter(channel, delivery, &reason).await,
     };
     let outcome = match reply.outcome {
-        ReplyOutcome::Success => Outcome::Success { output: reply.output },
+        ReplyOutcome::Success => Outcome::Success {
+            output: reply.output,
+        },
         ReplyOutcome::Failure => Outcome::Failure {
             reason: reply.reason.unwrap_or_default(),
             retryable: reply.retryable,
         },
     };
-    match store.apply_reply(registry, reply.command_id, outcome, OffsetDateTime::now_utc()).await {
+    match store
+        .apply_reply(
+            registry,
+            reply.command_id,
+            outcome,
+            OffsetDateTime::now_utc(),
+        )
+        .await
+    {
         Ok(ReplyResult::Applied) => ack(&delivery).await,
         Ok(ReplyResult::Duplicate) => {
             debug!(command_id = %reply.command_id, "duplicate reply ignored");
@@ -278,14 +313,22 @@ async fn handle_reply(store: &Store, registry: &Registry, channel: &Channel, del
         }
         Err(StoreError::Corrupt(e)) => {
             error!(command_id = %reply.command_id, error = %e, "reply for a corrupt saga");
-            dead_letter(channel, delivery, &format!("saga state cannot be read: {e}")).await
+            dead_letter(
+                channel,
+                delivery,
+                &format!("saga state cannot be read: {e}"),
+            )
+            .await
         }
         Err(e) => {
             // Most likely the database is down: give the reply back and let the consumer slow
             // down rather than spin on redeliveries.
             warn!(command_id = %reply.command_id, error = %e, "reply not applied; requeued");
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
             if let Err(e) = delivery.nack(requeue).await {
                 warn!(error = %e, "nack failed; the broker will redeliver on reconnect");
             }
@@ -304,9 +347,19 @@ async fn ack(delivery: &lapin::message::Delivery) {
 async fn dead_letter(channel: &Channel, delivery: lapin::message::Delivery, reason: &str) {
     warn!(reason, "reply dead-lettered");
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(contract::H_ERROR.into(), AMQPValue::LongString(reason.into()));
-    headers.insert("x-original-queue".into(), AMQPValue::LongString(contract::REPLIES_QUEUE.into()));
-    let properties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+    headers.insert(
+        contract::H_ERROR.into(),
+        AMQPValue::LongString(reason.into()),
+    );
+    headers.insert(
+        "x-original-queue".into(),
+        AMQPValue::LongString(contract::REPLIES_QUEUE.into()),
+    );
+    let properties = delivery
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2);
     let published = async {
         channel
             .basic_publish(
@@ -325,7 +378,10 @@ async fn dead_letter(channel: &Channel, delivery: lapin::message::Delivery, reas
         other => {
             // Keep the message rather than lose it; it comes back and is tried again.
             warn!(result = ?other.map(|c| c.is_ack()), "dead-letter publish failed; requeued");
-            let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
             let _ = delivery.nack(requeue).await;
         }
     }

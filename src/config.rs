@@ -10,10 +10,18 @@ use std::time::Duration;
 #[derive(clap::Args, Clone)]
 pub struct Settings {
     /// PostgreSQL URL. The database is created if it does not exist.
-    #[arg(long, env = "SAGA_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/saga")]
+    #[arg(
+        long,
+        env = "SAGA_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/saga"
+    )]
     pub database_url: String,
     /// RabbitMQ URL (the vhost is the path, `%2f` for `/`).
-    #[arg(long, env = "SAGA_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "SAGA_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
     /// Address the gRPC API listens on.
     #[arg(long, env = "SAGA_LISTEN", default_value = "127.0.0.1:50051")]
@@ -71,8 +79,14 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_the_logs() {
-        assert_eq!(redact_url("amqp://guest:s3cret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
-        assert_eq!(redact_url("postgres://postgres@127.0.0.1/saga"), "postgres://postgres@127.0.0.1/saga");
+        assert_eq!(
+            redact_url("amqp://guest:s3cret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/saga"),
+            "postgres://postgres@127.0.0.1/saga"
+        );
         assert!(!redact_url("not a url s3cret").contains("s3cret"));
     }
 }

@@ -132,16 +132,23 @@ impl Store {
         if let Some(db) = options.get_database().map(str::to_owned) {
             let admin = options.clone().database("postgres");
             let mut conn = PgConnection::connect_with(&admin).await?;
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                .bind(&db)
-                .fetch_one(&mut conn)
-                .await?;
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                    .bind(&db)
+                    .fetch_one(&mut conn)
+                    .await?;
             if !exists {
                 // Identifiers cannot be bound; quote it instead.
                 let stmt = format!("CREATE DATABASE \"{}\"", db.replace('"', "\"\""));
-                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(stmt)).execute(&mut conn).await {
+                if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(stmt))
+                    .execute(&mut conn)
+                    .await
+                {
                     // Another replica may have created it a moment ago.
-                    let raced = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "42P04");
+                    let raced = e
+                        .as_database_error()
+                        .and_then(|d| d.code())
+                        .is_some_and(|c| c == "42P04");
                     if !raced {
                         return Err(e.into());
                     }
@@ -180,11 +187,13 @@ impl Store {
             .bind(&body)
             .execute(&self.pool)
             .await?;
-            let stored: Value = sqlx::query_scalar("SELECT body FROM saga_definitions WHERE name = $1 AND version = $2")
-                .bind(&def.name)
-                .bind(def.version as i32)
-                .fetch_one(&self.pool)
-                .await?;
+            let stored: Value = sqlx::query_scalar(
+                "SELECT body FROM saga_definitions WHERE name = $1 AND version = $2",
+            )
+            .bind(&def.name)
+            .bind(def.version as i32)
+            .fetch_one(&self.pool)
+            .await?;
             if stored != body {
                 return Err(StoreError::DefinitionConflict(format!(
                     "definition {} version {} differs from the one sagas already started on; \
@@ -194,10 +203,13 @@ impl Store {
             }
         }
         let mut registry = Registry::default();
-        for row in sqlx::query("SELECT body FROM saga_definitions").fetch_all(&self.pool).await? {
+        for row in sqlx::query("SELECT body FROM saga_definitions")
+            .fetch_all(&self.pool)
+            .await?
+        {
             let body: Value = row.try_get("body")?;
-            let def: Definition =
-                serde_json::from_value(body).map_err(|e| StoreError::Corrupt(format!("stored definition: {e}")))?;
+            let def: Definition = serde_json::from_value(body)
+                .map_err(|e| StoreError::Corrupt(format!("stored definition: {e}")))?;
             registry.insert(def);
         }
         Ok(registry)
@@ -229,10 +241,11 @@ impl Store {
         .await?;
         if inserted.is_none() {
             tx.rollback().await?;
-            let row = sqlx::query("SELECT id, definition, status FROM sagas WHERE idempotency_key = $1")
-                .bind(idempotency_key)
-                .fetch_one(&self.pool)
-                .await?;
+            let row =
+                sqlx::query("SELECT id, definition, status FROM sagas WHERE idempotency_key = $1")
+                    .bind(idempotency_key)
+                    .fetch_one(&self.pool)
+                    .await?;
             let existing: Uuid = row.try_get("id")?;
             let existing_def: String = row.try_get("definition")?;
             if existing_def != def.name {
@@ -267,10 +280,11 @@ impl Store {
         now: OffsetDateTime,
     ) -> Result<ReplyResult> {
         let mut tx = self.pool.begin().await?;
-        let saga_id: Option<Uuid> = sqlx::query_scalar("SELECT saga_id FROM step_attempts WHERE command_id = $1")
-            .bind(command_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let saga_id: Option<Uuid> =
+            sqlx::query_scalar("SELECT saga_id FROM step_attempts WHERE command_id = $1")
+                .bind(command_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         let Some(saga_id) = saga_id else {
             return Ok(ReplyResult::UnknownCommand);
         };
@@ -286,17 +300,34 @@ impl Store {
             return Ok(ReplyResult::Duplicate);
         }
         let def = definition_of(registry, &record)?;
-        transition(&mut tx, &def, record, Event::Reply { command_id, outcome }, now).await?;
+        transition(
+            &mut tx,
+            &def,
+            record,
+            Event::Reply {
+                command_id,
+                outcome,
+            },
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(ReplyResult::Applied)
     }
 
     /// Delivers the timer event to up to `limit` sagas whose wake-up time has passed. Rows locked
     /// by another replica are skipped, not waited for. Returns how many fired.
-    pub async fn fire_due_timers(&self, registry: &Registry, now: OffsetDateTime, limit: i64) -> Result<usize> {
+    pub async fn fire_due_timers(
+        &self,
+        registry: &Registry,
+        now: OffsetDateTime,
+        limit: i64,
+    ) -> Result<usize> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(concat!(
-            "SELECT ", saga_columns!(), " FROM sagas WHERE wake_at <= $1 ORDER BY wake_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+            "SELECT ",
+            saga_columns!(),
+            " FROM sagas WHERE wake_at <= $1 ORDER BY wake_at LIMIT $2 FOR UPDATE SKIP LOCKED"
         ))
         .bind(now)
         .bind(limit)
@@ -312,13 +343,19 @@ impl Store {
         Ok(n)
     }
 
-    pub async fn get_saga(&self, id: Uuid) -> Result<(SagaRecord, Vec<AttemptRecord>, Vec<HistoryRecord>)> {
+    pub async fn get_saga(
+        &self,
+        id: Uuid,
+    ) -> Result<(SagaRecord, Vec<AttemptRecord>, Vec<HistoryRecord>)> {
         let row = sqlx::query(concat!(
-            "SELECT ", saga_columns!(), " FROM sagas WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))?;
+            "SELECT ",
+            saga_columns!(),
+            " FROM sagas WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))?;
         let saga = saga_from_row(&row)?;
         let attempts = sqlx::query(
             "SELECT command_id, step, participant, kind, attempt, sent_at, replied_at, outcome, output, reason, \
@@ -370,7 +407,9 @@ impl Store {
     pub async fn list_sagas(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
         let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
         let rows = sqlx::query(concat!(
-            "SELECT ", saga_columns!(), " FROM sagas \
+            "SELECT ",
+            saga_columns!(),
+            " FROM sagas \
              WHERE (cardinality($1::text[]) = 0 OR status = ANY($1)) \
                AND ($2::text IS NULL OR definition = $2) \
                AND ($3::uuid IS NULL OR id < $3) \
@@ -388,7 +427,10 @@ impl Store {
     /// Locks up to `limit` outbox rows for publishing, skipping rows another relay holds. The
     /// caller publishes them and then calls [`delete_outbox`] in the same transaction, so a
     /// crash before the broker confirmed leaves the rows to be published again.
-    pub async fn claim_outbox(tx: &mut Transaction<'_, Postgres>, limit: i64) -> Result<Vec<OutboxMessage>> {
+    pub async fn claim_outbox(
+        tx: &mut Transaction<'_, Postgres>,
+        limit: i64,
+    ) -> Result<Vec<OutboxMessage>> {
         let rows = sqlx::query(
             "SELECT id, exchange, routing_key, message_id, properties, body, created_at FROM outbox \
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
@@ -412,29 +454,36 @@ impl Store {
     }
 
     pub async fn delete_outbox(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<()> {
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(&mut **tx).await?;
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 }
 
-
 async fn lock_saga(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<SagaRecord> {
     let row = sqlx::query(concat!(
-            "SELECT ", saga_columns!(), " FROM sagas WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))?;
+        "SELECT ",
+        saga_columns!(),
+        " FROM sagas WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))?;
     saga_from_row(&row)
 }
 
 fn definition_of(registry: &Registry, record: &SagaRecord) -> Result<std::sync::Arc<Definition>> {
-    registry.get(&record.definition, record.definition_version).ok_or_else(|| {
-        StoreError::Corrupt(format!(
-            "saga {} runs on {} version {}, which is not loaded",
-            record.id, record.definition, record.definition_version
-        ))
-    })
+    registry
+        .get(&record.definition, record.definition_version)
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "saga {} runs on {} version {}, which is not loaded",
+                record.id, record.definition, record.definition_version
+            ))
+        })
 }
 
 fn parse_status(row: &PgRow) -> Result<Status> {
@@ -450,7 +499,10 @@ fn saga_from_row(row: &PgRow) -> Result<SagaRecord> {
     let command_id: Option<Uuid> = row.try_get("command_id")?;
     let wake_at: Option<OffsetDateTime> = row.try_get("wake_at")?;
     let waiting = match (command_id, wake_at) {
-        (Some(command_id), Some(deadline)) => Waiting::Reply { command_id, deadline },
+        (Some(command_id), Some(deadline)) => Waiting::Reply {
+            command_id,
+            deadline,
+        },
         (None, Some(at)) => Waiting::Retry { at },
         (None, None) => Waiting::Nothing,
         (Some(_), None) => return Err(StoreError::Corrupt("command without a deadline".into())),
@@ -485,7 +537,11 @@ async fn transition(
     event: Event,
     now: OffsetDateTime,
 ) -> Result<Status> {
-    let ctx = Ctx { now, next_command_id: Uuid::now_v7(), jitter: rand::random::<f64>() };
+    let ctx = Ctx {
+        now,
+        next_command_id: Uuid::now_v7(),
+        jitter: rand::random::<f64>(),
+    };
     let t = engine::apply(def, &record.state, event, ctx);
     if t.is_noop() {
         return Ok(record.state.status);
@@ -507,11 +563,24 @@ async fn transition(
                 send_command(tx, def, &record, &cmd, now).await?;
                 sent = true;
             }
-            Effect::AttemptEnded { command_id, outcome } => {
+            Effect::AttemptEnded {
+                command_id,
+                outcome,
+            } => {
                 end_attempt(tx, command_id, outcome, now).await?;
             }
-            Effect::History { kind, step, command_id, detail } => {
-                history.push((kind.as_str().to_string(), step.map(|i| def.steps[i].name.clone()), command_id, detail));
+            Effect::History {
+                kind,
+                step,
+                command_id,
+                detail,
+            } => {
+                history.push((
+                    kind.as_str().to_string(),
+                    step.map(|i| def.steps[i].name.clone()),
+                    command_id,
+                    detail,
+                ));
             }
             Effect::Lifecycle(status) => {
                 tracing::info!(saga_id = %record.id, definition = %def.name, status = status.as_str(), "saga lifecycle");
@@ -521,7 +590,10 @@ async fn transition(
 
     let (command_id, wake_at) = match t.state.waiting {
         Waiting::Nothing => (None, None),
-        Waiting::Reply { command_id, deadline } => (Some(command_id), Some(deadline)),
+        Waiting::Reply {
+            command_id,
+            deadline,
+        } => (Some(command_id), Some(deadline)),
         Waiting::Retry { at } => (None, Some(at)),
     };
     sqlx::query(
@@ -542,16 +614,17 @@ async fn transition(
     .await?;
 
     if !history.is_empty() {
-        let (kinds, steps, commands, details): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) = history.into_iter().fold(
-            (vec![], vec![], vec![], vec![]),
-            |(mut k, mut s, mut c, mut d), (kind, step, command, detail)| {
-                k.push(kind);
-                s.push(step);
-                c.push(command);
-                d.push(detail);
-                (k, s, c, d)
-            },
-        );
+        let (kinds, steps, commands, details): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) =
+            history.into_iter().fold(
+                (vec![], vec![], vec![], vec![]),
+                |(mut k, mut s, mut c, mut d), (kind, step, command, detail)| {
+                    k.push(kind);
+                    s.push(step);
+                    c.push(command);
+                    d.push(detail);
+                    (k, s, c, d)
+                },
+            );
         // One round trip for all entries; WITH ORDINALITY keeps their order in `seq`.
         sqlx::query(
             "INSERT INTO saga_history (saga_id, at, kind, step, command_id, detail) \
@@ -569,7 +642,10 @@ async fn transition(
     }
     if sent {
         // Delivered at commit: the relay wakes only once the rows are visible.
-        sqlx::query("SELECT pg_notify($1, '')").bind(OUTBOX_CHANNEL).execute(&mut **tx).await?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(OUTBOX_CHANNEL)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(t.state.status)
 }
@@ -674,6 +750,10 @@ async fn end_attempt(
 
 /// Counts by status, for tests and dashboards.
 pub async fn count_by_status(pool: &PgPool) -> Result<HashMap<String, i64>> {
-    let rows = sqlx::query("SELECT status, count(*) AS n FROM sagas GROUP BY status").fetch_all(pool).await?;
-    rows.iter().map(|r| Ok((r.try_get("status")?, r.try_get("n")?))).collect()
+    let rows = sqlx::query("SELECT status, count(*) AS n FROM sagas GROUP BY status")
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("status")?, r.try_get("n")?)))
+        .collect()
 }

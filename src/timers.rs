@@ -16,11 +16,19 @@ use crate::store::Store;
 
 const BATCH: i64 = 256;
 
-pub async fn run_sweeper(store: Store, registry: Arc<Registry>, poll: Duration, shutdown: CancellationToken) {
+pub async fn run_sweeper(
+    store: Store,
+    registry: Arc<Registry>,
+    poll: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
         // Drain everything due before sleeping again.
         loop {
-            match store.fire_due_timers(&registry, OffsetDateTime::now_utc(), BATCH).await {
+            match store
+                .fire_due_timers(&registry, OffsetDateTime::now_utc(), BATCH)
+                .await
+            {
                 Ok(n) if n as i64 == BATCH => continue,
                 Ok(_) => break,
                 Err(e) => {

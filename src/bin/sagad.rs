@@ -9,7 +9,10 @@ use saga::store::Store;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(version, about = "The saga orchestrator: gRPC API, PostgreSQL state, RabbitMQ commands")]
+#[command(
+    version,
+    about = "The saga orchestrator: gRPC API, PostgreSQL state, RabbitMQ commands"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -37,9 +40,12 @@ enum LogFormat {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn,h2=warn,tower=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn,h2=warn,tower=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -52,15 +58,16 @@ fn cancel_on_signal(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch SIGTERM");
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch SIGTERM");
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -94,7 +101,13 @@ async fn main() -> ExitCode {
             Command::Check => {
                 let defs = definition::load_dir(&settings.definitions)?;
                 for d in defs {
-                    println!("{} v{}: {} steps, pivot {}", d.name, d.version, d.steps.len(), d.steps[d.pivot].name);
+                    println!(
+                        "{} v{}: {} steps, pivot {}",
+                        d.name,
+                        d.version,
+                        d.steps.len(),
+                        d.steps[d.pivot].name
+                    );
                 }
             }
         }

@@ -1,0 +1,317 @@
+//! The gRPC API: validation, idempotency, start-up checks.
+
+use saga::app::Application;
+use saga::proto::v1 as pb;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn the_same_idempotency_key_gives_one_saga() {
+    let env = TestEnv::new();
+    let mut app = spawn_app(env.settings(&repo_sagas())).await;
+    let req = pb::StartSagaRequest {
+        definition: "order_fulfillment".into(),
+        input_json: json!({"order_id": "A-1"}).to_string(),
+        idempotency_key: "order-A-1".into(),
+    };
+    let first = app
+        .client
+        .start_saga(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created);
+    // Sequential and concurrent repeats all resolve to the first saga.
+    let second = app
+        .client
+        .start_saga(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (second.saga_id.as_str(), second.created),
+        (first.saga_id.as_str(), false)
+    );
+    let concurrent = futures::future::join_all((0..8).map(|_| {
+        let mut c = app.client.clone();
+        let r = req.clone();
+        async move { c.start_saga(r).await.unwrap().into_inner() }
+    }))
+    .await;
+    assert!(
+        concurrent
+            .iter()
+            .all(|r| r.saga_id == first.saga_id && !r.created)
+    );
+
+    let listed = app
+        .client
+        .list_sagas(pb::ListSagasRequest {
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.sagas.len(), 1);
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas")
+        .fetch_one(&env.pool().await)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_requests_get_a_status_that_says_what_is_wrong() {
+    let env = TestEnv::new();
+    let app = spawn_app(env.settings(&repo_sagas())).await;
+    let mut c = app.client.clone();
+    let start = |definition: &str, input: &str| pb::StartSagaRequest {
+        definition: definition.into(),
+        input_json: input.into(),
+        idempotency_key: String::new(),
+    };
+
+    let e = c.start_saga(start("no_such_saga", "{}")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(
+        e.message().contains("no_such_saga") && e.message().contains("order_fulfillment"),
+        "{}",
+        e.message()
+    );
+
+    let e = c.start_saga(start("", "{}")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    let e = c
+        .start_saga(start("order_fulfillment", "{not json"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("input_json is not valid JSON"),
+        "{}",
+        e.message()
+    );
+
+    let e = c
+        .start_saga(start("order_fulfillment", "[1, 2]"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "input_json must be a JSON object")
+    );
+
+    let huge = json!({"blob": "x".repeat(saga::api::MAX_INPUT_BYTES)}).to_string();
+    let e = c
+        .start_saga(start("order_fulfillment", &huge))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("limit"), "{}", e.message());
+
+    let too_big = "x".repeat(saga::app::MAX_REQUEST_BYTES + 1);
+    let e = c
+        .start_saga(start("order_fulfillment", &too_big))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+
+    let e = c
+        .get_saga(pb::GetSagaRequest {
+            saga_id: "42".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let missing = uuid::Uuid::now_v7().to_string();
+    let e = c
+        .get_saga(pb::GetSagaRequest {
+            saga_id: missing.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains(&missing));
+
+    let e = c
+        .list_sagas(pb::ListSagasRequest {
+            page_size: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c
+        .list_sagas(pb::ListSagasRequest {
+            statuses: vec![99],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    let report =
+        |command_id: &str, outcome: pb::Outcome, reason: &str| pb::ReportStepResultRequest {
+            command_id: command_id.into(),
+            outcome: outcome as i32,
+            reason: reason.into(),
+            ..Default::default()
+        };
+    let e = c
+        .report_step_result(report(&missing, pb::Outcome::Success, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = c
+        .report_step_result(report(&missing, pb::Outcome::Failure, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "a failure needs a reason")
+    );
+    let e = c
+        .report_step_result(report(&missing, pb::Outcome::Unspecified, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn list_pages_through_every_saga_once_newest_first() {
+    let env = TestEnv::new();
+    let mut app = spawn_app(env.settings(&repo_sagas())).await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(start(&mut app.client, json!({"n": i})).await);
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = app
+            .client
+            .list_sagas(pb::ListSagasRequest {
+                page_size: 3,
+                page_token: token.clone(),
+                definition: "order_fulfillment".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.sagas.len() <= 3);
+        seen.extend(page.sagas.into_iter().map(|s| s.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ids);
+
+    let none = app
+        .client
+        .list_sagas(pb::ListSagasRequest {
+            statuses: vec![pb::SagaStatus::Completed as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.sagas.is_empty());
+    let other = app
+        .client
+        .list_sagas(pb::ListSagasRequest {
+            definition: "other".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(other.sagas.is_empty());
+    app.stop().await;
+}
+
+const BAD_DEFINITION: &str = "name = \"broken\"\nversion = 1\n\n[[steps]]\nname = \"a\"\nparticipant = \"p\"\naction = \"do\"\ntimeout = \"soon\"\n";
+
+#[tokio::test]
+async fn an_invalid_definition_stops_start_up_with_its_file_and_line() {
+    let env = TestEnv::new();
+    let dir = definitions_dir(&[("broken.toml", BAD_DEFINITION)]);
+    let err = Application::build(env.settings(dir.path()), CancellationToken::new())
+        .await
+        .err()
+        .expect("start-up must fail");
+    let shown = err.to_string();
+    let file = dir.path().join("broken.toml");
+    assert!(
+        shown.contains(&format!("{}:8: field `steps[0].timeout`", file.display())),
+        "{shown}"
+    );
+
+    // The real binary refuses to start too, and says why on stderr.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sagad"))
+        .args([
+            "--definitions",
+            dir.path().to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("SAGA_DATABASE_URL", env.database_url())
+        .env("SAGA_AMQP_URL", env.amqp_url())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("broken.toml:8: field `steps[0].timeout`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("not a duration"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_changed_definition_must_get_a_new_version() {
+    let env = TestEnv::new();
+    let v1 = "name = \"s\"\nversion = 1\n[[steps]]\nname = \"a\"\nparticipant = \"p\"\naction = \"do\"\n";
+    let dir = definitions_dir(&[("s.toml", v1)]);
+    spawn_app(env.settings(dir.path())).await.stop().await;
+
+    std::fs::write(
+        dir.path().join("s.toml"),
+        v1.replace("\"do\"", "\"do_other\""),
+    )
+    .unwrap();
+    let err = Application::build(env.settings(dir.path()), CancellationToken::new())
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("give the changed definition a new version"),
+        "{err}"
+    );
+
+    // With a new version it starts, and both versions stay known.
+    std::fs::write(
+        dir.path().join("s.toml"),
+        v1.replace("\"do\"", "\"do_other\"")
+            .replace("version = 1", "version = 2"),
+    )
+    .unwrap();
+    let token = CancellationToken::new();
+    let app = Application::build(env.settings(dir.path()), token.clone())
+        .await
+        .unwrap();
+    assert!(app.registry().get("s", 1).is_some());
+    assert_eq!(app.registry().latest("s").unwrap().version, 2);
+    token.cancel();
+    app.run_until_stopped().await;
+}

@@ -1,0 +1,5 @@
+//! Integration tests against the real PostgreSQL and RabbitMQ; each test isolated in its own
+//! database and vhost.
+mod api;
+mod contract;
+mod helpers;
