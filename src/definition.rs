@@ -167,7 +167,7 @@ const DEFAULT_COMPENSATION_MAX_ATTEMPTS: u32 = 10;
 /// Parses and validates one definition file's text. `file` is only used in errors.
 pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
     let ctx = Ctx { file, text };
-    let raw: RawDefinition = toml::from_str(text).map_err(|e| ctx.from_toml(&e))?;
+    let raw: RawDefinition = toml::from_str(text).map_err(|e| ctx.toml_error(&e))?;
 
     let name = raw.name.get_ref().trim().to_string();
     if !is_identifier(&name) {
@@ -388,7 +388,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn from_toml(&self, e: &toml::de::Error) -> DefinitionError {
+    fn toml_error(&self, e: &toml::de::Error) -> DefinitionError {
         let start = e.span().map_or(0, |s| s.start);
         let line = self.line_at(start);
         // toml reports the position but not the key; the key is what starts that line
