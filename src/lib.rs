@@ -8,9 +8,11 @@
 //! - [`timers`]: the sweeper that fires reply deadlines and retry back-offs.
 //! - [`api`]: the gRPC service; [`proto`]: its generated code.
 //! - [`app`]: start-up and shutdown; [`config`]: settings.
+//! - [`cli`]: `sagactl`'s formatting and checks (pure, unit-tested).
 pub mod api;
 pub mod app;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod contract;
 pub mod definition;
