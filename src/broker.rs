@@ -145,7 +145,7 @@ async fn publish_batch(store: &Store, channel: &Channel, limit: i64) -> Result<u
                 row.routing_key.as_str().into(),
                 BasicPublishOptions::default(),
                 &row.body,
-                command_properties(row.message_id, row.created_at, &row.properties),
+                message_properties(row.message_id, row.created_at, &row.properties),
             )
             .await?;
         confirms.push((row.message_id, confirm));
@@ -162,7 +162,7 @@ async fn publish_batch(store: &Store, channel: &Channel, limit: i64) -> Result<u
     Ok(ids.len())
 }
 
-fn command_properties(
+fn message_properties(
     message_id: uuid::Uuid,
     created_at: OffsetDateTime,
     props: &Value,
@@ -185,15 +185,18 @@ fn command_properties(
             headers.insert(ShortString::from(k.as_str()), value);
         }
     }
-    BasicProperties::default()
+    let mut properties = BasicProperties::default()
         .with_message_id(message_id.to_string().into())
         .with_correlation_id(text("correlation_id").into())
-        .with_reply_to(text("reply_to").into())
         .with_type(text("type").into())
         .with_content_type(contract::JSON.into())
         .with_delivery_mode(2)
         .with_timestamp(created_at.unix_timestamp().max(0) as u64)
-        .with_headers(headers)
+        .with_headers(headers);
+    if props.get("reply_to").is_some() {
+        properties = properties.with_reply_to(text("reply_to").into());
+    }
+    properties
 }
 
 #[derive(Debug, Clone)]

@@ -13,6 +13,8 @@ pub const COMMANDS_EXCHANGE: &str = "saga.commands";
 pub const REPLIES_QUEUE: &str = "saga.replies";
 pub const DEAD_LETTER_EXCHANGE: &str = "saga.dead-letter";
 pub const DEAD_LETTER_QUEUE: &str = "saga.dead-letter";
+/// Saga lifecycle events (started, completed, compensated, needs_operator) for read models.
+pub const EVENTS_EXCHANGE: &str = "saga.events";
 pub const JSON: &str = "application/json";
 
 pub const H_SAGA_ID: &str = "saga-id";
@@ -104,6 +106,20 @@ impl ReplyBody {
         }
         Ok(reply)
     }
+}
+
+/// A lifecycle event: who and what happened, nothing more (details come from `GetSaga`), so
+/// consumers do not couple to the saga's data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LifecycleEvent {
+    pub event_id: Uuid,
+    pub saga_id: Uuid,
+    pub definition: String,
+    pub definition_version: u32,
+    /// `started`, `completed`, `compensated` or `needs_operator`.
+    pub event: String,
+    /// RFC 3339.
+    pub at: String,
 }
 
 /// Arguments every queue that may hold a poison message carries.

@@ -584,6 +584,8 @@ async fn transition(
             }
             Effect::Lifecycle(status) => {
                 tracing::info!(saga_id = %record.id, definition = %def.name, status = status.as_str(), "saga lifecycle");
+                publish_lifecycle(tx, def, record.id, status, now).await?;
+                sent = true;
             }
         }
     }
@@ -713,6 +715,45 @@ async fn send_command(
     .bind(cmd.command_id)
     .bind(&properties)
     .bind(&body)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Puts a lifecycle event in the outbox, so it is published exactly when the transition commits.
+async fn publish_lifecycle(
+    tx: &mut Transaction<'_, Postgres>,
+    def: &Definition,
+    saga_id: Uuid,
+    status: Status,
+    now: OffsetDateTime,
+) -> Result<()> {
+    let event = match status {
+        Status::Running => "started",
+        other => other.as_str(),
+    };
+    let body = contract::LifecycleEvent {
+        event_id: Uuid::now_v7(),
+        saga_id,
+        definition: def.name.clone(),
+        definition_version: def.version,
+        event: event.to_string(),
+        at: now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+    };
+    let properties = json!({
+        "type": format!("saga.{event}"),
+        "correlation_id": saga_id.to_string(),
+        "headers": { contract::H_SAGA_ID: saga_id.to_string(), contract::H_DEFINITION: def.name },
+    });
+    let bytes = serde_json::to_vec(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO outbox (exchange, routing_key, message_id, properties, body) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(contract::EVENTS_EXCHANGE)
+    .bind(format!("{}.{event}", def.name))
+    .bind(body.event_id)
+    .bind(&properties)
+    .bind(&bytes)
     .execute(&mut **tx)
     .await?;
     Ok(())
