@@ -8,6 +8,7 @@
 //! - [`timers`]: the sweeper that fires reply deadlines and retry back-offs.
 //! - [`api`]: the gRPC service; [`proto`]: its generated code.
 //! - [`app`]: start-up and shutdown; [`config`]: settings.
+//! - [`demo`]: demo participants (order, payment, delivery) that follow the contract.
 //! - [`cli`]: `sagactl`'s formatting and checks (pure, unit-tested).
 pub mod api;
 pub mod app;
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod contract;
 pub mod definition;
+pub mod demo;
 pub mod engine;
 pub mod proto;
 pub mod store;

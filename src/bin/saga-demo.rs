@@ -1,1 +1,109 @@
-fn main() {}
+//! `saga-demo`: runs the demo participants (`order`, `payment`, `delivery`) of
+//! `sagas/order_fulfillment.toml` against RabbitMQ. See `saga::demo`.
+
+use std::time::Duration;
+
+use clap::Parser;
+use saga::demo::{self, DemoConfig, FailRule};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Demo saga participants: order, payment and delivery")]
+struct Args {
+    /// RabbitMQ URL (the vhost is the path, `%2f` for `/`).
+    #[arg(
+        long,
+        env = "SAGA_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+
+    /// The demo's own database; created if missing.
+    #[arg(
+        long,
+        env = "SAGA_DEMO_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/saga_demo"
+    )]
+    database_url: String,
+
+    /// Which participants to run, comma-separated.
+    #[arg(
+        long,
+        env = "SAGA_DEMO_PARTICIPANTS",
+        value_delimiter = ',',
+        default_value = "order,payment,delivery"
+    )]
+    participants: Vec<String>,
+
+    /// Inject failures: COMMAND[=PROBABILITY][:transient], e.g. `authorize_payment=0.3:transient`.
+    /// Repeatable. Sagas can also ask for failures with `"fail_at"` in their input.
+    #[arg(
+        long = "fail",
+        value_name = "RULE",
+        env = "SAGA_DEMO_FAIL",
+        value_delimiter = ','
+    )]
+    failures: Vec<FailRule>,
+
+    /// Latency added before each command's work, e.g. `5ms`.
+    #[arg(long, env = "SAGA_DEMO_LATENCY", default_value = "0s", value_parser = humantime::parse_duration)]
+    latency: Duration,
+
+    /// Unacknowledged commands per participant, handled concurrently.
+    #[arg(long, env = "SAGA_DEMO_PREFETCH", default_value_t = 64)]
+    prefetch: u16,
+
+    /// Send every reply twice (to exercise the orchestrator's de-duplication).
+    #[arg(long, env = "SAGA_DEMO_DUPLICATE_REPLIES")]
+    duplicate_replies: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    demo::ensure_database(&args.database_url).await?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    demo::run(
+        DemoConfig {
+            amqp_url: args.amqp_url,
+            database_url: args.database_url,
+            participants: args.participants,
+            failures: args.failures,
+            latency: args.latency,
+            prefetch: args.prefetch,
+            duplicate_replies: args.duplicate_replies,
+        },
+        shutdown,
+    )
+    .await
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    info!("shutting down: finishing in-flight commands");
+    shutdown.cancel();
+}

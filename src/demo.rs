@@ -1,0 +1,917 @@
+//! The demo participants: the `order`, `payment` and `delivery` services of
+//! `sagas/order_fulfillment.toml`, run against RabbitMQ exactly as `docs/participant-contract.md`
+//! tells a participant to behave. They back the README quick start, the integration tests, the
+//! benchmark and the fault tests, so they are meant to be a faithful (if tiny) participant rather
+//! than a stub.
+//!
+//! Each command runs one PostgreSQL transaction that de-duplicates by command id
+//! (`demo_processed_commands`) and applies the business effect (`demo_effects`, keyed by saga id
+//! and resource). The reply is published with publisher confirms, and only then is the command
+//! acknowledged, so a crash anywhere leads to a redelivery that re-sends the stored reply.
+//!
+//! | participant | command | effect on `demo_effects` (`resource` → `state`) |
+//! |---|---|---|
+//! | `order` | `create_order` / `approve_order` / `cancel_order` | `order` → `created` / `approved` / `cancelled` |
+//! | `payment` | `authorize_payment` / `refund_payment` | `payment` → `authorized` / `refunded` |
+//! | `delivery` | `schedule_delivery` / `cancel_delivery` | `delivery` → `scheduled` / `cancelled` |
+//!
+//! A compensation whose action never applied succeeds without recording an effect, as the
+//! contract requires.
+//!
+//! # Making commands fail
+//!
+//! - [`FailRule`]s (`--fail authorize_payment=0.3:transient`) fail a command at random, for load
+//!   and fault tests.
+//! - A saga whose input has `"fail_at"`, a command name or an array of them, gets a final
+//!   (non-retryable) failure for those commands. One running demo can thus serve sagas that
+//!   succeed and sagas that fail, chosen by whoever starts them:
+//!   `{"order_id": "A-1", "fail_at": "schedule_delivery"}`.
+//!
+//! Injected failures are recorded like successes, so a redelivered command gets the same answer,
+//! and they apply no effect.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection as _};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use uuid::Uuid;
+
+use crate::contract::{self, CommandBody, ReplyBody, ReplyOutcome};
+
+/// The demo tables. Idempotent, so every demo process may run it at start.
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS demo_processed_commands (
+    command_id  uuid PRIMARY KEY,
+    saga_id     uuid NOT NULL,
+    participant text NOT NULL,
+    command     text NOT NULL,
+    kind        text NOT NULL,
+    attempt     int  NOT NULL,
+    reply       jsonb NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS demo_processed_commands_saga ON demo_processed_commands (saga_id);
+CREATE TABLE IF NOT EXISTS demo_effects (
+    saga_id    uuid,
+    resource   text,
+    state      text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (saga_id, resource)
+);
+"#;
+
+/// The participants this demo can play.
+pub const PARTICIPANTS: [&str; 3] = ["order", "payment", "delivery"];
+
+/// Delay before requeueing a command whose handling failed (database or broker trouble), so an
+/// outage does not turn into a hot redelivery loop.
+const REQUEUE_DELAY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    pub amqp_url: String,
+    pub database_url: String,
+    pub participants: Vec<String>,
+    /// Injected failures.
+    pub failures: Vec<FailRule>,
+    /// Added before each command's work.
+    pub latency: Duration,
+    pub prefetch: u16,
+    /// Send every reply twice (for fault tests).
+    pub duplicate_replies: bool,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            database_url: "postgres://postgres@127.0.0.1:5432/saga_demo".into(),
+            participants: PARTICIPANTS.iter().map(|p| p.to_string()).collect(),
+            failures: Vec::new(),
+            latency: Duration::ZERO,
+            prefetch: 64,
+            duplicate_replies: false,
+        }
+    }
+}
+
+/// Fails `command` with the given probability; `retryable` makes the failure transient.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailRule {
+    pub command: String,
+    pub probability: f64,
+    pub retryable: bool,
+}
+
+impl FromStr for FailRule {
+    type Err = String;
+
+    /// `authorize_payment`, `authorize_payment=0.3`, `authorize_payment=0.5:transient`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const FORMAT: &str =
+            "expected COMMAND[=PROBABILITY][:transient], e.g. authorize_payment=0.3:transient";
+        let (rule, retryable) = match s.split_once(':') {
+            None => (s, false),
+            Some((rule, "transient")) => (rule, true),
+            Some((_, suffix)) => {
+                return Err(format!(
+                    "invalid failure rule {s:?}: unknown suffix {suffix:?} ({FORMAT})"
+                ));
+            }
+        };
+        let (command, probability) = match rule.split_once('=') {
+            None => (rule, 1.0),
+            Some((command, p)) => {
+                let p: f64 = p.trim().parse().map_err(|_| {
+                    format!("invalid failure rule {s:?}: {p:?} is not a number ({FORMAT})")
+                })?;
+                if !(0.0..=1.0).contains(&p) {
+                    return Err(format!(
+                        "invalid failure rule {s:?}: probability {p} is not between 0 and 1"
+                    ));
+                }
+                (command, p)
+            }
+        };
+        let command = command.trim();
+        if command.is_empty() {
+            return Err(format!(
+                "invalid failure rule {s:?}: missing command ({FORMAT})"
+            ));
+        }
+        if effect_of(command).is_none() {
+            return Err(format!(
+                "invalid failure rule {s:?}: unknown command {command:?} (known: {})",
+                EFFECTS
+                    .iter()
+                    .map(|e| e.command)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        Ok(FailRule {
+            command: command.to_string(),
+            probability,
+            retryable,
+        })
+    }
+}
+
+/// What a command does to `demo_effects`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Effect {
+    command: &'static str,
+    participant: &'static str,
+    resource: &'static str,
+    state: &'static str,
+    /// Compensations only undo an effect that exists.
+    compensation: bool,
+}
+
+const fn effect(
+    command: &'static str,
+    participant: &'static str,
+    resource: &'static str,
+    state: &'static str,
+    compensation: bool,
+) -> Effect {
+    Effect {
+        command,
+        participant,
+        resource,
+        state,
+        compensation,
+    }
+}
+
+const EFFECTS: [Effect; 7] = [
+    effect("create_order", "order", "order", "created", false),
+    effect("approve_order", "order", "order", "approved", false),
+    effect("cancel_order", "order", "order", "cancelled", true),
+    effect(
+        "authorize_payment",
+        "payment",
+        "payment",
+        "authorized",
+        false,
+    ),
+    effect("refund_payment", "payment", "payment", "refunded", true),
+    effect(
+        "schedule_delivery",
+        "delivery",
+        "delivery",
+        "scheduled",
+        false,
+    ),
+    effect("cancel_delivery", "delivery", "delivery", "cancelled", true),
+];
+
+fn effect_of(command: &str) -> Option<&'static Effect> {
+    EFFECTS.iter().find(|e| e.command == command)
+}
+
+/// Whether the saga input asks for `command` to fail (`"fail_at"`: a string or array of them).
+pub fn fail_at_matches(input: &Value, command: &str) -> bool {
+    match input.get("fail_at") {
+        Some(Value::String(s)) => s == command,
+        Some(Value::Array(items)) => items.iter().any(|v| v.as_str() == Some(command)),
+        _ => false,
+    }
+}
+
+/// The output of a successful action: a reference later steps (and humans) can recognise.
+fn action_output(effect: &Effect, saga_id: Uuid) -> Value {
+    let short = &saga_id.simple().to_string()[..8];
+    match effect.resource {
+        "order" => json!({ "order_ref": format!("ord-{short}") }),
+        "payment" => json!({ "authorization": format!("auth-{short}") }),
+        _ => json!({ "tracking": format!("trk-{short}") }),
+    }
+}
+
+/// Decides the reply for a command seen for the first time, before touching the database.
+/// `None` for the effect means nothing is to be applied.
+fn decide(
+    participant: &str,
+    command: &CommandBody,
+    failures: &[FailRule],
+    draw: impl FnOnce() -> f64,
+) -> (ReplyBody, Option<&'static Effect>) {
+    let id = command.command_id;
+    let Some(effect) = effect_of(&command.command).filter(|e| e.participant == participant) else {
+        let reason = format!(
+            "unknown command {:?} for participant {participant:?}",
+            command.command
+        );
+        return (ReplyBody::failure(id, reason, false), None);
+    };
+    if fail_at_matches(&command.input, &command.command) {
+        let reason = format!(
+            "injected failure: saga input has fail_at {:?}",
+            command.command
+        );
+        return (ReplyBody::failure(id, reason, false), None);
+    }
+    // One draw per command, taken only if a rule applies, keeps probabilities as configured.
+    if let Some(rule) = failures.iter().find(|r| r.command == command.command)
+        && draw() < rule.probability
+    {
+        let reason = format!(
+            "injected failure: {} fails with probability {}{}",
+            rule.command,
+            rule.probability,
+            if rule.retryable { " (transient)" } else { "" }
+        );
+        return (ReplyBody::failure(id, reason, rule.retryable), None);
+    }
+    let output = if effect.compensation {
+        Value::Null // filled in once we know whether there was anything to undo
+    } else {
+        action_output(effect, command.saga_id)
+    };
+    (ReplyBody::success(id, output), Some(effect))
+}
+
+/// Creates the database named in `database_url` if it does not exist, by connecting to the
+/// `postgres` database of the same server. Used by the binary; [`run`] assumes it exists.
+pub async fn ensure_database(database_url: &str) -> anyhow::Result<()> {
+    let options = PgConnectOptions::from_str(database_url)
+        .with_context(|| format!("invalid database URL {database_url:?}"))?;
+    match options.connect().await {
+        Ok(conn) => return Ok(conn.close().await?),
+        // invalid_catalog_name: the database does not exist yet.
+        Err(e) if pg_code(&e).as_deref() == Some("3D000") => {}
+        Err(e) => return Err(e).context("cannot connect to PostgreSQL"),
+    }
+    let name = options
+        .get_database()
+        .context("the database URL names no database")?
+        .to_string();
+    let mut admin = options
+        .database("postgres")
+        .connect()
+        .await
+        .context("cannot connect to the `postgres` database to create the demo database")?;
+    let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    match sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+        .execute(&mut admin)
+        .await
+    {
+        Ok(_) => info!(database = %name, "created the demo database"),
+        // Another demo process created it meanwhile.
+        Err(e) if pg_code(&e).as_deref() == Some("42P04") => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create database {name:?}")),
+    }
+    admin.close().await?;
+    Ok(())
+}
+
+fn pg_code(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
+}
+
+/// Runs the configured participants until `shutdown` is cancelled.
+///
+/// Errors at start (bad configuration, servers unreachable) are returned. A broker connection
+/// lost later is re-established with back-off, so the demo survives broker restarts.
+pub async fn run(config: DemoConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if config.participants.is_empty() {
+        bail!("no participants to run");
+    }
+    for p in &config.participants {
+        if !PARTICIPANTS.contains(&p.as_str()) {
+            bail!(
+                "unknown participant {p:?} (known: {})",
+                PARTICIPANTS.join(", ")
+            );
+        }
+    }
+    if config.prefetch == 0 {
+        bail!("prefetch must be at least 1");
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&config.database_url)
+        .await
+        .context("cannot connect to PostgreSQL")?;
+    create_schema(&pool).await?;
+
+    let mut session = Session::start(&config).await?;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match session.serve(&config, &pool, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) => error!(error = format!("{e:#}"), "lost the broker; reconnecting"),
+        }
+        session = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            match Session::start(&config).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    warn!(error = format!("{e:#}"), retry_in = ?backoff, "cannot reconnect");
+                }
+            }
+        };
+        backoff = Duration::from_millis(200);
+        info!("reconnected to the broker");
+    }
+}
+
+async fn create_schema(pool: &PgPool) -> anyhow::Result<()> {
+    // Concurrent `CREATE TABLE IF NOT EXISTS` can still collide in the catalog, so demo
+    // processes starting together take turns.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('saga-demo-schema'))")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(SCHEMA)
+        .execute(&mut *tx)
+        .await
+        .context("cannot create the demo tables")?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// One broker connection: a consumer channel per participant and a confirming publish channel.
+struct Session {
+    connection: Connection,
+    publisher: Channel,
+    consumers: Vec<(String, Channel, Consumer)>,
+}
+
+impl Session {
+    async fn start(config: &DemoConfig) -> anyhow::Result<Session> {
+        let connection = Connection::connect(&config.amqp_url, ConnectionProperties::default())
+            .await
+            .context("cannot connect to RabbitMQ")?;
+        let publisher = connection.create_channel().await?;
+        contract::declare_participant_topology(
+            &publisher,
+            config.participants.iter().map(String::as_str),
+        )
+        .await
+        .context("cannot declare the participant topology")?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let mut consumers = Vec::new();
+        for participant in &config.participants {
+            // A channel each, so the prefetch applies per participant.
+            let channel = connection.create_channel().await?;
+            channel
+                .basic_qos(config.prefetch, BasicQosOptions::default())
+                .await?;
+            let tag = format!("saga-demo-{participant}-{}", Uuid::now_v7().simple());
+            let consumer = channel
+                .basic_consume(
+                    contract::participant_queue(participant).as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("cannot consume the {participant} queue"))?;
+            consumers.push((participant.clone(), channel, consumer));
+        }
+        info!(participants = ?config.participants, prefetch = config.prefetch, "demo participants ready");
+        Ok(Session {
+            connection,
+            publisher,
+            consumers,
+        })
+    }
+
+    /// Consumes until shutdown (`Ok`) or until the connection breaks (`Err`).
+    async fn serve(
+        self,
+        config: &DemoConfig,
+        pool: &PgPool,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        // Cancelled on shutdown, or by any consumer that sees the connection break, so all
+        // participants stop together and the session is rebuilt as a whole.
+        let stop = shutdown.child_token();
+        // The channels stay owned here: dropping a lapin channel closes it, and the connection
+        // close below would then trip over channels already closing.
+        let loops = self
+            .consumers
+            .iter()
+            .map(|(participant, channel, consumer)| {
+                let handler = Handler {
+                    participant: participant.clone(),
+                    pool: pool.clone(),
+                    publisher: self.publisher.clone(),
+                    failures: config.failures.clone(),
+                    latency: config.latency,
+                    duplicate_replies: config.duplicate_replies,
+                    broken: stop.clone(),
+                };
+                consume(handler, channel, consumer.clone(), stop.clone())
+            });
+        let results = futures::future::join_all(loops).await;
+        let failure = results.into_iter().find_map(Result::err);
+        if shutdown.is_cancelled() && failure.is_none() {
+            if let Err(e) = self.connection.close(200, "shutdown".into()).await {
+                warn!(error = %e, "closing the broker connection");
+            }
+            info!("demo participants stopped");
+            return Ok(());
+        }
+        // Unacked commands are requeued by the broker once the connection is gone.
+        let _ = self.connection.close(320, "reconnecting".into()).await;
+        match failure {
+            Some(e) => Err(e),
+            None if shutdown.is_cancelled() => Ok(()),
+            None => bail!("the broker connection broke"),
+        }
+    }
+}
+
+/// Consumes one participant queue, handling deliveries concurrently (bounded by the prefetch,
+/// since the broker sends no more unacked deliveries than that).
+async fn consume(
+    handler: Handler,
+    channel: &Channel,
+    mut consumer: Consumer,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut in_flight = JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Err(e) = done {
+                    error!(participant = %handler.participant, error = %e, "command task failed");
+                }
+            }
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let handler = handler.clone();
+                    in_flight.spawn(async move { handler.handle(delivery).await });
+                }
+                Some(Err(e)) => {
+                    break Err(anyhow::Error::new(e)
+                        .context(format!("consumer of {} failed", handler.participant)));
+                }
+                None => break Err(anyhow::anyhow!("consumer of {} was cancelled", handler.participant)),
+            },
+        }
+    };
+    if result.is_err() {
+        stop.cancel();
+    } else if channel.status().connected()
+        && let Err(e) = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+    {
+        warn!(participant = %handler.participant, error = %e, "cancelling the consumer");
+    }
+    // Let in-flight commands finish: each either acks (reply sent) or nacks.
+    while let Some(done) = in_flight.join_next().await {
+        if let Err(e) = done {
+            error!(participant = %handler.participant, error = %e, "command task failed");
+        }
+    }
+    result
+}
+
+#[derive(Clone)]
+struct Handler {
+    participant: String,
+    pool: PgPool,
+    publisher: Channel,
+    failures: Vec<FailRule>,
+    latency: Duration,
+    duplicate_replies: bool,
+    broken: CancellationToken,
+}
+
+/// The outcome of the database transaction for one command.
+struct Processed {
+    reply: ReplyBody,
+    /// The reply was stored by an earlier delivery of the same command.
+    duplicate: bool,
+}
+
+impl Handler {
+    async fn handle(&self, delivery: Delivery) {
+        let command = match parse_command(&delivery) {
+            Ok(command) => command,
+            Err(why) => {
+                // Poison: dead-letter it; the orchestrator times the step out.
+                warn!(participant = %self.participant, reason = %why, "rejecting malformed command");
+                if let Err(e) = delivery.reject(BasicRejectOptions { requeue: false }).await {
+                    warn!(error = %e, "rejecting a command");
+                }
+                return;
+            }
+        };
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        let result = match self.process(&command).await {
+            Ok(processed) => self
+                .reply(&delivery, &processed.reply)
+                .await
+                .map(|()| processed),
+            Err(e) => Err(e.context("database")),
+        };
+        match result {
+            Ok(processed) => {
+                match delivery.ack(BasicAckOptions::default()).await {
+                    Ok(_) => {}
+                    // The reply is out; a redelivery will just re-send it.
+                    Err(e) => {
+                        warn!(command_id = %command.command_id, error = %e, "acking a command")
+                    }
+                }
+                info!(
+                    participant = %self.participant,
+                    saga_id = %command.saga_id,
+                    step = %command.step,
+                    command = %command.command,
+                    kind = %command.kind,
+                    attempt = command.attempt,
+                    outcome = match processed.reply.outcome {
+                        ReplyOutcome::Success => "success",
+                        ReplyOutcome::Failure => "failure",
+                    },
+                    reason = processed.reply.reason.as_deref().unwrap_or(""),
+                    duplicate = processed.duplicate,
+                    "command handled"
+                );
+            }
+            Err(e) => {
+                error!(
+                    participant = %self.participant,
+                    saga_id = %command.saga_id,
+                    step = %command.step,
+                    command_id = %command.command_id,
+                    error = format!("{e:#}"),
+                    "handling a command failed; requeueing it"
+                );
+                tokio::time::sleep(REQUEUE_DELAY).await;
+                if let Err(e) = delivery
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await
+                {
+                    // The channel is gone; the broker requeues unacked commands by itself.
+                    warn!(error = %e, "requeueing a command");
+                }
+            }
+        }
+    }
+
+    /// The participant's local transaction: de-duplicate, decide, apply, record.
+    async fn process(&self, command: &CommandBody) -> anyhow::Result<Processed> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(reply) = stored_reply(&mut tx, command.command_id, true).await? {
+            tx.commit().await?;
+            return Ok(Processed {
+                reply,
+                duplicate: true,
+            });
+        }
+        let (mut reply, effect) = decide(&self.participant, command, &self.failures, || {
+            rand::random::<f64>()
+        });
+        if let Some(effect) = effect {
+            if effect.compensation {
+                let undone = sqlx::query(
+                    "UPDATE demo_effects SET state = $3, updated_at = now()
+                     WHERE saga_id = $1 AND resource = $2",
+                )
+                .bind(command.saga_id)
+                .bind(effect.resource)
+                .bind(effect.state)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    > 0;
+                reply.output = json!({ "undone": undone });
+            } else {
+                sqlx::query(
+                    "INSERT INTO demo_effects (saga_id, resource, state) VALUES ($1, $2, $3)
+                     ON CONFLICT (saga_id, resource)
+                     DO UPDATE SET state = EXCLUDED.state, updated_at = now()",
+                )
+                .bind(command.saga_id)
+                .bind(effect.resource)
+                .bind(effect.state)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        // `FOR UPDATE` above locks nothing when the row is missing, so two concurrent deliveries
+        // of one command can both get here; the primary key makes the second wait for the
+        // first, and then it must answer with the first one's reply, not apply twice.
+        let inserted = sqlx::query(
+            "INSERT INTO demo_processed_commands
+                 (command_id, saga_id, participant, command, kind, attempt, reply)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (command_id) DO NOTHING",
+        )
+        .bind(command.command_id)
+        .bind(command.saga_id)
+        .bind(&self.participant)
+        .bind(&command.command)
+        .bind(&command.kind)
+        .bind(i32::try_from(command.attempt).unwrap_or(i32::MAX))
+        .bind(serde_json::to_value(&reply)?)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if !inserted {
+            tx.rollback().await?;
+            let mut conn = self.pool.acquire().await?;
+            let reply = stored_reply(&mut conn, command.command_id, false)
+                .await?
+                .context("a concurrent delivery recorded this command, yet its reply is missing")?;
+            return Ok(Processed {
+                reply,
+                duplicate: true,
+            });
+        }
+        tx.commit().await?;
+        Ok(Processed {
+            reply,
+            duplicate: false,
+        })
+    }
+
+    /// Publishes the reply (twice with `duplicate_replies`) and waits for the broker's confirm.
+    async fn reply(&self, delivery: &Delivery, reply: &ReplyBody) -> anyhow::Result<()> {
+        let reply_to = delivery
+            .properties
+            .reply_to()
+            .as_ref()
+            .map(ShortString::as_str)
+            .filter(|q| !q.is_empty())
+            .unwrap_or(contract::REPLIES_QUEUE);
+        let body = serde_json::to_vec(reply)?;
+        let properties = BasicProperties::default()
+            .with_content_type(contract::JSON.into())
+            .with_delivery_mode(2)
+            .with_correlation_id(reply.command_id.to_string().into());
+        let copies = if self.duplicate_replies { 2 } else { 1 };
+        for _ in 0..copies {
+            let confirm = self
+                .publisher
+                .basic_publish(
+                    "".into(),
+                    reply_to.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    properties.clone(),
+                )
+                .await;
+            let confirm = match confirm {
+                Ok(confirm) => confirm.await,
+                Err(e) => Err(e),
+            };
+            let confirm = match confirm {
+                Ok(confirm) => confirm,
+                Err(e) => {
+                    if !self.publisher.status().connected() {
+                        // The publish channel is dead; only a new session can fix that.
+                        self.broken.cancel();
+                    }
+                    return Err(anyhow::Error::new(e).context("publishing the reply"));
+                }
+            };
+            if confirm.is_nack() {
+                bail!("the broker refused the reply (nack)");
+            }
+            if confirm.take_message().is_some() {
+                // Requeueing could not help: nobody declared the reply queue. The step times
+                // out and the orchestrator retries or compensates, as the contract says.
+                warn!(reply_to, command_id = %reply.command_id, "reply unroutable; dropped");
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn stored_reply(
+    conn: &mut sqlx::PgConnection,
+    command_id: Uuid,
+    lock: bool,
+) -> anyhow::Result<Option<ReplyBody>> {
+    let sql = if lock {
+        "SELECT reply FROM demo_processed_commands WHERE command_id = $1 FOR UPDATE"
+    } else {
+        "SELECT reply FROM demo_processed_commands WHERE command_id = $1"
+    };
+    let stored: Option<Value> = sqlx::query_scalar(sql)
+        .bind(command_id)
+        .fetch_optional(conn)
+        .await?;
+    stored
+        .map(|v| serde_json::from_value(v).context("a stored reply does not parse"))
+        .transpose()
+}
+
+fn parse_command(delivery: &Delivery) -> Result<CommandBody, String> {
+    let command: CommandBody =
+        serde_json::from_slice(&delivery.data).map_err(|e| format!("invalid command body: {e}"))?;
+    if let Some(message_id) = delivery.properties.message_id() {
+        // De-duplication keys on the command id; a message whose two ids disagree cannot be
+        // de-duplicated safely.
+        if message_id.as_str() != command.command_id.to_string() {
+            return Err(format!(
+                "message_id {:?} differs from the body's command_id {}",
+                message_id.as_str(),
+                command.command_id
+            ));
+        }
+    }
+    Ok(command)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(name: &str, input: Value) -> CommandBody {
+        CommandBody {
+            command_id: Uuid::now_v7(),
+            saga_id: Uuid::now_v7(),
+            definition: "order_fulfillment".into(),
+            definition_version: 1,
+            step: name.into(),
+            kind: "action".into(),
+            command: name.into(),
+            attempt: 1,
+            input,
+            outputs: json!({}),
+        }
+    }
+
+    #[test]
+    fn fail_rules_parse() {
+        let rule = |command: &str, probability: f64, retryable: bool| FailRule {
+            command: command.into(),
+            probability,
+            retryable,
+        };
+        for (text, expected) in [
+            ("authorize_payment", rule("authorize_payment", 1.0, false)),
+            (
+                "authorize_payment=0.3",
+                rule("authorize_payment", 0.3, false),
+            ),
+            (
+                "authorize_payment=0.5:transient",
+                rule("authorize_payment", 0.5, true),
+            ),
+            ("cancel_order:transient", rule("cancel_order", 1.0, true)),
+            ("schedule_delivery=0", rule("schedule_delivery", 0.0, false)),
+            ("approve_order=1", rule("approve_order", 1.0, false)),
+        ] {
+            assert_eq!(text.parse::<FailRule>(), Ok(expected), "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_fail_rules_say_why() {
+        for (text, needle) in [
+            ("", "missing command"),
+            ("=0.3", "missing command"),
+            ("authorize_payment=abc", "\"abc\" is not a number"),
+            ("authorize_payment=", "is not a number"),
+            ("authorize_payment=1.5", "not between 0 and 1"),
+            ("authorize_payment=-0.1", "not between 0 and 1"),
+            (
+                "authorize_payment:sometimes",
+                "unknown suffix \"sometimes\"",
+            ),
+            ("authorise_payment", "unknown command \"authorise_payment\""),
+        ] {
+            let e = text.parse::<FailRule>().unwrap_err();
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn fail_at_matches_a_string_or_an_array() {
+        assert!(fail_at_matches(
+            &json!({"fail_at": "create_order"}),
+            "create_order"
+        ));
+        assert!(!fail_at_matches(
+            &json!({"fail_at": "create_order"}),
+            "approve_order"
+        ));
+        let both = json!({"fail_at": ["authorize_payment", "cancel_order"]});
+        assert!(fail_at_matches(&both, "cancel_order"));
+        assert!(fail_at_matches(&both, "authorize_payment"));
+        assert!(!fail_at_matches(&both, "create_order"));
+        for input in [json!({}), json!(null), json!({"fail_at": 3}), json!("x")] {
+            assert!(!fail_at_matches(&input, "create_order"), "{input}");
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let never = || panic!("no draw expected");
+        let ok = command("create_order", json!({}));
+        let (reply, effect) = decide("order", &ok, &[], never);
+        let short = &ok.saga_id.simple().to_string()[..8];
+        assert_eq!(
+            reply,
+            ReplyBody::success(ok.command_id, json!({"order_ref": format!("ord-{short}")}))
+        );
+        assert_eq!(effect.map(|e| e.state), Some("created"));
+
+        let wrong_queue = command("create_order", json!({}));
+        let (reply, effect) = decide("payment", &wrong_queue, &[], never);
+        assert!(
+            reply
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("unknown command")
+        );
+        assert!(!reply.retryable && effect.is_none());
+
+        let fail_at = command("create_order", json!({"fail_at": ["create_order"]}));
+        let (reply, effect) = decide("order", &fail_at, &[], never);
+        assert_eq!(reply.outcome, ReplyOutcome::Failure);
+        assert!(!reply.retryable && effect.is_none());
+
+        let rules = ["authorize_payment=0.5:transient".parse().unwrap()];
+        let pay = command("authorize_payment", json!({}));
+        let (reply, effect) = decide("payment", &pay, &rules, || 0.49);
+        assert!(reply.retryable && effect.is_none(), "{reply:?}");
+        let (reply, effect) = decide("payment", &pay, &rules, || 0.5);
+        assert_eq!(reply.outcome, ReplyOutcome::Success);
+        assert!(effect.is_some());
+    }
+}

@@ -1,0 +1,455 @@
+//! The demo participants against the real RabbitMQ and PostgreSQL, each run isolated in a fresh
+//! vhost and a fresh database (both removed afterwards, also when the test fails).
+//!
+//! Needs RabbitMQ on 127.0.0.1:5672 (guest/guest, `rabbitmqctl` usable) and PostgreSQL on
+//! 127.0.0.1:5432 (user `postgres`, trust auth).
+
+use std::process::Command;
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use saga::contract::{self, CommandBody, ReplyBody, ReplyOutcome};
+use saga::demo::{self, DemoConfig};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::{ConnectOptions, Connection as _};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const PG: &str = "postgres://postgres@127.0.0.1:5432";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn rabbitmqctl(args: &[&str]) -> std::io::Result<std::process::Output> {
+    Command::new("rabbitmqctl").args(args).output()
+}
+
+/// A RabbitMQ vhost that exists for the guard's lifetime.
+struct Vhost(String);
+
+impl Vhost {
+    fn create() -> Vhost {
+        let name = format!("demo-test-{}", Uuid::new_v4().simple());
+        let out = rabbitmqctl(&["add_vhost", &name]).expect("run rabbitmqctl");
+        assert!(out.status.success(), "add_vhost: {out:?}");
+        // The guard exists from here on, so the vhost is removed even if the next step fails.
+        let vhost = Vhost(name);
+        let out = rabbitmqctl(&["set_permissions", "-p", &vhost.0, "guest", ".*", ".*", ".*"])
+            .expect("run rabbitmqctl");
+        assert!(out.status.success(), "set_permissions: {out:?}");
+        vhost
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        match rabbitmqctl(&["delete_vhost", &self.0]) {
+            Ok(out) if out.status.success() => {}
+            other => eprintln!("could not delete vhost {}: {other:?}", self.0),
+        }
+    }
+}
+
+/// A PostgreSQL database that exists for the guard's lifetime.
+struct Database(String);
+
+impl Database {
+    async fn create() -> Database {
+        let name = format!("demo_test_{}", Uuid::new_v4().simple());
+        let mut admin = admin_connection().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create the test database");
+        admin.close().await.ok();
+        Database(name)
+    }
+
+    fn url(&self) -> String {
+        format!("{PG}/{}", self.0)
+    }
+}
+
+async fn admin_connection() -> sqlx::PgConnection {
+    PgConnectOptions::from_str(&format!("{PG}/postgres"))
+        .expect("admin URL")
+        .connect()
+        .await
+        .expect("connect to PostgreSQL")
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        // Drop cannot await, and may run inside the test's runtime: use a runtime of our own on
+        // a thread of its own.
+        let name = self.0.clone();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut admin = admin_connection().await;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut admin)
+                .await
+                .map(|_| ())
+                .map_err(std::io::Error::other)
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop database {}: {dropped:?}", self.0);
+        }
+    }
+}
+
+/// Plays the orchestrator: publishes commands and reads replies.
+struct Orchestrator {
+    channel: Channel,
+    replies: Consumer,
+}
+
+impl Orchestrator {
+    fn command(saga_id: Uuid, step: &str, kind: &str, command: &str, input: Value) -> CommandBody {
+        CommandBody {
+            command_id: Uuid::now_v7(),
+            saga_id,
+            definition: "order_fulfillment".into(),
+            definition_version: 1,
+            step: step.into(),
+            kind: kind.into(),
+            command: command.into(),
+            attempt: 1,
+            input,
+            outputs: json!({}),
+        }
+    }
+
+    /// Publishes as `sagad` does (properties and headers per the contract), awaiting the confirm.
+    async fn publish(&self, participant: &str, command: &CommandBody) {
+        let mut headers = FieldTable::default();
+        for (name, value) in [
+            (contract::H_SAGA_ID, command.saga_id.to_string()),
+            (contract::H_DEFINITION, command.definition.clone()),
+            (contract::H_STEP, command.step.clone()),
+            (contract::H_KIND, command.kind.clone()),
+        ] {
+            headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+        }
+        headers.insert(
+            contract::H_ATTEMPT.into(),
+            AMQPValue::LongInt(command.attempt as i32),
+        );
+        let properties = BasicProperties::default()
+            .with_message_id(command.command_id.to_string().into())
+            .with_correlation_id(command.saga_id.to_string().into())
+            .with_content_type(contract::JSON.into())
+            .with_delivery_mode(2)
+            .with_reply_to(contract::REPLIES_QUEUE.into())
+            .with_type(command.command.as_str().into())
+            .with_timestamp(1_700_000_000)
+            .with_headers(headers);
+        let body = serde_json::to_vec(command).unwrap();
+        self.publish_raw(participant, &body, properties).await;
+    }
+
+    async fn publish_raw(&self, participant: &str, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                contract::COMMANDS_EXCHANGE.into(),
+                participant.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+    }
+
+    /// The next reply, with its correlation id, or a failure after [`WAIT`].
+    async fn reply(&mut self) -> (ReplyBody, String) {
+        let delivery = tokio::time::timeout(WAIT, self.replies.next())
+            .await
+            .expect("no reply within 10s")
+            .expect("reply consumer ended")
+            .expect("reply delivery");
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+        let props = &delivery.properties;
+        assert_eq!(
+            props.content_type().as_ref().unwrap().as_str(),
+            contract::JSON
+        );
+        assert_eq!(*props.delivery_mode(), Some(2));
+        let reply = ReplyBody::parse(&delivery.data).expect("a valid reply");
+        let correlation = props.correlation_id().as_ref().unwrap().to_string();
+        (reply, correlation)
+    }
+
+    /// Publishes `command` and returns its reply, checking it answers that command.
+    async fn call(&mut self, participant: &str, command: &CommandBody) -> ReplyBody {
+        self.publish(participant, command).await;
+        let (reply, correlation) = self.reply().await;
+        assert_eq!(reply.command_id, command.command_id);
+        assert_eq!(correlation, command.command_id.to_string());
+        reply
+    }
+
+    async fn no_more_replies(&mut self) {
+        if let Ok(extra) =
+            tokio::time::timeout(Duration::from_millis(300), self.replies.next()).await
+        {
+            panic!("unexpected reply: {extra:?}");
+        }
+    }
+}
+
+async fn effect(db: &PgPool, saga_id: Uuid, resource: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT state FROM demo_effects WHERE saga_id = $1 AND resource = $2")
+        .bind(saga_id)
+        .bind(resource)
+        .fetch_optional(db)
+        .await
+        .unwrap()
+}
+
+async fn count(db: &PgPool, sql: &'static str, id: Uuid) -> i64 {
+    sqlx::query_scalar(sql)
+        .bind(id)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_participants_follow_the_contract() {
+    let vhost = Vhost::create();
+    let database = Database::create().await;
+
+    let connection = Connection::connect(&vhost.url(), ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ");
+    let channel = connection.create_channel().await.unwrap();
+    contract::declare_topology(&channel, demo::PARTICIPANTS)
+        .await
+        .expect("declare the topology");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let replies = channel
+        .basic_consume(
+            contract::REPLIES_QUEUE.into(),
+            "test-orchestrator".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut sagad = Orchestrator { channel, replies };
+
+    let shutdown = CancellationToken::new();
+    let participants = tokio::spawn(demo::run(
+        DemoConfig {
+            amqp_url: vhost.url(),
+            database_url: database.url(),
+            latency: Duration::from_millis(1),
+            ..DemoConfig::default()
+        },
+        shutdown.clone(),
+    ));
+    let db = PgPool::connect(&database.url()).await.unwrap();
+
+    // An action succeeds, with output, and applies its effect.
+    let saga = Uuid::now_v7();
+    let create = Orchestrator::command(saga, "create_order", "action", "create_order", json!({}));
+    let reply = sagad.call("order", &create).await;
+    assert_eq!(reply.outcome, ReplyOutcome::Success);
+    let short = &saga.simple().to_string()[..8];
+    assert_eq!(reply.output, json!({"order_ref": format!("ord-{short}")}));
+    assert_eq!(effect(&db, saga, "order").await.as_deref(), Some("created"));
+
+    // The same command delivered twice: two identical replies, applied once.
+    let pay = Orchestrator::command(
+        saga,
+        "authorize_payment",
+        "action",
+        "authorize_payment",
+        json!({"amount_cents": 4200}),
+    );
+    sagad.publish("payment", &pay).await;
+    sagad.publish("payment", &pay).await;
+    let (first, c1) = sagad.reply().await;
+    let (second, c2) = sagad.reply().await;
+    assert_eq!(first, second);
+    assert_eq!(
+        (c1, c2),
+        (pay.command_id.to_string(), pay.command_id.to_string())
+    );
+    assert_eq!(first.command_id, pay.command_id);
+    assert_eq!(first.outcome, ReplyOutcome::Success);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM demo_processed_commands WHERE command_id = $1",
+            pay.command_id
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM demo_effects WHERE saga_id = $1 AND resource = 'payment'",
+            saga
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        effect(&db, saga, "payment").await.as_deref(),
+        Some("authorized")
+    );
+
+    // A saga that asks to fail: a final failure with a reason, and no effect.
+    let doomed = Uuid::now_v7();
+    for (participant, input) in [
+        ("order", json!({"fail_at": "create_order"})),
+        (
+            "payment",
+            json!({"fail_at": ["schedule_delivery", "authorize_payment"]}),
+        ),
+    ] {
+        let command = match participant {
+            "order" => "create_order",
+            _ => "authorize_payment",
+        };
+        let cmd = Orchestrator::command(doomed, command, "action", command, input);
+        let reply = sagad.call(participant, &cmd).await;
+        assert_eq!(reply.outcome, ReplyOutcome::Failure, "{reply:?}");
+        assert!(!reply.retryable);
+        assert!(
+            reply.reason.as_deref().unwrap_or("").contains(command),
+            "{reply:?}"
+        );
+    }
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM demo_effects WHERE saga_id = $1",
+            doomed
+        )
+        .await,
+        0
+    );
+
+    // A compensation whose action never applied succeeds and records no effect.
+    let never = Uuid::now_v7();
+    let refund = Orchestrator::command(
+        never,
+        "authorize_payment",
+        "compensation",
+        "refund_payment",
+        json!({}),
+    );
+    let reply = sagad.call("payment", &refund).await;
+    assert_eq!(reply.outcome, ReplyOutcome::Success, "{reply:?}");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM demo_effects WHERE saga_id = $1",
+            never
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM demo_processed_commands WHERE command_id = $1",
+            refund.command_id
+        )
+        .await,
+        1
+    );
+
+    // Compensating the order created above leaves it cancelled.
+    let cancel = Orchestrator::command(
+        saga,
+        "create_order",
+        "compensation",
+        "cancel_order",
+        json!({}),
+    );
+    let reply = sagad.call("order", &cancel).await;
+    assert_eq!(reply.outcome, ReplyOutcome::Success, "{reply:?}");
+    assert_eq!(
+        effect(&db, saga, "order").await.as_deref(),
+        Some("cancelled")
+    );
+
+    // An unknown command is a final failure saying so.
+    let odd = Orchestrator::command(saga, "teleport", "action", "teleport_order", json!({}));
+    let reply = sagad.call("order", &odd).await;
+    assert_eq!(reply.outcome, ReplyOutcome::Failure);
+    assert!(!reply.retryable);
+    assert!(
+        reply
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("unknown command")
+    );
+
+    // A malformed command is rejected to the dead-letter queue, unanswered.
+    sagad
+        .publish_raw(
+            "delivery",
+            b"not json",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await;
+    let mut dead = sagad
+        .channel
+        .basic_consume(
+            contract::DEAD_LETTER_QUEUE.into(),
+            "test-dead-letters".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let poison = tokio::time::timeout(WAIT, dead.next())
+        .await
+        .expect("no dead letter within 10s")
+        .expect("dead-letter consumer ended")
+        .expect("dead-letter delivery");
+    assert_eq!(poison.data, b"not json");
+    poison.ack(BasicAckOptions::default()).await.unwrap();
+    sagad.no_more_replies().await;
+
+    // Shutdown is graceful and prompt.
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, participants)
+        .await
+        .expect("run did not stop within 10s")
+        .expect("run panicked")
+        .expect("run failed");
+
+    db.close().await;
+    connection.close(200, "done".into()).await.ok();
+}
