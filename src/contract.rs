@@ -181,6 +181,14 @@ pub async fn declare_participant_topology<'a>(
             FieldTable::default(),
         )
         .await?;
+    channel
+        .exchange_declare(
+            EVENTS_EXCHANGE.into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
     for participant in participants {
         let queue = participant_queue(participant);
         channel

@@ -738,7 +738,9 @@ async fn publish_lifecycle(
         definition: def.name.clone(),
         definition_version: def.version,
         event: event.to_string(),
-        at: now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        at: now
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
     };
     let properties = json!({
         "type": format!("saga.{event}"),

@@ -25,8 +25,19 @@ impl TestEnv {
     pub fn new() -> TestEnv {
         let name = format!("saga_t_{}", Uuid::new_v4().simple());
         rabbitmqctl(&["add_vhost", &name]);
-        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
-        TestEnv { name }
+        // From here on the guard exists, so a failure below still cleans up.
+        let env = TestEnv { name };
+        rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            &env.name,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        psql(&format!("CREATE DATABASE {}", env.name));
+        env
     }
 
     pub fn database_url(&self) -> String {
@@ -82,6 +93,28 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+fn psql(sql: &str) {
+    let out = Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn repo_sagas() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas")
 }
@@ -120,6 +153,13 @@ impl Drop for TestApp {
 }
 
 pub async fn spawn_app(settings: Settings) -> TestApp {
+    // Logs show up for failing tests only (the test writer is captured).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn,lapin=warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let shutdown = CancellationToken::new();
     let app = Application::build(settings, shutdown.clone())
         .await
@@ -193,4 +233,57 @@ pub fn attempts(saga: &pb::Saga) -> Vec<(String, &'static str)> {
 
 pub fn history_kinds(saga: &pb::Saga) -> Vec<String> {
     saga.history.iter().map(|h| h.kind.clone()).collect()
+}
+
+/// The demo participants, in-process, on the test's vhost and database.
+pub struct Demo {
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Demo {
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn spawn_demo(env: &TestEnv, tweak: impl FnOnce(&mut saga::demo::DemoConfig)) -> Demo {
+    let mut config = saga::demo::DemoConfig {
+        amqp_url: env.amqp_url(),
+        database_url: env.database_url(),
+        ..Default::default()
+    };
+    tweak(&mut config);
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(saga::demo::run(config, shutdown.clone()));
+    Demo {
+        shutdown,
+        handle: Some(handle),
+    }
+}
+
+/// The demo participants' record of a saga's business effects: resource -> state.
+pub async fn effects(
+    pool: &sqlx::PgPool,
+    saga_id: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let id: Uuid = saga_id.parse().unwrap();
+    sqlx::query_as::<_, (String, String)>(
+        "SELECT resource, state FROM demo_effects WHERE saga_id = $1",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
 }

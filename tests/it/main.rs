@@ -2,4 +2,6 @@
 //! database and vhost.
 mod api;
 mod contract;
+mod demo;
 mod helpers;
+mod sagas;

@@ -1,11 +1,6 @@
 //! The demo participants against the real RabbitMQ and PostgreSQL, each run isolated in a fresh
 //! vhost and a fresh database (both removed afterwards, also when the test fails).
-//!
-//! Needs RabbitMQ on 127.0.0.1:5672 (guest/guest, `rabbitmqctl` usable) and PostgreSQL on
-//! 127.0.0.1:5432 (user `postgres`, trust auth).
 
-use std::process::Command;
-use std::str::FromStr;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -17,102 +12,13 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use saga::contract::{self, CommandBody, ReplyBody, ReplyOutcome};
 use saga::demo::{self, DemoConfig};
 use serde_json::{Value, json};
-use sqlx::postgres::{PgConnectOptions, PgPool};
-use sqlx::{ConnectOptions, Connection as _};
+use sqlx::postgres::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-const PG: &str = "postgres://postgres@127.0.0.1:5432";
+use crate::helpers::TestEnv;
+
 const WAIT: Duration = Duration::from_secs(10);
-
-fn rabbitmqctl(args: &[&str]) -> std::io::Result<std::process::Output> {
-    Command::new("rabbitmqctl").args(args).output()
-}
-
-/// A RabbitMQ vhost that exists for the guard's lifetime.
-struct Vhost(String);
-
-impl Vhost {
-    fn create() -> Vhost {
-        let name = format!("demo-test-{}", Uuid::new_v4().simple());
-        let out = rabbitmqctl(&["add_vhost", &name]).expect("run rabbitmqctl");
-        assert!(out.status.success(), "add_vhost: {out:?}");
-        // The guard exists from here on, so the vhost is removed even if the next step fails.
-        let vhost = Vhost(name);
-        let out = rabbitmqctl(&["set_permissions", "-p", &vhost.0, "guest", ".*", ".*", ".*"])
-            .expect("run rabbitmqctl");
-        assert!(out.status.success(), "set_permissions: {out:?}");
-        vhost
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)
-    }
-}
-
-impl Drop for Vhost {
-    fn drop(&mut self) {
-        match rabbitmqctl(&["delete_vhost", &self.0]) {
-            Ok(out) if out.status.success() => {}
-            other => eprintln!("could not delete vhost {}: {other:?}", self.0),
-        }
-    }
-}
-
-/// A PostgreSQL database that exists for the guard's lifetime.
-struct Database(String);
-
-impl Database {
-    async fn create() -> Database {
-        let name = format!("demo_test_{}", Uuid::new_v4().simple());
-        let mut admin = admin_connection().await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await
-            .expect("create the test database");
-        admin.close().await.ok();
-        Database(name)
-    }
-
-    fn url(&self) -> String {
-        format!("{PG}/{}", self.0)
-    }
-}
-
-async fn admin_connection() -> sqlx::PgConnection {
-    PgConnectOptions::from_str(&format!("{PG}/postgres"))
-        .expect("admin URL")
-        .connect()
-        .await
-        .expect("connect to PostgreSQL")
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        // Drop cannot await, and may run inside the test's runtime: use a runtime of our own on
-        // a thread of its own.
-        let name = self.0.clone();
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let mut admin = admin_connection().await;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut admin)
-                .await
-                .map(|_| ())
-                .map_err(std::io::Error::other)
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop database {}: {dropped:?}", self.0);
-        }
-    }
-}
 
 /// Plays the orchestrator: publishes commands and reads replies.
 struct Orchestrator {
@@ -237,10 +143,9 @@ async fn count(db: &PgPool, sql: &'static str, id: Uuid) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_participants_follow_the_contract() {
-    let vhost = Vhost::create();
-    let database = Database::create().await;
+    let env = TestEnv::new();
 
-    let connection = Connection::connect(&vhost.url(), ConnectionProperties::default())
+    let connection = Connection::connect(&env.amqp_url(), ConnectionProperties::default())
         .await
         .expect("connect to RabbitMQ");
     let channel = connection.create_channel().await.unwrap();
@@ -265,14 +170,14 @@ async fn demo_participants_follow_the_contract() {
     let shutdown = CancellationToken::new();
     let participants = tokio::spawn(demo::run(
         DemoConfig {
-            amqp_url: vhost.url(),
-            database_url: database.url(),
+            amqp_url: env.amqp_url(),
+            database_url: env.database_url(),
             latency: Duration::from_millis(1),
             ..DemoConfig::default()
         },
         shutdown.clone(),
     ));
-    let db = PgPool::connect(&database.url()).await.unwrap();
+    let db = PgPool::connect(&env.database_url()).await.unwrap();
 
     // An action succeeds, with output, and applies its effect.
     let saga = Uuid::now_v7();
