@@ -10,13 +10,19 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, ServerTlsConfig};
+
 use crate::api::SagaApi;
+use crate::api::admin::AdminApi;
+use crate::api::auth::{Authenticator, Scope, Secret, Tokens};
 use crate::broker::{self, ConsumerSettings, RelaySettings};
 use crate::config::{Settings, redact_url};
 use crate::contract;
 use crate::definition::{self, DefinitionError, Registry};
+use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::saga_service_server::SagaServiceServer;
-use crate::store::{Store, StoreError};
+use crate::store::{CircuitSettings, Store, StoreError};
 use crate::timers;
 
 /// Largest gRPC request accepted; saga inputs are further limited by
@@ -31,6 +37,10 @@ pub enum StartupError {
     NoDefinitions(String),
     #[error("{0}")]
     Store(#[from] StoreError),
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -62,7 +72,14 @@ impl Application {
             ));
         }
         info!(database = %redact_url(&settings.database_url), "connecting to PostgreSQL");
-        let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
+        let tokens = Arc::new(load_tokens(&settings)?);
+        let tls = load_tls(&settings)?;
+        let store = Store::connect(&settings.database_url, settings.db_max_connections)
+            .await?
+            .with_circuit(CircuitSettings {
+                failure_threshold: settings.circuit_failures.max(1),
+                cooldown: settings.circuit_cooldown,
+            });
         store.migrate().await?;
         let registry = Arc::new(store.sync_definitions(&defs).await?);
         for d in &defs {
@@ -74,6 +91,7 @@ impl Application {
             .collect();
         participants.sort();
         participants.dedup();
+        store.register_participants(&participants).await?;
 
         // Declared now so participants and clients find the queues as soon as we are up. If the
         // broker is down this only warns: the relay and consumer declare again on connect.
@@ -124,6 +142,8 @@ impl Application {
         ));
         tasks.spawn(serve(
             listener,
+            tls,
+            tokens,
             store.clone(),
             registry.clone(),
             shutdown.clone(),
@@ -187,8 +207,55 @@ async fn declare_topology(amqp_url: &str, participants: &[String]) -> Result<(),
     }
 }
 
+fn load_tokens(settings: &Settings) -> Result<Tokens, StartupError> {
+    let mut tokens = Tokens::default();
+    if let Some(file) = &settings.tokens_file {
+        tokens.load_file(file).map_err(StartupError::Auth)?;
+    }
+    if let Some(t) = &settings.operator_token {
+        tokens
+            .add("operator", Scope::Operator, Secret::new(t.clone()))
+            .map_err(StartupError::Auth)?;
+    }
+    if let Some(t) = &settings.participant_token {
+        tokens
+            .add("participant", Scope::Participant, Secret::new(t.clone()))
+            .map_err(StartupError::Auth)?;
+    }
+    if tokens.is_empty() {
+        if !settings.listen.ip().is_loopback() && !settings.allow_anonymous {
+            return Err(StartupError::Auth(format!(
+                "no API tokens configured and {} is reachable from other machines; configure \
+                 --tokens-file / SAGA_OPERATOR_TOKEN, or pass --allow-anonymous",
+                settings.listen
+            )));
+        }
+        warn!("AUTHENTICATION DISABLED: no API tokens configured, every caller is an operator");
+    } else {
+        info!(tokens = tokens.len(), "API authentication on");
+    }
+    Ok(tokens)
+}
+
+fn load_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, StartupError> {
+    let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
+        warn!(
+            "TLS DISABLED: the gRPC API is served in plain text (configure --tls-cert and --tls-key)"
+        );
+        return Ok(None);
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| StartupError::Tls(format!("{}: {e}", p.display())))
+    };
+    let identity = Identity::from_pem(read(cert)?, read(key)?);
+    info!(cert = %cert.display(), "TLS on");
+    Ok(Some(ServerTlsConfig::new().identity(identity)))
+}
+
 async fn serve(
     listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
+    tokens: Arc<Tokens>,
     store: Store,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
@@ -196,6 +263,9 @@ async fn serve(
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<SagaServiceServer<SagaApi>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServiceServer<AdminApi>>()
         .await;
     let reflection = match tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -207,13 +277,34 @@ async fn serve(
             None
         }
     };
-    let api = SagaServiceServer::new(SagaApi::new(store, registry))
+    let sagas = SagaServiceServer::new(SagaApi::new(store.clone(), registry.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let result = tonic::transport::Server::builder()
+    let admin = AdminServiceServer::new(AdminApi::new(store, registry))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = match builder.tls_config(tls) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "invalid TLS configuration");
+                shutdown.cancel();
+                return;
+            }
+        };
+    }
+    // Health and reflection stay open, so stock probes and tools work without a token.
+    let result = builder
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
         .add_service(health)
         .add_optional_service(reflection)
-        .add_service(api)
+        .add_service(InterceptedService::new(
+            sagas,
+            Authenticator::new(tokens.clone(), Scope::Participant),
+        ))
+        .add_service(InterceptedService::new(
+            admin,
+            Authenticator::new(tokens, Scope::Operator),
+        ))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),

@@ -23,7 +23,7 @@ use tracing::{debug, error, info, warn};
 use crate::contract::{self, ReplyBody, ReplyOutcome};
 use crate::definition::Registry;
 use crate::engine::Outcome;
-use crate::store::{OUTBOX_CHANNEL, ReplyResult, Store, StoreError};
+use crate::store::{OUTBOX_CHANNEL, ReplyResult, Store, StoreError, outbox, participants};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -131,8 +131,17 @@ async fn relay_session(
 }
 
 async fn publish_batch(store: &Store, channel: &Channel, limit: i64) -> Result<usize, BrokerError> {
+    let now = OffsetDateTime::now_utc();
     let mut tx = store.pool().begin().await?;
-    let rows = Store::claim_outbox(&mut tx, limit).await?;
+    let dispatch = participants::dispatch_state(&mut tx, now).await?;
+    let mut rows = outbox::claim(&mut tx, limit, &dispatch.held).await?;
+    let mut probes = Vec::new();
+    for participant in &dispatch.probe {
+        if let Some(row) = outbox::claim_one(&mut tx, participant).await? {
+            probes.push(participant.as_str());
+            rows.push(row);
+        }
+    }
     if rows.is_empty() {
         return Ok(0);
     }
@@ -156,11 +165,25 @@ async fn publish_batch(store: &Store, channel: &Channel, limit: i64) -> Result<u
         }
     }
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    Store::delete_outbox(&mut tx, &ids).await?;
+    outbox::delete(&mut tx, &ids).await?;
+    // A command that waited (held participant, broker outage, backlog) gets its whole timeout
+    // from now; fresh ones keep the deadline set when they were created.
+    let waited: Vec<uuid::Uuid> = rows
+        .iter()
+        .filter(|r| r.exchange == contract::COMMANDS_EXCHANGE && now - r.created_at > WAITED)
+        .map(|r| r.message_id)
+        .collect();
+    outbox::restart_deadlines(&mut tx, &waited, now).await?;
+    for participant in probes {
+        participants::probe_sent(&mut tx, participant, now, store.circuit().cooldown).await?;
+    }
     tx.commit().await?;
     debug!(count = ids.len(), "published outbox batch");
     Ok(ids.len())
 }
+
+/// How long a command may sit in the outbox before its deadline is restarted on publishing.
+const WAITED: time::Duration = time::Duration::seconds(1);
 
 fn message_properties(
     message_id: uuid::Uuid,

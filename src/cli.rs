@@ -32,6 +32,7 @@ pub fn saga_status_name(raw: i32) -> Cow<'static, str> {
         Ok(SagaStatus::Completed) => "completed".into(),
         Ok(SagaStatus::Compensated) => "compensated".into(),
         Ok(SagaStatus::NeedsOperator) => "needs_operator".into(),
+        Ok(SagaStatus::Resolved) => "resolved".into(),
         Err(_) => format!("unknown({raw})").into(),
     }
 }
@@ -706,6 +707,7 @@ mod tests {
                     output_json: r#"{"hold":"h1"}"#.into(),
                     reason: String::new(),
                     timed_out: false,
+                    superseded: false,
                 },
                 StepAttempt {
                     command_id: "00000000-0000-7000-8000-0000000000b2".into(),
@@ -719,6 +721,7 @@ mod tests {
                     output_json: String::new(),
                     reason: String::new(),
                     timed_out: true,
+                    superseded: false,
                 },
             ],
             history: vec![HistoryEvent {

@@ -44,6 +44,32 @@ pub struct Settings {
     /// How often due timers (reply deadlines, retry back-offs) are looked for.
     #[arg(long, env = "SAGA_TIMER_POLL", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub timer_poll: Duration,
+    /// Consecutive timeouts or transient failures of a participant that open its circuit
+    /// (its commands then wait instead of being sent).
+    #[arg(long, env = "SAGA_CIRCUIT_FAILURES", default_value_t = 5)]
+    pub circuit_failures: u32,
+    /// How long an open circuit waits before probing the participant with one command.
+    #[arg(long, env = "SAGA_CIRCUIT_COOLDOWN", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub circuit_cooldown: Duration,
+    /// TOML file of API tokens: `[[token]]` entries with `name`, `scope` ("participant" or
+    /// "operator") and `token`.
+    #[arg(long, env = "SAGA_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// An operator token (named "operator"), in addition to the file.
+    #[arg(long, env = "SAGA_OPERATOR_TOKEN", hide_env_values = true)]
+    pub operator_token: Option<String>,
+    /// A participant token (named "participant"), in addition to the file.
+    #[arg(long, env = "SAGA_PARTICIPANT_TOKEN", hide_env_values = true)]
+    pub participant_token: Option<String>,
+    /// Serve the API without authentication on a non-loopback address (never in production).
+    #[arg(long, env = "SAGA_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+    /// PEM certificate chain for TLS on the gRPC listener (with --tls-key).
+    #[arg(long, env = "SAGA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the gRPC listener (with --tls-cert).
+    #[arg(long, env = "SAGA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// How long shutdown waits for in-flight work before giving up.
     #[arg(long, env = "SAGA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

@@ -23,11 +23,16 @@ pub enum Status {
     Compensated,
     /// A compensation exhausted its attempts: nothing more happens until an operator acts.
     NeedsOperator,
+    /// An operator closed the saga after fixing it by hand.
+    Resolved,
 }
 
 impl Status {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Completed | Status::Compensated)
+        matches!(
+            self,
+            Status::Completed | Status::Compensated | Status::Resolved
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -37,6 +42,7 @@ impl Status {
             Status::Completed => "completed",
             Status::Compensated => "compensated",
             Status::NeedsOperator => "needs_operator",
+            Status::Resolved => "resolved",
         }
     }
 
@@ -47,6 +53,7 @@ impl Status {
             "completed" => Status::Completed,
             "compensated" => Status::Compensated,
             "needs_operator" => Status::NeedsOperator,
+            "resolved" => Status::Resolved,
             _ => return None,
         })
     }
@@ -176,15 +183,22 @@ pub struct Command {
     pub deadline: OffsetDateTime,
 }
 
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptEnd {
+    Replied(Outcome),
+    /// No reply by its deadline.
+    TimedOut,
+    /// An operator moved the saga on while it was in flight.
+    Superseded,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
     /// Record an attempt and put its command in the outbox.
     Send(Command),
-    /// The attempt `command_id` ended: with a reply (`outcome`) or by its deadline (`None`).
-    AttemptEnded {
-        command_id: Uuid,
-        outcome: Option<Outcome>,
-    },
+    /// The attempt `command_id` ended.
+    AttemptEnded { command_id: Uuid, end: AttemptEnd },
     /// Merge a step's output into the saga's outputs, passed to every later command.
     SaveOutput { step: usize, output: Value },
     /// Append to the saga's history (its timeline).
@@ -213,6 +227,8 @@ pub enum HistoryKind {
     SagaCompleted,
     SagaCompensated,
     NeedsOperator,
+    OperatorAction,
+    SagaResolved,
 }
 
 impl HistoryKind {
@@ -231,6 +247,8 @@ impl HistoryKind {
             HistoryKind::SagaCompleted => "saga_completed",
             HistoryKind::SagaCompensated => "saga_compensated",
             HistoryKind::NeedsOperator => "needs_operator",
+            HistoryKind::OperatorAction => "operator_action",
+            HistoryKind::SagaResolved => "saga_resolved",
         }
     }
 }
@@ -272,6 +290,158 @@ pub fn apply(def: &Definition, state: &SagaState, event: Event, ctx: Ctx) -> Tra
     }
 }
 
+/// A repair an operator asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Repair {
+    /// Send the current step's command again as a new attempt, now.
+    RetryNow,
+    /// Consider the current step done by hand: an action succeeded with `output`, a
+    /// compensation undid its step.
+    Skip { output: Value },
+    /// Abort a running saga and compensate what it completed.
+    Compensate,
+    /// Close a saga that needs an operator.
+    Resolve,
+}
+
+impl Repair {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Repair::RetryNow => "retry",
+            Repair::Skip { .. } => "skip",
+            Repair::Compensate => "compensate",
+            Repair::Resolve => "resolve",
+        }
+    }
+}
+
+/// Who asked for a repair, and why: both go to the history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Operator {
+    pub actor: String,
+    pub reason: String,
+}
+
+/// A repair that does not fit the saga's state, with the reason shown to the operator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Applies an operator's repair, or refuses it when it makes no sense in the saga's state.
+pub fn repair(
+    def: &Definition,
+    state: &SagaState,
+    repair: Repair,
+    by: &Operator,
+    ctx: Ctx,
+) -> Result<Transition, Refused> {
+    let mut m = Machine {
+        def,
+        state: state.clone(),
+        effects: Vec::new(),
+        ctx,
+    };
+    let status = state.status;
+    if status.is_terminal() {
+        return Err(Refused(format!(
+            "the saga is {}: nothing to repair",
+            status.as_str()
+        )));
+    }
+    if state.attempt == 0 {
+        return Err(Refused("the saga has not started yet".into()));
+    }
+    let step = state.step;
+    let mut detail = json!({"action": repair.name(), "actor": by.actor, "reason": by.reason, "kind": state.kind.as_str()});
+    match &repair {
+        Repair::Skip { output } => detail["output"] = output.clone(),
+        Repair::RetryNow | Repair::Compensate | Repair::Resolve => {}
+    }
+    // Whatever the repair, a command still in flight is abandoned: its reply, if it ever
+    // comes, is recorded as late and changes nothing.
+    let abandon = |m: &mut Machine| {
+        if let Waiting::Reply { command_id, .. } = m.state.waiting {
+            m.effects.push(Effect::AttemptEnded {
+                command_id,
+                end: AttemptEnd::Superseded,
+            });
+        }
+    };
+    match repair {
+        Repair::RetryNow => {
+            if status == Status::NeedsOperator {
+                m.state.status = Status::Compensating;
+            }
+            m.history(HistoryKind::OperatorAction, Some(step), None, detail);
+            abandon(&mut m);
+            m.send(step, state.kind, state.attempt + 1);
+        }
+        Repair::Skip { output } => {
+            m.history(HistoryKind::OperatorAction, Some(step), None, detail);
+            abandon(&mut m);
+            match state.kind {
+                Kind::Action => {
+                    m.effects.push(Effect::SaveOutput { step, output });
+                    m.advance(step);
+                }
+                Kind::Compensation => {
+                    m.state.status = Status::Compensating;
+                    m.compensate_from(step.checked_sub(1));
+                }
+            }
+        }
+        Repair::Compensate => {
+            if status != Status::Running {
+                return Err(Refused(format!(
+                    "only a running saga can be compensated; this one is {}",
+                    status.as_str()
+                )));
+            }
+            if step > def.pivot {
+                return Err(Refused(format!(
+                    "the saga is past its pivot ({}): its remaining steps can only go forwards",
+                    def.steps[def.pivot].name
+                )));
+            }
+            m.history(HistoryKind::OperatorAction, Some(step), None, detail);
+            abandon(&mut m);
+            m.state.error = Some(format!("compensated by {}: {}", by.actor, by.reason));
+            m.state.status = Status::Compensating;
+            m.history(
+                HistoryKind::CompensationStarted,
+                Some(step),
+                None,
+                json!({"reason": by.reason}),
+            );
+            // The current step may have been applied (a command was out, or failed attempts
+            // timed out): undo it too; compensations tolerate undoing nothing.
+            m.compensate_from(Some(step));
+        }
+        Repair::Resolve => {
+            if status != Status::NeedsOperator {
+                return Err(Refused(format!(
+                    "only a saga that needs an operator can be resolved; this one is {}",
+                    status.as_str()
+                )));
+            }
+            m.history(HistoryKind::OperatorAction, Some(step), None, detail);
+            m.state.status = Status::Resolved;
+            m.state.waiting = Waiting::Nothing;
+            m.history(
+                HistoryKind::SagaResolved,
+                None,
+                None,
+                json!({"actor": by.actor}),
+            );
+            m.effects.push(Effect::Lifecycle(Status::Resolved));
+        }
+    }
+    Ok(Transition {
+        state: m.state,
+        effects: m.effects,
+    })
+}
+
 struct Machine<'a> {
     def: &'a Definition,
     state: SagaState,
@@ -303,7 +473,7 @@ impl Machine<'_> {
             if !self.state.status.is_terminal() {
                 self.effects.push(Effect::AttemptEnded {
                     command_id,
-                    outcome: Some(outcome.clone()),
+                    end: AttemptEnd::Replied(outcome.clone()),
                 });
                 self.history(
                     HistoryKind::LateReply,
@@ -316,7 +486,7 @@ impl Machine<'_> {
         }
         self.effects.push(Effect::AttemptEnded {
             command_id,
-            outcome: Some(outcome.clone()),
+            end: AttemptEnd::Replied(outcome.clone()),
         });
         let step = self.state.step;
         match (self.state.kind, outcome) {
@@ -328,11 +498,7 @@ impl Machine<'_> {
                     json!({"output": output}),
                 );
                 self.effects.push(Effect::SaveOutput { step, output });
-                if step + 1 < self.def.steps.len() {
-                    self.send(step + 1, Kind::Action, 1);
-                } else {
-                    self.finish(Status::Completed);
-                }
+                self.advance(step);
             }
             (Kind::Action, Outcome::Failure { reason, retryable }) => {
                 self.history(
@@ -366,6 +532,15 @@ impl Machine<'_> {
         }
     }
 
+    /// Moves on after `step` succeeded.
+    fn advance(&mut self, step: usize) {
+        if step + 1 < self.def.steps.len() {
+            self.send(step + 1, Kind::Action, 1);
+        } else {
+            self.finish(Status::Completed);
+        }
+    }
+
     fn timer(&mut self) {
         let now = self.ctx.now;
         match self.state.waiting {
@@ -375,7 +550,7 @@ impl Machine<'_> {
             } if deadline <= now => {
                 self.effects.push(Effect::AttemptEnded {
                     command_id,
-                    outcome: None,
+                    end: AttemptEnd::TimedOut,
                 });
                 let step = self.state.step;
                 let timeout = self.def.steps[step].timeout;
@@ -519,6 +694,11 @@ impl Machine<'_> {
             Status::Completed => HistoryKind::SagaCompleted,
             _ => HistoryKind::SagaCompensated,
         };
+        self.state.error = self
+            .state
+            .error
+            .take()
+            .filter(|_| status != Status::Completed);
         self.history(kind, None, None, json!({}));
         self.effects.push(Effect::Lifecycle(status));
     }
@@ -988,5 +1168,283 @@ mod tests {
             (cmd.command_id, cmd.attempt, cmd.deadline),
             (Uuid::from_u128(6), 2, at + def.steps[0].timeout)
         );
+    }
+
+    fn op() -> Operator {
+        Operator {
+            actor: "alice".into(),
+            reason: "ticket 42".into(),
+        }
+    }
+
+    fn at(state: &SagaState) -> Ctx {
+        Ctx {
+            now: state.wake_at().unwrap_or(T0),
+            next_command_id: Uuid::from_u128(777),
+            jitter: 0.0,
+        }
+    }
+
+    /// Drives a saga with `script` until it waits for `until` or ends.
+    fn drive(
+        def: &Definition,
+        script: impl Fn(&str, Kind, u32) -> Answer,
+        stop: impl Fn(&SagaState) -> bool,
+    ) -> SagaState {
+        let (mut state, _) = started(def);
+        for _ in 0..100 {
+            if stop(&state) || state.status.is_terminal() {
+                return state;
+            }
+            let event = match state.waiting {
+                Waiting::Reply { command_id, .. } => {
+                    match script(&def.steps[state.step].name, state.kind, state.attempt) {
+                        Answer::Ok => ok(command_id),
+                        Answer::Fail | Answer::Transient => Event::Reply {
+                            command_id,
+                            outcome: Outcome::Failure {
+                                reason: "no".into(),
+                                retryable: true,
+                            },
+                        },
+                        Answer::Silent => Event::Timer,
+                    }
+                }
+                _ => Event::Timer,
+            };
+            let ids = Uuid::now_v7();
+            state = apply(
+                def,
+                &state,
+                event,
+                Ctx {
+                    next_command_id: ids,
+                    ..at(&state)
+                },
+            )
+            .state;
+        }
+        state
+    }
+
+    fn sent(t: &Transition) -> Vec<(usize, Kind, u32)> {
+        t.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send(c) => Some((c.step, c.kind, c.attempt)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn recorded(t: &Transition) -> Value {
+        t.effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::History {
+                    kind: HistoryKind::OperatorAction,
+                    detail,
+                    ..
+                } => Some(detail.clone()),
+                _ => None,
+            })
+            .expect("the repair is in the history")
+    }
+
+    #[test]
+    fn retry_now_sends_a_new_attempt_at_once_and_abandons_the_one_in_flight() {
+        let def = order_saga();
+        // Backing off after a transient failure of the payment.
+        let waiting = drive(
+            &def,
+            |s, _, _| {
+                if s == "authorize_payment" {
+                    Answer::Transient
+                } else {
+                    Answer::Ok
+                }
+            },
+            |s| s.step == 1 && matches!(s.waiting, Waiting::Retry { .. }),
+        );
+        let t = repair(
+            &def,
+            &waiting,
+            Repair::RetryNow,
+            &op(),
+            at(&SagaState {
+                waiting: Waiting::Nothing,
+                ..waiting.clone()
+            }),
+        )
+        .unwrap();
+        assert_eq!(sent(&t), [(1, Kind::Action, 2)]);
+        assert_eq!(
+            recorded(&t),
+            json!({"action": "retry", "actor": "alice", "reason": "ticket 42", "kind": "action"})
+        );
+
+        // In flight: the old attempt is superseded, a new one goes.
+        let (running, first) = started(&def);
+        let t = repair(&def, &running, Repair::RetryNow, &op(), at(&running)).unwrap();
+        assert!(t.effects.contains(&Effect::AttemptEnded {
+            command_id: first,
+            end: AttemptEnd::Superseded
+        }));
+        assert_eq!(sent(&t), [(0, Kind::Action, 2)]);
+    }
+
+    #[test]
+    fn skip_marks_the_step_done_with_the_given_output_and_continues() {
+        let def = order_saga();
+        let stuck = drive(
+            &def,
+            |s, _, _| {
+                if s == "approve_order" {
+                    Answer::Fail
+                } else {
+                    Answer::Ok
+                }
+            },
+            |s| s.step == 3 && s.attempt >= 3,
+        );
+        let t = repair(
+            &def,
+            &stuck,
+            Repair::Skip {
+                output: json!({"approved_by": "hand"}),
+            },
+            &op(),
+            at(&stuck),
+        )
+        .unwrap();
+        assert_eq!(t.state.status, Status::Completed);
+        assert!(t.effects.contains(&Effect::SaveOutput {
+            step: 3,
+            output: json!({"approved_by": "hand"})
+        }));
+        assert_eq!(recorded(&t)["output"], json!({"approved_by": "hand"}));
+
+        // Skipping a compensation moves on to the next one.
+        let def = order_saga();
+        let comp = drive(
+            &def,
+            |s, k, _| match (s, k) {
+                ("schedule_delivery", Kind::Action) => Answer::Fail,
+                ("authorize_payment", Kind::Compensation) => Answer::Transient,
+                _ => Answer::Ok,
+            },
+            |s| s.status == Status::NeedsOperator,
+        );
+        assert_eq!((comp.status, comp.step), (Status::NeedsOperator, 1));
+        let t = repair(
+            &def,
+            &comp,
+            Repair::Skip {
+                output: Value::Null,
+            },
+            &op(),
+            at(&comp),
+        )
+        .unwrap();
+        assert_eq!(t.state.status, Status::Compensating);
+        assert_eq!(sent(&t), [(0, Kind::Compensation, 1)]);
+    }
+
+    #[test]
+    fn compensate_aborts_a_running_saga_but_not_past_its_pivot() {
+        let def = order_saga();
+        let at_payment = drive(&def, |_, _, _| Answer::Ok, |s| s.step == 1);
+        let t = repair(
+            &def,
+            &at_payment,
+            Repair::Compensate,
+            &op(),
+            at(&at_payment),
+        )
+        .unwrap();
+        assert_eq!(t.state.status, Status::Compensating);
+        // The payment may have been authorised meanwhile: it is refunded first.
+        assert_eq!(sent(&t), [(1, Kind::Compensation, 1)]);
+        assert!(t.state.error.as_deref().unwrap().contains("alice"));
+
+        let past_pivot = drive(&def, |_, _, _| Answer::Ok, |s| s.step == 3);
+        let e = repair(
+            &def,
+            &past_pivot,
+            Repair::Compensate,
+            &op(),
+            at(&past_pivot),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("pivot"), "{e}");
+        let compensating = SagaState {
+            status: Status::Compensating,
+            ..at_payment
+        };
+        assert!(
+            repair(
+                &def,
+                &compensating,
+                Repair::Compensate,
+                &op(),
+                at(&compensating)
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn resolve_closes_only_a_saga_that_needs_an_operator() {
+        let def = order_saga();
+        let stuck = drive(
+            &def,
+            |s, k, _| match (s, k) {
+                ("authorize_payment", Kind::Action) => Answer::Fail,
+                ("create_order", Kind::Compensation) => Answer::Transient,
+                _ => Answer::Ok,
+            },
+            |s| s.status == Status::NeedsOperator,
+        );
+        let t = repair(&def, &stuck, Repair::Resolve, &op(), at(&stuck)).unwrap();
+        assert_eq!(
+            (t.state.status, t.state.waiting),
+            (Status::Resolved, Waiting::Nothing)
+        );
+        assert!(t.effects.contains(&Effect::Lifecycle(Status::Resolved)));
+
+        let (running, _) = started(&def);
+        assert!(
+            repair(&def, &running, Repair::Resolve, &op(), at(&running))
+                .unwrap_err()
+                .0
+                .contains("needs an operator")
+        );
+    }
+
+    #[test]
+    fn finished_or_unstarted_sagas_refuse_every_repair() {
+        let def = order_saga();
+        for status in [Status::Completed, Status::Compensated, Status::Resolved] {
+            let done = SagaState {
+                status,
+                attempt: 1,
+                ..SagaState::new()
+            };
+            for r in [
+                Repair::RetryNow,
+                Repair::Skip {
+                    output: Value::Null,
+                },
+                Repair::Compensate,
+                Repair::Resolve,
+            ] {
+                assert!(
+                    repair(&def, &done, r, &op(), at(&done)).is_err(),
+                    "{status:?}"
+                );
+            }
+        }
+        let fresh = SagaState::new();
+        assert!(repair(&def, &fresh, Repair::RetryNow, &op(), at(&fresh)).is_err());
     }
 }

@@ -328,6 +328,7 @@ async fn list(global: &Global, cmd: ListArgs) -> anyhow::Result<String> {
         definition: cmd.definition.unwrap_or_default(),
         page_size: cmd.limit.unwrap_or(0),
         page_token: cmd.page_token.unwrap_or_default(),
+        ..Default::default()
     };
     let mut client = connect(global).await?;
     let mut sagas = Vec::new();

@@ -1,26 +1,38 @@
-//! The gRPC API (tonic): `saga.v1.SagaService`, and the conversions between proto and domain.
+//! The gRPC API (tonic): `saga.v1.SagaService` for clients and participants, `AdminService`
+//! for operators ([`admin`]), bearer-token authentication ([`auth`]), and the proto ⇄ domain
+//! conversions ([`convert`]).
 //!
 //! Requests are validated here and refused with `INVALID_ARGUMENT` / `NOT_FOUND` and a message
 //! that says what is wrong; store errors map to statuses in one place ([`status_of`]) and never
 //! leak SQL to callers.
 
-use std::sync::Arc;
+pub mod admin;
+pub mod auth;
+pub mod convert;
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
 use serde_json::Value;
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::definition::Registry;
-use crate::engine::{self, Kind};
+use crate::engine;
 use crate::proto::v1 as pb;
-use crate::store::{self, ListFilter, ReplyResult, Store, StoreError};
+use crate::store::{ReplyResult, Store, StoreError};
+use convert::{filter_from_pb, history_to_pb, saga_to_pb, status_to_pb, summary_to_pb};
 
 /// Largest saga input accepted, in bytes of JSON.
 pub const MAX_INPUT_BYTES: usize = 256 * 1024;
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 500;
+/// How often a watch looks for new history events.
+const WATCH_POLL: Duration = Duration::from_millis(200);
 
 pub struct SagaApi {
     store: Store,
@@ -38,7 +50,9 @@ pub fn status_of(e: StoreError) -> Status {
     match e {
         StoreError::NotFound(m) => Status::not_found(m),
         StoreError::InvalidArgument(m) => Status::invalid_argument(m),
-        StoreError::DefinitionConflict(m) => Status::failed_precondition(m),
+        StoreError::DefinitionConflict(m) | StoreError::FailedPrecondition(m) => {
+            Status::failed_precondition(m)
+        }
         StoreError::Database(e) => {
             tracing::warn!(error = %e, "database unavailable");
             Status::unavailable("the database is unavailable; retry later")
@@ -66,8 +80,55 @@ fn parse_json(field: &str, s: &str) -> Result<Value, Status> {
         .map_err(|e| Status::invalid_argument(format!("{field} is not valid JSON: {e}")))
 }
 
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::HistoryEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::saga_service_server::SagaService for SagaApi {
+    type WatchSagaStream = EventStream;
+
+    async fn watch_saga(
+        &self,
+        req: Request<pb::WatchSagaRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let id = parse_id("saga_id", &req.get_ref().saga_id)?;
+        let mut after = req.get_ref().after_seq;
+        // Fails now, as a status, if the saga does not exist.
+        self.store.saga_status(id).await.map_err(status_of)?;
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                // Read the status before the events: events written after a terminal status
+                // was seen are still sent on this round, so none is lost at the end.
+                let status = store.saga_status(id).await;
+                let events = store.history_after(id, after).await;
+                let (status, events) = match (status, events) {
+                    (Ok(s), Ok(e)) => (s, e),
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = tx.send(Err(status_of(e))).await;
+                        return;
+                    }
+                };
+                for event in events {
+                    after = event.seq;
+                    if tx.send(Ok(history_to_pb(event))).await.is_err() {
+                        return; // The caller hung up.
+                    }
+                }
+                if status.is_terminal() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn start_saga(
         &self,
         req: Request<pb::StartSagaRequest>,
@@ -124,22 +185,7 @@ impl pb::saga_service_server::SagaService for SagaApi {
     ) -> Result<Response<pb::Saga>, Status> {
         let id = parse_id("saga_id", &req.get_ref().saga_id)?;
         let (saga, attempts, history) = self.store.get_saga(id).await.map_err(status_of)?;
-        let current_step = current_step(&self.registry, &saga);
-        Ok(Response::new(pb::Saga {
-            id: saga.id.to_string(),
-            definition: saga.definition.clone(),
-            definition_version: saga.definition_version,
-            status: status_to_pb(saga.state.status) as i32,
-            current_step,
-            input_json: saga.input.to_string(),
-            outputs_json: saga.outputs.to_string(),
-            idempotency_key: saga.idempotency_key.clone().unwrap_or_default(),
-            created_at: Some(timestamp(saga.created_at)),
-            updated_at: Some(timestamp(saga.updated_at)),
-            error: saga.state.error.clone().unwrap_or_default(),
-            attempts: attempts.into_iter().map(attempt_to_pb).collect(),
-            history: history.into_iter().map(history_to_pb).collect(),
-        }))
+        Ok(Response::new(saga_to_pb(saga, attempts, history)))
     }
 
     async fn list_sagas(
@@ -147,18 +193,6 @@ impl pb::saga_service_server::SagaService for SagaApi {
         req: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
         let req = req.into_inner();
-        let statuses = req
-            .statuses
-            .iter()
-            .map(|s| {
-                pb::SagaStatus::try_from(*s)
-                    .ok()
-                    .and_then(status_from_pb)
-                    .ok_or_else(|| {
-                        Status::invalid_argument(format!("statuses: {s} is not a saga status"))
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let limit = match req.page_size {
             0 => DEFAULT_PAGE,
             n if n <= MAX_PAGE => n,
@@ -172,13 +206,9 @@ impl pb::saga_service_server::SagaService for SagaApi {
             "" => None,
             t => Some(parse_id("page_token", t)?),
         };
-        let definition = Some(req.definition.trim().to_string()).filter(|d| !d.is_empty());
-        let filter = ListFilter {
-            statuses,
-            definition,
-            before,
-            limit: limit + 1,
-        };
+        let mut filter = filter_from_pb(&req)?;
+        filter.before = before;
+        filter.limit = limit + 1;
         let mut sagas = self.store.list_sagas(&filter).await.map_err(status_of)?;
         // One extra row tells whether another page exists without a count query.
         let next_page_token = if sagas.len() > limit as usize {
@@ -187,19 +217,7 @@ impl pb::saga_service_server::SagaService for SagaApi {
         } else {
             String::new()
         };
-        let sagas = sagas
-            .iter()
-            .map(|s| pb::SagaSummary {
-                id: s.id.to_string(),
-                definition: s.definition.clone(),
-                definition_version: s.definition_version,
-                status: status_to_pb(s.state.status) as i32,
-                current_step: current_step(&self.registry, s),
-                created_at: Some(timestamp(s.created_at)),
-                updated_at: Some(timestamp(s.updated_at)),
-                error: s.state.error.clone().unwrap_or_default(),
-            })
-            .collect();
+        let sagas = sagas.into_iter().map(summary_to_pb).collect();
         Ok(Response::new(pb::ListSagasResponse {
             sagas,
             next_page_token,
@@ -256,78 +274,5 @@ impl pb::saga_service_server::SagaService for SagaApi {
                 "no command with id {command_id} was sent"
             ))),
         }
-    }
-}
-
-fn current_step(registry: &Registry, saga: &store::SagaRecord) -> String {
-    if saga.state.status.is_terminal() {
-        return String::new();
-    }
-    registry
-        .get(&saga.definition, saga.definition_version)
-        .and_then(|d| d.steps.get(saga.state.step).map(|s| s.name.clone()))
-        .unwrap_or_default()
-}
-
-pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.unix_timestamp(),
-        nanos: t.nanosecond() as i32,
-    }
-}
-
-pub fn status_to_pb(s: engine::Status) -> pb::SagaStatus {
-    match s {
-        engine::Status::Running => pb::SagaStatus::Running,
-        engine::Status::Compensating => pb::SagaStatus::Compensating,
-        engine::Status::Completed => pb::SagaStatus::Completed,
-        engine::Status::Compensated => pb::SagaStatus::Compensated,
-        engine::Status::NeedsOperator => pb::SagaStatus::NeedsOperator,
-    }
-}
-
-pub fn status_from_pb(s: pb::SagaStatus) -> Option<engine::Status> {
-    Some(match s {
-        pb::SagaStatus::Unspecified => return None,
-        pb::SagaStatus::Running => engine::Status::Running,
-        pb::SagaStatus::Compensating => engine::Status::Compensating,
-        pb::SagaStatus::Completed => engine::Status::Completed,
-        pb::SagaStatus::Compensated => engine::Status::Compensated,
-        pb::SagaStatus::NeedsOperator => engine::Status::NeedsOperator,
-    })
-}
-
-fn attempt_to_pb(a: store::AttemptRecord) -> pb::StepAttempt {
-    let outcome = match a.outcome.as_deref() {
-        Some("success") => pb::Outcome::Success,
-        Some("failure") => pb::Outcome::Failure,
-        _ => pb::Outcome::Unspecified,
-    };
-    pb::StepAttempt {
-        command_id: a.command_id.to_string(),
-        step: a.step,
-        participant: a.participant,
-        kind: match a.kind {
-            Kind::Action => pb::CommandKind::Action,
-            Kind::Compensation => pb::CommandKind::Compensation,
-        } as i32,
-        attempt: a.attempt,
-        sent_at: Some(timestamp(a.sent_at)),
-        replied_at: a.replied_at.map(timestamp),
-        outcome: outcome as i32,
-        output_json: a.output.map(|o| o.to_string()).unwrap_or_default(),
-        reason: a.reason.unwrap_or_default(),
-        timed_out: a.timed_out,
-    }
-}
-
-fn history_to_pb(h: store::HistoryRecord) -> pb::HistoryEvent {
-    pb::HistoryEvent {
-        seq: h.seq,
-        at: Some(timestamp(h.at)),
-        kind: h.kind,
-        step: h.step.unwrap_or_default(),
-        command_id: h.command_id.map(|c| c.to_string()).unwrap_or_default(),
-        detail_json: h.detail.to_string(),
     }
 }

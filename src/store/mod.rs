@@ -4,7 +4,6 @@
 //! state, the attempts, the history and the outbox rows, notify the relay, commit. Commands are
 //! never published from here: the outbox relay does that after the commit.
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -16,16 +15,26 @@ use uuid::Uuid;
 
 use crate::contract::{self, CommandBody};
 use crate::definition::{Definition, Registry};
-use crate::engine::{self, Ctx, Effect, Event, Kind, Outcome, SagaState, Status, Waiting};
+use crate::engine::{
+    self, AttemptEnd, Ctx, Effect, Event, Kind, Outcome, SagaState, Status, Waiting,
+};
 
 /// The channel the relay listens on; notified by every transaction that fills the outbox.
 /// The columns [`saga_from_row`] reads; a macro so queries stay `&'static str` literals.
 macro_rules! saga_columns {
     () => {
         "id, definition, definition_version, status, step, kind, attempt, command_id, wake_at, \
-         input, outputs, error, idempotency_key, created_at, updated_at"
+         input, outputs, error, idempotency_key, created_at, updated_at, current_step"
     };
 }
+
+mod admin;
+pub use admin::StepCount;
+pub mod outbox;
+pub mod participants;
+
+pub use outbox::OutboxMessage;
+pub use participants::{Circuit, ParticipantRecord};
 
 pub const OUTBOX_CHANNEL: &str = "saga_outbox";
 
@@ -42,6 +51,9 @@ pub enum StoreError {
     InvalidArgument(String),
     #[error("{0}")]
     DefinitionConflict(String),
+    /// The request does not fit the saga's state (an operator repair refused by the engine).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A row the engine cannot read: a bug or a hand edit, never the caller's fault.
     #[error("corrupt saga state: {0}")]
     Corrupt(String),
@@ -61,6 +73,8 @@ pub struct SagaRecord {
     pub idempotency_key: Option<String>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
+    /// The step being executed or compensated; `None` once finished.
+    pub current_step: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +90,7 @@ pub struct AttemptRecord {
     pub output: Option<Value>,
     pub reason: Option<String>,
     pub timed_out: bool,
+    pub superseded: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +107,19 @@ pub struct HistoryRecord {
 pub struct ListFilter {
     pub statuses: Vec<Status>,
     pub definition: Option<String>,
+    pub definition_version: Option<u32>,
+    /// Only unfinished sagas not updated since this time.
+    pub stuck_since: Option<OffsetDateTime>,
+    /// Only unfinished sagas whose current step runs on this participant.
+    pub participant: Option<String>,
+    /// Only unfinished sagas whose current step is this one.
+    pub step: Option<String>,
+    pub created_after: Option<OffsetDateTime>,
+    pub created_before: Option<OffsetDateTime>,
+    pub updated_after: Option<OffsetDateTime>,
+    pub updated_before: Option<OffsetDateTime>,
+    /// Case-insensitive substring of the error.
+    pub error_contains: Option<String>,
     /// Only sagas with an id below this one (the previous page's last id).
     pub before: Option<Uuid>,
     pub limit: u32,
@@ -107,21 +135,27 @@ pub enum ReplyResult {
     UnknownCommand,
 }
 
-/// A claimed outbox row, ready to publish.
-#[derive(Debug, Clone)]
-pub struct OutboxMessage {
-    pub id: i64,
-    pub exchange: String,
-    pub routing_key: String,
-    pub message_id: Uuid,
-    pub properties: Value,
-    pub body: Vec<u8>,
-    pub created_at: OffsetDateTime,
+/// When a participant's circuit opens, and how long it stays open before a probe.
+#[derive(Debug, Clone, Copy)]
+pub struct CircuitSettings {
+    /// Consecutive timeouts or transient failures that open the circuit.
+    pub failure_threshold: u32,
+    pub cooldown: Duration,
+}
+
+impl Default for CircuitSettings {
+    fn default() -> Self {
+        CircuitSettings {
+            failure_threshold: 5,
+            cooldown: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    circuit: CircuitSettings,
 }
 
 impl Store {
@@ -161,7 +195,19 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            circuit: CircuitSettings::default(),
+        })
+    }
+
+    pub fn with_circuit(mut self, circuit: CircuitSettings) -> Store {
+        self.circuit = circuit;
+        self
+    }
+
+    pub fn circuit(&self) -> CircuitSettings {
+        self.circuit
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -265,8 +311,9 @@ impl Store {
             idempotency_key: idempotency_key.map(str::to_owned),
             created_at: now,
             updated_at: now,
+            current_step: None,
         };
-        let status = transition(&mut tx, def, record, Event::Start, now).await?;
+        let status = transition(&mut tx, def, record, Event::Start, now, self.circuit).await?;
         tx.commit().await?;
         Ok((id, true, status))
     }
@@ -309,6 +356,7 @@ impl Store {
                 outcome,
             },
             now,
+            self.circuit,
         )
         .await?;
         tx.commit().await?;
@@ -327,7 +375,9 @@ impl Store {
         let rows = sqlx::query(concat!(
             "SELECT ",
             saga_columns!(),
-            " FROM sagas WHERE wake_at <= $1 ORDER BY wake_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+            " FROM sagas WHERE wake_at <= $1 \
+             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = sagas.command_id) \
+             ORDER BY wake_at LIMIT $2 FOR UPDATE OF sagas SKIP LOCKED"
         ))
         .bind(now)
         .bind(limit)
@@ -337,7 +387,7 @@ impl Store {
         for row in rows {
             let record = saga_from_row(&row)?;
             let def = definition_of(registry, &record)?;
-            transition(&mut tx, &def, record, Event::Timer, now).await?;
+            transition(&mut tx, &def, record, Event::Timer, now, self.circuit).await?;
         }
         tx.commit().await?;
         Ok(n)
@@ -359,7 +409,7 @@ impl Store {
         let saga = saga_from_row(&row)?;
         let attempts = sqlx::query(
             "SELECT command_id, step, participant, kind, attempt, sent_at, replied_at, outcome, output, reason, \
-             timed_out FROM step_attempts WHERE saga_id = $1 ORDER BY sent_at, attempt",
+             timed_out, superseded FROM step_attempts WHERE saga_id = $1 ORDER BY sent_at, attempt",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -378,88 +428,101 @@ impl Store {
                 output: r.try_get("output")?,
                 reason: r.try_get("reason")?,
                 timed_out: r.try_get("timed_out")?,
+                superseded: r.try_get("superseded")?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
-        let history = sqlx::query(
-            "SELECT seq, at, kind, step, command_id, detail FROM saga_history WHERE saga_id = $1 ORDER BY seq",
+        let history = self.history_after(id, 0).await?;
+        Ok((saga, attempts, history))
+    }
+
+    pub async fn saga_status(&self, id: Uuid) -> Result<Status> {
+        let row = sqlx::query("SELECT status FROM sagas WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))?;
+        parse_status(&row)
+    }
+
+    pub async fn history_after(&self, id: Uuid, after_seq: i64) -> Result<Vec<HistoryRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, at, kind, step, command_id, detail FROM saga_history WHERE saga_id = $1 AND seq > $2 ORDER BY seq",
         )
         .bind(id)
+        .bind(after_seq)
         .fetch_all(&self.pool)
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(HistoryRecord {
-                seq: r.try_get("seq")?,
-                at: r.try_get("at")?,
-                kind: r.try_get("kind")?,
-                step: r.try_get("step")?,
-                command_id: r.try_get("command_id")?,
-                detail: r.try_get("detail")?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-        Ok((saga, attempts, history))
+        .await?;
+        rows.iter().map(history_from_row).collect()
     }
 
     /// Newest first. Pages by id (UUIDv7 ids sort by creation), so pages stay stable while new
     /// sagas arrive.
     pub async fn list_sagas(&self, filter: &ListFilter) -> Result<Vec<SagaRecord>> {
-        let statuses: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            saga_columns!(),
-            " FROM sagas \
-             WHERE (cardinality($1::text[]) = 0 OR status = ANY($1)) \
-               AND ($2::text IS NULL OR definition = $2) \
-               AND ($3::uuid IS NULL OR id < $3) \
-             ORDER BY id DESC LIMIT $4"
-        ))
-        .bind(&statuses)
-        .bind(&filter.definition)
-        .bind(filter.before)
-        .bind(i64::from(filter.limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let mut q = filtered(
+            concat!("SELECT ", saga_columns!(), " FROM sagas WHERE true"),
+            filter,
+        );
+        if let Some(before) = filter.before {
+            q.push(" AND id < ").push_bind(before);
+        }
+        q.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit));
+        let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(saga_from_row).collect()
     }
+}
 
-    /// Locks up to `limit` outbox rows for publishing, skipping rows another relay holds. The
-    /// caller publishes them and then calls [`delete_outbox`] in the same transaction, so a
-    /// crash before the broker confirmed leaves the rows to be published again.
-    pub async fn claim_outbox(
-        tx: &mut Transaction<'_, Postgres>,
-        limit: i64,
-    ) -> Result<Vec<OutboxMessage>> {
-        let rows = sqlx::query(
-            "SELECT id, exchange, routing_key, message_id, properties, body, created_at FROM outbox \
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(limit)
-        .fetch_all(&mut **tx)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OutboxMessage {
-                    id: r.try_get("id")?,
-                    exchange: r.try_get("exchange")?,
-                    routing_key: r.try_get("routing_key")?,
-                    message_id: r.try_get("message_id")?,
-                    properties: r.try_get("properties")?,
-                    body: r.try_get("body")?,
-                    created_at: r.try_get("created_at")?,
-                })
-            })
-            .collect()
-    }
+/// Sagas still in progress; spelled exactly like the partial indexes' predicate so the planner
+/// can use them.
+const ACTIVE: &str = " AND status IN ('running', 'compensating', 'needs_operator')";
 
-    pub async fn delete_outbox(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<()> {
-        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+/// `select` followed by the filter's conditions, every value bound, only the conditions given
+/// (so each combination gets a plan fitted to it).
+fn filtered(select: &'static str, f: &ListFilter) -> sqlx::QueryBuilder<Postgres> {
+    let mut q = sqlx::QueryBuilder::new(select);
+    if !f.statuses.is_empty() {
+        let statuses: Vec<&'static str> = f.statuses.iter().map(|s| s.as_str()).collect();
+        q.push(" AND status = ANY(").push_bind(statuses).push(")");
     }
+    if let Some(d) = &f.definition {
+        q.push(" AND definition = ").push_bind(d);
+    }
+    if let Some(v) = f.definition_version {
+        q.push(" AND definition_version = ").push_bind(v as i32);
+    }
+    if f.stuck_since.is_some() || f.participant.is_some() || f.step.is_some() {
+        q.push(ACTIVE);
+    }
+    if let Some(t) = f.stuck_since {
+        q.push(" AND updated_at < ").push_bind(t);
+    }
+    if let Some(p) = &f.participant {
+        q.push(" AND current_participant = ").push_bind(p);
+    }
+    if let Some(s) = &f.step {
+        q.push(" AND current_step = ").push_bind(s);
+    }
+    for (t, cond) in [
+        (f.created_after, " AND created_at >= "),
+        (f.created_before, " AND created_at < "),
+        (f.updated_after, " AND updated_at >= "),
+        (f.updated_before, " AND updated_at < "),
+    ] {
+        if let Some(t) = t {
+            q.push(cond).push_bind(t);
+        }
+    }
+    if let Some(e) = &f.error_contains {
+        // Escape LIKE's wildcards: the operator searches for text, not a pattern.
+        let escaped = e
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        q.push(" AND error ILIKE ")
+            .push_bind(format!("%{escaped}%"));
+    }
+    q
 }
 
 async fn lock_saga(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<SagaRecord> {
@@ -484,6 +547,17 @@ fn definition_of(registry: &Registry, record: &SagaRecord) -> Result<std::sync::
                 record.id, record.definition, record.definition_version
             ))
         })
+}
+
+fn history_from_row(r: &PgRow) -> Result<HistoryRecord> {
+    Ok(HistoryRecord {
+        seq: r.try_get("seq")?,
+        at: r.try_get("at")?,
+        kind: r.try_get("kind")?,
+        step: r.try_get("step")?,
+        command_id: r.try_get("command_id")?,
+        detail: r.try_get("detail")?,
+    })
 }
 
 fn parse_status(row: &PgRow) -> Result<Status> {
@@ -526,23 +600,41 @@ fn saga_from_row(row: &PgRow) -> Result<SagaRecord> {
         idempotency_key: row.try_get("idempotency_key")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        current_step: row.try_get("current_step")?,
     })
+}
+
+/// The outside world's inputs to one transition: now, a fresh command id, random jitter.
+fn ctx(now: OffsetDateTime) -> Ctx {
+    Ctx {
+        now,
+        next_command_id: Uuid::now_v7(),
+        jitter: rand::random::<f64>(),
+    }
 }
 
 /// Runs the engine on a locked saga and writes the result. Returns the new status.
 async fn transition(
     tx: &mut Transaction<'_, Postgres>,
     def: &Definition,
-    mut record: SagaRecord,
+    record: SagaRecord,
     event: Event,
     now: OffsetDateTime,
+    circuit: CircuitSettings,
 ) -> Result<Status> {
-    let ctx = Ctx {
-        now,
-        next_command_id: Uuid::now_v7(),
-        jitter: rand::random::<f64>(),
-    };
-    let t = engine::apply(def, &record.state, event, ctx);
+    let t = engine::apply(def, &record.state, event, ctx(now));
+    write_transition(tx, def, record, t, now, circuit).await
+}
+
+/// Persists a transition's new state and effects in the caller's transaction.
+async fn write_transition(
+    tx: &mut Transaction<'_, Postgres>,
+    def: &Definition,
+    mut record: SagaRecord,
+    t: engine::Transition,
+    now: OffsetDateTime,
+    circuit: CircuitSettings,
+) -> Result<Status> {
     if t.is_noop() {
         return Ok(record.state.status);
     }
@@ -563,11 +655,8 @@ async fn transition(
                 send_command(tx, def, &record, &cmd, now).await?;
                 sent = true;
             }
-            Effect::AttemptEnded {
-                command_id,
-                outcome,
-            } => {
-                end_attempt(tx, command_id, outcome, now).await?;
+            Effect::AttemptEnded { command_id, end } => {
+                end_attempt(tx, command_id, end, now, circuit).await?;
             }
             Effect::History {
                 kind,
@@ -598,9 +687,11 @@ async fn transition(
         } => (Some(command_id), Some(deadline)),
         Waiting::Retry { at } => (None, Some(at)),
     };
+    let current = (!t.state.status.is_terminal()).then(|| &def.steps[t.state.step]);
     sqlx::query(
         "UPDATE sagas SET status = $2, step = $3, kind = $4, attempt = $5, command_id = $6, wake_at = $7, \
-         error = $8, outputs = outputs || $9, updated_at = $10 WHERE id = $1",
+         error = $8, outputs = outputs || $9, updated_at = $10, current_step = $11, current_participant = $12 \
+         WHERE id = $1",
     )
     .bind(record.id)
     .bind(t.state.status.as_str())
@@ -612,6 +703,8 @@ async fn transition(
     .bind(&t.state.error)
     .bind(Value::Object(new_outputs))
     .bind(now)
+    .bind(current.map(|s| s.name.as_str()))
+    .bind(current.map(|s| s.participant.as_str()))
     .execute(&mut **tx)
     .await?;
 
@@ -764,21 +857,39 @@ async fn publish_lifecycle(
 async fn end_attempt(
     tx: &mut Transaction<'_, Postgres>,
     command_id: Uuid,
-    outcome: Option<Outcome>,
+    end: AttemptEnd,
     now: OffsetDateTime,
+    circuit: CircuitSettings,
 ) -> Result<()> {
-    let (outcome, output, reason, timed_out) = match outcome {
-        Some(Outcome::Success { output }) => (Some("success"), Some(output), None, false),
-        Some(Outcome::Failure { reason, .. }) => (Some("failure"), None, Some(reason), false),
-        None => (None, None, None, true),
+    // Business refusals say nothing about the participant's health; only silence and
+    // transient errors count against its circuit.
+    let (outcome, output, reason, timed_out, superseded, healthy) = match end {
+        AttemptEnd::Replied(Outcome::Success { output }) => (
+            Some("success"),
+            Some(output),
+            None,
+            false,
+            false,
+            Some(true),
+        ),
+        AttemptEnd::Replied(Outcome::Failure { reason, retryable }) => (
+            Some("failure"),
+            None,
+            Some(reason),
+            false,
+            false,
+            Some(!retryable),
+        ),
+        AttemptEnd::TimedOut => (None, None, None, true, false, Some(false)),
+        AttemptEnd::Superseded => (None, None, None, false, true, None),
     };
     // A late reply to a timed-out attempt fills in the reply without clearing `timed_out`.
-    sqlx::query(
+    let participant: Option<String> = sqlx::query_scalar(
         "UPDATE step_attempts SET \
            replied_at = CASE WHEN $2::text IS NULL THEN replied_at ELSE $5 END, \
            outcome = COALESCE($2, outcome), output = COALESCE($3, output), reason = COALESCE($4, reason), \
-           timed_out = timed_out OR $6 \
-         WHERE command_id = $1 AND replied_at IS NULL",
+           timed_out = timed_out OR $6, superseded = superseded OR $7 \
+         WHERE command_id = $1 AND replied_at IS NULL RETURNING participant",
     )
     .bind(command_id)
     .bind(outcome)
@@ -786,17 +897,11 @@ async fn end_attempt(
     .bind(reason)
     .bind(now)
     .bind(timed_out)
-    .execute(&mut **tx)
+    .bind(superseded)
+    .fetch_optional(&mut **tx)
     .await?;
+    if let (Some(participant), Some(healthy)) = (participant, healthy) {
+        participants::record_health(tx, &participant, healthy, now, circuit).await?;
+    }
     Ok(())
-}
-
-/// Counts by status, for tests and dashboards.
-pub async fn count_by_status(pool: &PgPool) -> Result<HashMap<String, i64>> {
-    let rows = sqlx::query("SELECT status, count(*) AS n FROM sagas GROUP BY status")
-        .fetch_all(pool)
-        .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get("status")?, r.try_get("n")?)))
-        .collect()
 }

@@ -1,0 +1,278 @@
+//! `saga.v1.AdminService`: repairs, bulk redrive, participant dispatch control and counts.
+//!
+//! Every repair names its operator (the caller's token) and needs a reason; both land in the
+//! saga's history. The engine decides whether a repair fits the saga's state; when it does not,
+//! the call fails with `FAILED_PRECONDITION` and the engine's explanation.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use time::OffsetDateTime;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::auth::caller;
+use super::convert::{filter_from_pb, participant_to_pb, saga_to_pb, status_to_pb, timestamp};
+use super::{parse_id, parse_json, status_of};
+use crate::definition::Registry;
+use crate::engine::{Operator, Repair};
+use crate::proto::v1 as pb;
+use crate::store::Store;
+
+const MAX_REASON: usize = 2000;
+const DEFAULT_REDRIVE_BATCH: u32 = 100;
+const MAX_REDRIVE_BATCH: u32 = 1000;
+
+pub struct AdminApi {
+    store: Store,
+    registry: Arc<Registry>,
+}
+
+impl AdminApi {
+    pub fn new(store: Store, registry: Arc<Registry>) -> Self {
+        AdminApi { store, registry }
+    }
+
+    async fn repair<T>(
+        &self,
+        req: &Request<T>,
+        saga_id: &str,
+        reason: &str,
+        repair: Repair,
+    ) -> Result<Response<pb::RepairResponse>, Status> {
+        let id = parse_id("saga_id", saga_id)?;
+        let by = operator(req, reason)?;
+        tracing::info!(saga_id = %id, action = repair.name(), actor = %by.actor, reason = %by.reason, "operator repair");
+        self.store
+            .repair(&self.registry, id, repair, &by, OffsetDateTime::now_utc())
+            .await
+            .map_err(status_of)?;
+        let (saga, attempts, history) = self.store.get_saga(id).await.map_err(status_of)?;
+        Ok(Response::new(pb::RepairResponse {
+            saga: Some(saga_to_pb(saga, attempts, history)),
+        }))
+    }
+}
+
+fn operator<T>(req: &Request<T>, reason: &str) -> Result<Operator, Status> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return Err(Status::invalid_argument(
+            "a reason is required: it is recorded in the saga's history",
+        ));
+    }
+    if reason.len() > MAX_REASON {
+        return Err(Status::invalid_argument(format!(
+            "reason is longer than {MAX_REASON} bytes"
+        )));
+    }
+    Ok(Operator {
+        actor: caller(req).name,
+        reason: reason.to_string(),
+    })
+}
+
+type ProgressStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RedriveProgress, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    type RedriveStream = ProgressStream;
+
+    async fn retry_step(
+        &self,
+        req: Request<pb::RepairRequest>,
+    ) -> Result<Response<pb::RepairResponse>, Status> {
+        let (id, reason) = (req.get_ref().saga_id.clone(), req.get_ref().reason.clone());
+        self.repair(&req, &id, &reason, Repair::RetryNow).await
+    }
+
+    async fn skip_step(
+        &self,
+        req: Request<pb::SkipStepRequest>,
+    ) -> Result<Response<pb::RepairResponse>, Status> {
+        let r = req.get_ref();
+        let output = if r.output_json.trim().is_empty() {
+            Value::Null
+        } else {
+            parse_json("output_json", &r.output_json)?
+        };
+        let (id, reason) = (r.saga_id.clone(), r.reason.clone());
+        self.repair(&req, &id, &reason, Repair::Skip { output })
+            .await
+    }
+
+    async fn compensate_saga(
+        &self,
+        req: Request<pb::RepairRequest>,
+    ) -> Result<Response<pb::RepairResponse>, Status> {
+        let (id, reason) = (req.get_ref().saga_id.clone(), req.get_ref().reason.clone());
+        self.repair(&req, &id, &reason, Repair::Compensate).await
+    }
+
+    async fn resolve_saga(
+        &self,
+        req: Request<pb::RepairRequest>,
+    ) -> Result<Response<pb::RepairResponse>, Status> {
+        let (id, reason) = (req.get_ref().saga_id.clone(), req.get_ref().reason.clone());
+        self.repair(&req, &id, &reason, Repair::Resolve).await
+    }
+
+    async fn redrive(
+        &self,
+        req: Request<pb::RedriveRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let by = operator(&req, &req.get_ref().reason)?;
+        let r = req.into_inner();
+        let f = r.filter.unwrap_or_default();
+        let filter = filter_from_pb(&f)?;
+        let narrowed = !filter.statuses.is_empty()
+            || filter.definition.is_some()
+            || filter.stuck_since.is_some()
+            || filter.participant.is_some()
+            || filter.step.is_some()
+            || filter.created_after.is_some()
+            || filter.created_before.is_some()
+            || filter.updated_after.is_some()
+            || filter.updated_before.is_some()
+            || filter.error_contains.is_some();
+        if !narrowed {
+            return Err(Status::invalid_argument(
+                "the filter selects every saga: narrow it (status, definition, stuck_for, participant, step, time range or error)",
+            ));
+        }
+        let batch = match r.batch_size {
+            0 => DEFAULT_REDRIVE_BATCH,
+            n if n <= MAX_REDRIVE_BATCH => n,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "batch_size {n} exceeds {MAX_REDRIVE_BATCH}"
+                )));
+            }
+        } as usize;
+        let ids = self
+            .store
+            .matching_ids(&filter, (r.limit > 0).then_some(r.limit))
+            .await
+            .map_err(status_of)?;
+        let matched = ids.len() as u64;
+        tracing::info!(matched, dry_run = r.dry_run, actor = %by.actor, reason = %by.reason, "redrive");
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (store, registry) = (self.store.clone(), self.registry.clone());
+        let dry_run = r.dry_run;
+        tokio::spawn(async move {
+            let as_strings = |ids: &[Uuid]| ids.iter().map(Uuid::to_string).collect::<Vec<_>>();
+            if dry_run || ids.is_empty() {
+                let progress = pb::RedriveProgress {
+                    matched,
+                    retried: if dry_run { matched } else { 0 },
+                    skipped: 0,
+                    saga_ids: as_strings(&ids),
+                    done: true,
+                };
+                let _ = tx.send(Ok(progress)).await;
+                return;
+            }
+            let (mut retried, mut skipped) = (0u64, 0u64);
+            let chunks: Vec<&[Uuid]> = ids.chunks(batch).collect();
+            let last = chunks.len() - 1;
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                // Keeps going when the caller hangs up: a half-done redrive is worse than a
+                // finished one nobody watched.
+                match store
+                    .retry_batch(&registry, chunk, &by, OffsetDateTime::now_utc())
+                    .await
+                {
+                    Ok((ok, refused)) => {
+                        retried += ok.len() as u64;
+                        skipped += refused.len() as u64;
+                        let progress = pb::RedriveProgress {
+                            matched,
+                            retried,
+                            skipped,
+                            saga_ids: as_strings(&ok),
+                            done: i == last,
+                        };
+                        let _ = tx.send(Ok(progress)).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(status_of(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn pause_participant(
+        &self,
+        req: Request<pb::ParticipantRequest>,
+    ) -> Result<Response<pb::Participant>, Status> {
+        let by = operator(&req, &req.get_ref().reason)?;
+        let name = req.get_ref().participant.trim();
+        let p = self
+            .store
+            .set_paused(name, true, &by.actor, &by.reason)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(participant_to_pb(p)))
+    }
+
+    async fn resume_participant(
+        &self,
+        req: Request<pb::ParticipantRequest>,
+    ) -> Result<Response<pb::Participant>, Status> {
+        let reason = Some(req.get_ref().reason.trim())
+            .filter(|r| !r.is_empty())
+            .unwrap_or("resumed");
+        let by = operator(&req, reason)?;
+        let name = req.get_ref().participant.trim();
+        let p = self
+            .store
+            .set_paused(name, false, &by.actor, &by.reason)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(participant_to_pb(p)))
+    }
+
+    async fn list_participants(
+        &self,
+        _req: Request<pb::ListParticipantsRequest>,
+    ) -> Result<Response<pb::ListParticipantsResponse>, Status> {
+        let participants = self.store.participants().await.map_err(status_of)?;
+        Ok(Response::new(pb::ListParticipantsResponse {
+            participants: participants.into_iter().map(participant_to_pb).collect(),
+        }))
+    }
+
+    async fn count_sagas(
+        &self,
+        req: Request<pb::CountSagasRequest>,
+    ) -> Result<Response<pb::CountSagasResponse>, Status> {
+        let definition = Some(req.get_ref().definition.trim()).filter(|d| !d.is_empty());
+        let (by_status, by_step) = self.store.counts(definition).await.map_err(status_of)?;
+        Ok(Response::new(pb::CountSagasResponse {
+            by_status: by_status
+                .into_iter()
+                .map(|(s, count)| pb::StatusCount {
+                    status: status_to_pb(s) as i32,
+                    count,
+                })
+                .collect(),
+            by_step: by_step
+                .into_iter()
+                .map(|c| pb::StepCount {
+                    definition: c.definition,
+                    step: c.step,
+                    participant: c.participant,
+                    status: status_to_pb(c.status) as i32,
+                    count: c.count,
+                    oldest_updated_at: Some(timestamp(c.oldest_updated_at)),
+                })
+                .collect(),
+        }))
+    }
+}
