@@ -287,3 +287,40 @@ pub async fn effects(
     .into_iter()
     .collect()
 }
+
+/// Adds `authorization: Bearer <token>` to every call (or nothing, for `None`).
+#[derive(Clone)]
+pub struct Bearer(pub Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        Ok(req)
+    }
+}
+
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+pub async fn clients(
+    addr: std::net::SocketAddr,
+    token: Option<&str>,
+) -> (
+    SagaServiceClient<AuthChannel>,
+    saga::proto::v1::admin_service_client::AdminServiceClient<AuthChannel>,
+) {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = Bearer(token.map(str::to_owned));
+    (
+        SagaServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        saga::proto::v1::admin_service_client::AdminServiceClient::with_interceptor(
+            channel, bearer,
+        ),
+    )
+}

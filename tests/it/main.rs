@@ -1,5 +1,6 @@
 //! Integration tests against the real PostgreSQL and RabbitMQ; each test isolated in its own
 //! database and vhost.
+mod admin;
 mod api;
 mod contract;
 mod demo;
