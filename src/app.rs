@@ -23,6 +23,7 @@ use crate::definition::{self, DefinitionError, Registry};
 use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::saga_service_server::SagaServiceServer;
 use crate::store::{CircuitSettings, Store, StoreError};
+use crate::telemetry;
 use crate::timers;
 
 /// Largest gRPC request accepted; saga inputs are further limited by
@@ -50,6 +51,7 @@ pub enum StartupError {
 
 pub struct Application {
     addr: SocketAddr,
+    metrics_addr: SocketAddr,
     store: Store,
     registry: Arc<Registry>,
     tasks: JoinSet<()>,
@@ -112,7 +114,27 @@ impl Application {
             source,
         })?;
 
+        let metrics_listener =
+            TcpListener::bind(settings.metrics_listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: settings.metrics_listen,
+                    source,
+                })?;
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind {
+                addr: settings.metrics_listen,
+                source,
+            })?;
+
         let mut tasks = JoinSet::new();
+        tasks.spawn(crate::metrics::serve_http(
+            metrics_listener,
+            store.clone(),
+            store.metrics().clone(),
+            shutdown.clone(),
+        ));
         info!(amqp = %redact_url(&settings.amqp_url), "starting outbox relay and reply consumer");
         tasks.spawn(broker::run_relay(
             store.clone(),
@@ -151,6 +173,7 @@ impl Application {
         info!(%addr, "sagad listening");
         Ok(Application {
             addr,
+            metrics_addr,
             store,
             registry,
             tasks,
@@ -161,6 +184,11 @@ impl Application {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
     }
 
     pub fn store(&self) -> &Store {
@@ -205,6 +233,32 @@ async fn declare_topology(amqp_url: &str, participants: &[String]) -> Result<(),
             )),
         ))),
     }
+}
+
+/// Cancels `token` on SIGINT or SIGTERM; a second signal gets the default handling.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the process");
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        token.cancel();
+    });
 }
 
 fn load_tokens(settings: &Settings) -> Result<Tokens, StartupError> {
@@ -252,6 +306,32 @@ fn load_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, StartupError
     Ok(Some(ServerTlsConfig::new().identity(identity)))
 }
 
+/// The server span of a gRPC call, named and attributed per the OpenTelemetry RPC conventions,
+/// continuing the caller's trace when it sent a `traceparent`.
+fn grpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let path = req.uri().path();
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        trace_id = tracing::field::Empty,
+    );
+    let parent = req
+        .headers()
+        .get(telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    telemetry::set_parent(&span, parent);
+    span.record("trace_id", telemetry::trace_id(&span));
+    span
+}
+
 async fn serve(
     listener: TcpListener,
     tls: Option<ServerTlsConfig>,
@@ -294,7 +374,7 @@ async fn serve(
     }
     // Health and reflection stay open, so stock probes and tools work without a token.
     let result = builder
-        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .trace_fn(grpc_span)
         .add_service(health)
         .add_optional_service(reflection)
         .add_service(InterceptedService::new(

@@ -5,6 +5,7 @@
 //! in the outbox, unacknowledged replies stay in their queue.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -18,12 +19,13 @@ use serde_json::Value;
 use sqlx::postgres::PgListener;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::contract::{self, ReplyBody, ReplyOutcome};
 use crate::definition::Registry;
 use crate::engine::Outcome;
 use crate::store::{OUTBOX_CHANNEL, ReplyResult, Store, StoreError, outbox, participants};
+use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -89,7 +91,13 @@ pub async fn run_relay(store: Store, settings: RelaySettings, shutdown: Cancella
     loop {
         match relay_session(&store, &settings, &shutdown, &mut backoff).await {
             Ok(()) => return,
-            Err(e) => warn!(error = %e, "outbox relay interrupted; reconnecting"),
+            Err(e) => {
+                store
+                    .metrics()
+                    .relay_connected
+                    .store(false, Ordering::Relaxed);
+                warn!(error = %e, "outbox relay interrupted; reconnecting")
+            }
         }
         if !backoff.wait(&shutdown).await {
             return;
@@ -113,6 +121,10 @@ async fn relay_session(
     let mut listener = PgListener::connect_with(store.pool()).await?;
     listener.listen(OUTBOX_CHANNEL).await?;
     info!("outbox relay connected");
+    store
+        .metrics()
+        .relay_connected
+        .store(true, Ordering::Relaxed);
     backoff.reset();
     loop {
         while publish_batch(store, &channel, settings.batch_size).await?
@@ -148,14 +160,34 @@ async fn publish_batch(store: &Store, channel: &Channel, limit: i64) -> Result<u
     // Publish everything, then wait for the confirms together: one broker round trip per batch.
     let mut confirms = Vec::with_capacity(rows.len());
     for row in &rows {
+        // One producer span per message, child of the call that started the saga; its context
+        // travels in the `traceparent` header so the participant's work joins the trace.
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = %format!("publish {}", row.exchange),
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "send",
+            messaging.destination.name = %row.exchange,
+            messaging.rabbitmq.destination.routing_key = %row.routing_key,
+            messaging.message.id = %row.message_id,
+        );
+        telemetry::set_parent(&span, row.properties.get("parent").and_then(Value::as_str));
+        let properties = message_properties(
+            row.message_id,
+            row.created_at,
+            &row.properties,
+            telemetry::traceparent(&span),
+        );
         let confirm = channel
             .basic_publish(
                 row.exchange.as_str().into(),
                 row.routing_key.as_str().into(),
                 BasicPublishOptions::default(),
                 &row.body,
-                message_properties(row.message_id, row.created_at, &row.properties),
+                properties,
             )
+            .instrument(span)
             .await?;
         confirms.push((row.message_id, confirm));
     }
@@ -189,6 +221,7 @@ fn message_properties(
     message_id: uuid::Uuid,
     created_at: OffsetDateTime,
     props: &Value,
+    traceparent: Option<String>,
 ) -> BasicProperties {
     let text = |k: &str| {
         props
@@ -198,6 +231,12 @@ fn message_properties(
             .to_string()
     };
     let mut headers = FieldTable::default();
+    if let Some(tp) = traceparent {
+        headers.insert(
+            telemetry::TRACEPARENT.into(),
+            AMQPValue::LongString(tp.into()),
+        );
+    }
     if let Some(Value::Object(map)) = props.get("headers") {
         for (k, v) in map {
             let value = match v {
@@ -241,7 +280,13 @@ pub async fn run_reply_consumer(
     loop {
         match consume_session(&store, &registry, &settings, &shutdown, &mut backoff).await {
             Ok(()) => return,
-            Err(e) => warn!(error = %e, "reply consumer interrupted; reconnecting"),
+            Err(e) => {
+                store
+                    .metrics()
+                    .consumer_connected
+                    .store(false, Ordering::Relaxed);
+                warn!(error = %e, "reply consumer interrupted; reconnecting")
+            }
         }
         if !backoff.wait(&shutdown).await {
             return;
@@ -276,6 +321,10 @@ async fn consume_session(
         )
         .await?;
     info!(queue = contract::REPLIES_QUEUE, "reply consumer connected");
+    store
+        .metrics()
+        .consumer_connected
+        .store(true, Ordering::Relaxed);
     backoff.reset();
 
     let stopped = shutdown.clone();
@@ -306,10 +355,42 @@ async fn handle_reply(
     channel: &Channel,
     delivery: lapin::message::Delivery,
 ) {
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format!("process {}", contract::REPLIES_QUEUE),
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.destination.name = contract::REPLIES_QUEUE,
+        messaging.message.id = tracing::field::Empty,
+        saga.command_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let headers = delivery.properties.headers().clone().unwrap_or_default();
+    telemetry::set_parent(
+        &span,
+        contract::header_str(&headers, telemetry::TRACEPARENT),
+    );
+    span.record("trace_id", telemetry::trace_id(&span));
+    if let Some(id) = delivery.properties.message_id() {
+        span.record("messaging.message.id", id.as_str());
+    }
+    apply_reply_message(store, registry, channel, delivery)
+        .instrument(span)
+        .await
+}
+
+async fn apply_reply_message(
+    store: &Store,
+    registry: &Registry,
+    channel: &Channel,
+    delivery: lapin::message::Delivery,
+) {
     let reply = match ReplyBody::parse(&delivery.data) {
         Ok(reply) => reply,
-        Err(reason) => return dead_letter(channel, delivery, &reason).await,
+        Err(reason) => return dead_letter(store, channel, delivery, &reason).await,
     };
+    tracing::Span::current().record("saga.command_id", tracing::field::display(reply.command_id));
     let outcome = match reply.outcome {
         ReplyOutcome::Success => Outcome::Success {
             output: reply.output,
@@ -335,11 +416,12 @@ async fn handle_reply(
         }
         Ok(ReplyResult::UnknownCommand) => {
             let reason = format!("unknown command id {}: no saga sent it", reply.command_id);
-            dead_letter(channel, delivery, &reason).await
+            dead_letter(store, channel, delivery, &reason).await
         }
         Err(StoreError::Corrupt(e)) => {
             error!(command_id = %reply.command_id, error = %e, "reply for a corrupt saga");
             dead_letter(
+                store,
                 channel,
                 delivery,
                 &format!("saga state cannot be read: {e}"),
@@ -370,7 +452,12 @@ async fn ack(delivery: &lapin::message::Delivery) {
 }
 
 /// Copies a refused message to the dead-letter exchange with `x-saga-error`, then acks it.
-async fn dead_letter(channel: &Channel, delivery: lapin::message::Delivery, reason: &str) {
+async fn dead_letter(
+    store: &Store,
+    channel: &Channel,
+    delivery: lapin::message::Delivery,
+    reason: &str,
+) {
     warn!(reason, "reply dead-lettered");
     let mut headers = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
@@ -400,7 +487,10 @@ async fn dead_letter(channel: &Channel, delivery: lapin::message::Delivery, reas
     }
     .await;
     match published {
-        Ok(confirm) if confirm.is_ack() => ack(&delivery).await,
+        Ok(confirm) if confirm.is_ack() => {
+            store.metrics().dead_lettered();
+            ack(&delivery).await
+        }
         other => {
             // Keep the message rather than lose it; it comes back and is tried again.
             warn!(result = ?other.map(|c| c.is_ack()), "dead-letter publish failed; requeued");

@@ -26,6 +26,9 @@ pub struct Settings {
     /// Address the gRPC API listens on.
     #[arg(long, env = "SAGA_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address of the HTTP endpoints `/metrics` (Prometheus), `/healthz` and `/readyz`.
+    #[arg(long, env = "SAGA_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
     /// Directory of saga definition files (`*.toml`).
     #[arg(long, env = "SAGA_DEFINITIONS", default_value = "sagas")]
     pub definitions: PathBuf,

@@ -40,17 +40,18 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection as _};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 use uuid::Uuid;
 
 use crate::contract::{self, CommandBody, ReplyBody, ReplyOutcome};
+use crate::telemetry;
 
 /// The demo tables. Idempotent, so every demo process may run it at start.
 pub const SCHEMA: &str = r#"
@@ -566,6 +567,29 @@ impl Handler {
                 return;
             }
         };
+        // The participant's work joins the saga's trace, as the contract asks participants to.
+        let span = tracing::info_span!(
+            "process",
+            otel.name = %format!("process {}", contract::participant_queue(&self.participant)),
+            otel.kind = "consumer",
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %contract::participant_queue(&self.participant),
+            messaging.message.id = %command.command_id,
+            saga.id = %command.saga_id,
+            saga.step = %command.step,
+        );
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        telemetry::set_parent(
+            &span,
+            contract::header_str(&headers, telemetry::TRACEPARENT),
+        );
+        self.handle_command(delivery, command)
+            .instrument(span)
+            .await
+    }
+
+    async fn handle_command(&self, delivery: Delivery, command: CommandBody) {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
@@ -713,10 +737,18 @@ impl Handler {
             .filter(|q| !q.is_empty())
             .unwrap_or(contract::REPLIES_QUEUE);
         let body = serde_json::to_vec(reply)?;
+        let mut headers = FieldTable::default();
+        if let Some(tp) = telemetry::traceparent(&tracing::Span::current()) {
+            headers.insert(
+                telemetry::TRACEPARENT.into(),
+                AMQPValue::LongString(tp.into()),
+            );
+        }
         let properties = BasicProperties::default()
             .with_content_type(contract::JSON.into())
             .with_delivery_mode(2)
-            .with_correlation_id(reply.command_id.to_string().into());
+            .with_correlation_id(reply.command_id.to_string().into())
+            .with_headers(headers);
         let copies = if self.duplicate_replies { 2 } else { 1 };
         for _ in 0..copies {
             let confirm = self

@@ -7,7 +7,7 @@
 //! - [`contract`]: the AMQP wire contract shared with participants.
 //! - [`timers`]: the sweeper that fires reply deadlines and retry back-offs.
 //! - [`api`]: the gRPC service; [`proto`]: its generated code.
-//! - [`app`]: start-up and shutdown; [`config`]: settings.
+//! - [`app`]: start-up and shutdown; [`config`]: settings; [`telemetry`]: logs and traces.
 //! - [`demo`]: demo participants (order, payment, delivery) that follow the contract.
 //! - [`cli`]: `sagactl`'s formatting and checks (pure, unit-tested).
 pub mod api;
@@ -19,6 +19,8 @@ pub mod contract;
 pub mod definition;
 pub mod demo;
 pub mod engine;
+pub mod metrics;
 pub mod proto;
 pub mod store;
+pub mod telemetry;
 pub mod timers;

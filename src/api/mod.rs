@@ -168,7 +168,13 @@ impl pb::saga_service_server::SagaService for SagaApi {
         let key = (!key.is_empty()).then_some(key);
         let (id, created, status) = self
             .store
-            .start_saga(&def, input, key, OffsetDateTime::now_utc())
+            .start_saga(
+                &def,
+                input,
+                key,
+                crate::telemetry::traceparent(&tracing::Span::current()),
+                OffsetDateTime::now_utc(),
+            )
             .await
             .map_err(status_of)?;
         tracing::info!(saga_id = %id, definition = %def.name, created, "start saga");

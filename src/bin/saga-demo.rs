@@ -6,8 +6,6 @@ use std::time::Duration;
 use clap::Parser;
 use saga::demo::{self, DemoConfig, FailRule};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Demo saga participants: order, payment and delivery")]
@@ -62,15 +60,13 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    let telemetry = saga::telemetry::Telemetry::init("saga-demo", false);
     let args = Args::parse();
     demo::ensure_database(&args.database_url).await?;
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
-    demo::run(
+    saga::app::cancel_on_signal(shutdown.clone());
+    let result = demo::run(
         DemoConfig {
             amqp_url: args.amqp_url,
             database_url: args.database_url,
@@ -82,28 +78,7 @@ async fn main() -> anyhow::Result<()> {
         },
         shutdown,
     )
-    .await
-}
-
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    info!("shutting down: finishing in-flight commands");
-    shutdown.cancel();
+    .await;
+    telemetry.shutdown();
+    result
 }

@@ -6,6 +6,7 @@ use saga::app::Application;
 use saga::config::{Settings, redact_url};
 use saga::definition;
 use saga::store::Store;
+use saga::telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -39,56 +40,16 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,sqlx=warn,lapin=warn,h2=warn,tower=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
-
-/// SIGINT or SIGTERM cancels the token; a second signal is left to the default handler.
-fn cancel_on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot watch SIGTERM");
-                        let _ = ctrl_c.await;
-                        token.cancel();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        token.cancel();
-    });
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let telemetry = Telemetry::init("sagad", matches!(cli.log_format, LogFormat::Json));
     let settings = cli.settings;
     let result: anyhow::Result<()> = async {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => {
                 let shutdown = CancellationToken::new();
-                cancel_on_signal(shutdown.clone());
+                saga::app::cancel_on_signal(shutdown.clone());
                 let app = Application::build(settings, shutdown).await?;
                 app.run_until_stopped().await;
             }
@@ -114,6 +75,7 @@ async fn main() -> ExitCode {
         Ok(())
     }
     .await;
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -37,7 +37,7 @@ impl Store {
         let def = definition_of(registry, &record)?;
         let t = engine::repair(&def, &record.state, repair, by, ctx(now))
             .map_err(|refused| StoreError::FailedPrecondition(refused.0))?;
-        write_transition(&mut tx, &def, record, t, now, self.circuit).await?;
+        write_transition(&mut tx, &def, record, t, now, &self.env()).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -78,7 +78,7 @@ impl Store {
             match engine::repair(&def, &record.state, Repair::RetryNow, by, ctx(now)) {
                 Ok(t) => {
                     retried.push(record.id);
-                    write_transition(&mut tx, &def, record, t, now, self.circuit).await?;
+                    write_transition(&mut tx, &def, record, t, now, &self.env()).await?;
                 }
                 Err(_) => skipped.push(record.id),
             }

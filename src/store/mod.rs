@@ -5,6 +5,7 @@
 //! never published from here: the outbox relay does that after the commit.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -18,13 +19,14 @@ use crate::definition::{Definition, Registry};
 use crate::engine::{
     self, AttemptEnd, Ctx, Effect, Event, Kind, Outcome, SagaState, Status, Waiting,
 };
+use crate::metrics::Metrics;
 
 /// The channel the relay listens on; notified by every transaction that fills the outbox.
 /// The columns [`saga_from_row`] reads; a macro so queries stay `&'static str` literals.
 macro_rules! saga_columns {
     () => {
         "id, definition, definition_version, status, step, kind, attempt, command_id, wake_at, \
-         input, outputs, error, idempotency_key, created_at, updated_at, current_step"
+         input, outputs, error, idempotency_key, created_at, updated_at, current_step, traceparent"
     };
 }
 
@@ -75,6 +77,8 @@ pub struct SagaRecord {
     pub updated_at: OffsetDateTime,
     /// The step being executed or compensated; `None` once finished.
     pub current_step: Option<String>,
+    /// W3C trace context of the call that started the saga.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -156,6 +160,7 @@ impl Default for CircuitSettings {
 pub struct Store {
     pool: PgPool,
     circuit: CircuitSettings,
+    metrics: Arc<Metrics>,
 }
 
 impl Store {
@@ -198,12 +203,29 @@ impl Store {
         Ok(Store {
             pool,
             circuit: CircuitSettings::default(),
+            metrics: Arc::new(Metrics::new()),
         })
     }
 
     pub fn with_circuit(mut self, circuit: CircuitSettings) -> Store {
         self.circuit = circuit;
         self
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Messages waiting in the outbox, and how long the oldest has waited.
+    pub async fn outbox_backlog(&self) -> Result<(i64, Duration)> {
+        let row = sqlx::query("SELECT count(*) AS n, EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS age FROM outbox")
+            .fetch_one(&self.pool)
+            .await?;
+        let age: Option<f64> = row.try_get("age")?;
+        Ok((
+            row.try_get("n")?,
+            Duration::from_secs_f64(age.unwrap_or(0.0).max(0.0)),
+        ))
     }
 
     pub fn circuit(&self) -> CircuitSettings {
@@ -267,14 +289,15 @@ impl Store {
         def: &Definition,
         input: Value,
         idempotency_key: Option<&str>,
+        traceparent: Option<String>,
         now: OffsetDateTime,
     ) -> Result<(Uuid, bool, Status)> {
         let id = Uuid::now_v7();
         let mut tx = self.pool.begin().await?;
         let inserted: Option<Uuid> = sqlx::query_scalar(
             "INSERT INTO sagas (id, definition, definition_version, status, step, kind, attempt, input, \
-             idempotency_key, created_at, updated_at) \
-             VALUES ($1, $2, $3, 'running', 0, 'action', 0, $4, $5, $6, $6) \
+             idempotency_key, created_at, updated_at, traceparent) \
+             VALUES ($1, $2, $3, 'running', 0, 'action', 0, $4, $5, $6, $6, $7) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         )
         .bind(id)
@@ -283,6 +306,7 @@ impl Store {
         .bind(&input)
         .bind(idempotency_key)
         .bind(now)
+        .bind(&traceparent)
         .fetch_optional(&mut *tx)
         .await?;
         if inserted.is_none() {
@@ -312,8 +336,9 @@ impl Store {
             created_at: now,
             updated_at: now,
             current_step: None,
+            traceparent,
         };
-        let status = transition(&mut tx, def, record, Event::Start, now, self.circuit).await?;
+        let status = transition(&mut tx, def, record, Event::Start, now, &self.env()).await?;
         tx.commit().await?;
         Ok((id, true, status))
     }
@@ -356,7 +381,7 @@ impl Store {
                 outcome,
             },
             now,
-            self.circuit,
+            &self.env(),
         )
         .await?;
         tx.commit().await?;
@@ -387,7 +412,7 @@ impl Store {
         for row in rows {
             let record = saga_from_row(&row)?;
             let def = definition_of(registry, &record)?;
-            transition(&mut tx, &def, record, Event::Timer, now, self.circuit).await?;
+            transition(&mut tx, &def, record, Event::Timer, now, &self.env()).await?;
         }
         tx.commit().await?;
         Ok(n)
@@ -601,7 +626,23 @@ fn saga_from_row(row: &PgRow) -> Result<SagaRecord> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         current_step: row.try_get("current_step")?,
+        traceparent: row.try_get("traceparent")?,
     })
+}
+
+/// What a transition's writes need besides the transaction.
+struct Env<'a> {
+    circuit: CircuitSettings,
+    metrics: &'a Metrics,
+}
+
+impl Store {
+    fn env(&self) -> Env<'_> {
+        Env {
+            circuit: self.circuit,
+            metrics: &self.metrics,
+        }
+    }
 }
 
 /// The outside world's inputs to one transition: now, a fresh command id, random jitter.
@@ -620,10 +661,10 @@ async fn transition(
     record: SagaRecord,
     event: Event,
     now: OffsetDateTime,
-    circuit: CircuitSettings,
+    env: &Env<'_>,
 ) -> Result<Status> {
     let t = engine::apply(def, &record.state, event, ctx(now));
-    write_transition(tx, def, record, t, now, circuit).await
+    write_transition(tx, def, record, t, now, env).await
 }
 
 /// Persists a transition's new state and effects in the caller's transaction.
@@ -633,7 +674,7 @@ async fn write_transition(
     mut record: SagaRecord,
     t: engine::Transition,
     now: OffsetDateTime,
-    circuit: CircuitSettings,
+    env: &Env<'_>,
 ) -> Result<Status> {
     if t.is_noop() {
         return Ok(record.state.status);
@@ -656,7 +697,7 @@ async fn write_transition(
                 sent = true;
             }
             Effect::AttemptEnded { command_id, end } => {
-                end_attempt(tx, command_id, end, now, circuit).await?;
+                end_attempt(tx, command_id, end, now, env).await?;
             }
             Effect::History {
                 kind,
@@ -673,7 +714,8 @@ async fn write_transition(
             }
             Effect::Lifecycle(status) => {
                 tracing::info!(saga_id = %record.id, definition = %def.name, status = status.as_str(), "saga lifecycle");
-                publish_lifecycle(tx, def, record.id, status, now).await?;
+                publish_lifecycle(tx, def, &record, status, now).await?;
+                env.metrics.saga_event(&def.name, status);
                 sent = true;
             }
         }
@@ -791,6 +833,7 @@ async fn send_command(
         "type": command,
         "correlation_id": record.id.to_string(),
         "reply_to": contract::REPLIES_QUEUE,
+        "parent": record.traceparent,
         "headers": {
             contract::H_SAGA_ID: record.id.to_string(),
             contract::H_DEFINITION: def.name,
@@ -817,10 +860,11 @@ async fn send_command(
 async fn publish_lifecycle(
     tx: &mut Transaction<'_, Postgres>,
     def: &Definition,
-    saga_id: Uuid,
+    record: &SagaRecord,
     status: Status,
     now: OffsetDateTime,
 ) -> Result<()> {
+    let saga_id = record.id;
     let event = match status {
         Status::Running => "started",
         other => other.as_str(),
@@ -838,6 +882,7 @@ async fn publish_lifecycle(
     let properties = json!({
         "type": format!("saga.{event}"),
         "correlation_id": saga_id.to_string(),
+        "parent": record.traceparent,
         "headers": { contract::H_SAGA_ID: saga_id.to_string(), contract::H_DEFINITION: def.name },
     });
     let bytes = serde_json::to_vec(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -859,7 +904,7 @@ async fn end_attempt(
     command_id: Uuid,
     end: AttemptEnd,
     now: OffsetDateTime,
-    circuit: CircuitSettings,
+    env: &Env<'_>,
 ) -> Result<()> {
     // Business refusals say nothing about the participant's health; only silence and
     // transient errors count against its circuit.
@@ -884,12 +929,12 @@ async fn end_attempt(
         AttemptEnd::Superseded => (None, None, None, false, true, None),
     };
     // A late reply to a timed-out attempt fills in the reply without clearing `timed_out`.
-    let participant: Option<String> = sqlx::query_scalar(
+    let ended = sqlx::query(
         "UPDATE step_attempts SET \
            replied_at = CASE WHEN $2::text IS NULL THEN replied_at ELSE $5 END, \
            outcome = COALESCE($2, outcome), output = COALESCE($3, output), reason = COALESCE($4, reason), \
            timed_out = timed_out OR $6, superseded = superseded OR $7 \
-         WHERE command_id = $1 AND replied_at IS NULL RETURNING participant",
+         WHERE command_id = $1 AND replied_at IS NULL RETURNING participant, step, kind, sent_at",
     )
     .bind(command_id)
     .bind(outcome)
@@ -900,8 +945,24 @@ async fn end_attempt(
     .bind(superseded)
     .fetch_optional(&mut **tx)
     .await?;
-    if let (Some(participant), Some(healthy)) = (participant, healthy) {
-        participants::record_health(tx, &participant, healthy, now, circuit).await?;
+    let Some(row) = ended else { return Ok(()) };
+    let participant: String = row.try_get("participant")?;
+    if let Some(healthy) = healthy {
+        participants::record_health(tx, &participant, healthy, now, env.circuit).await?;
+        let sent_at: OffsetDateTime = row.try_get("sent_at")?;
+        let label = if timed_out {
+            "timeout"
+        } else {
+            outcome.unwrap_or("none")
+        };
+        let took = (now - sent_at).try_into().unwrap_or_default();
+        env.metrics.step_ended(
+            &participant,
+            row.try_get("step")?,
+            row.try_get("kind")?,
+            label,
+            took,
+        );
     }
     Ok(())
 }

@@ -53,6 +53,7 @@ impl TestEnv {
         s.database_url = self.database_url();
         s.amqp_url = self.amqp_url();
         s.listen = "127.0.0.1:0".parse().unwrap();
+        s.metrics_listen = "127.0.0.1:0".parse().unwrap();
         s.definitions = definitions.to_path_buf();
         s.db_max_connections = 8;
         s.timer_poll = Duration::from_millis(50);
@@ -129,6 +130,7 @@ pub fn definitions_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
 }
 
 pub struct TestApp {
+    pub metrics_addr: std::net::SocketAddr,
     #[allow(dead_code)] // used by the sagactl tests
     pub addr: std::net::SocketAddr,
     pub client: SagaServiceClient<Channel>,
@@ -153,28 +155,58 @@ impl Drop for TestApp {
 }
 
 pub async fn spawn_app(settings: Settings) -> TestApp {
-    // Logs show up for failing tests only (the test writer is captured).
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn,lapin=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    spans();
     let shutdown = CancellationToken::new();
     let app = Application::build(settings, shutdown.clone())
         .await
         .expect("sagad starts");
     let addr = app.local_addr();
+    let metrics_addr = app.metrics_addr();
     let handle = tokio::spawn(app.run_until_stopped());
     let client = SagaServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
     TestApp {
         addr,
+        metrics_addr,
         client,
         shutdown,
         handle: Some(handle),
     }
+}
+
+/// Every span the tests' processes (sagad, demo participants) finished, through the same
+/// layers `sagad` installs; logs show up for failing tests only (the test writer is captured).
+pub fn spans() -> &'static opentelemetry_sdk::trace::InMemorySpanExporter {
+    static EXPORTER: std::sync::OnceLock<opentelemetry_sdk::trace::InMemorySpanExporter> =
+        std::sync::OnceLock::new();
+    EXPORTER.get_or_init(|| {
+        let exporter = opentelemetry_sdk::trace::InMemorySpanExporter::default();
+        let provider = saga::telemetry::provider("sagad-test", Some(exporter.clone()), true);
+        let _ =
+            tracing::subscriber::set_global_default(saga::telemetry::test_subscriber(&provider));
+        // Lives as long as the test process.
+        std::mem::forget(provider);
+        exporter
+    })
+}
+
+/// GET `path` over plain HTTP/1.0; returns (status code, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_string())
 }
 
 /// Polls GetSaga until the saga reaches `status`; fails with the saga's state after `within`.

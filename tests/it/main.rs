@@ -5,4 +5,5 @@ mod api;
 mod contract;
 mod demo;
 mod helpers;
+mod observe;
 mod sagas;
