@@ -12,6 +12,7 @@ pub struct Settings {
     /// PostgreSQL URL. The database is created if it does not exist.
     #[arg(
         long,
+        global = true,
         env = "SAGA_DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/saga"
     )]
@@ -19,62 +20,93 @@ pub struct Settings {
     /// RabbitMQ URL (the vhost is the path, `%2f` for `/`).
     #[arg(
         long,
+        global = true,
         env = "SAGA_AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
     /// Address the gRPC API listens on.
-    #[arg(long, env = "SAGA_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "SAGA_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
     pub listen: SocketAddr,
     /// Address of the HTTP endpoints `/metrics` (Prometheus), `/healthz` and `/readyz`.
-    #[arg(long, env = "SAGA_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    #[arg(
+        long,
+        global = true,
+        env = "SAGA_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
     pub metrics_listen: SocketAddr,
     /// Directory of saga definition files (`*.toml`).
-    #[arg(long, env = "SAGA_DEFINITIONS", default_value = "sagas")]
+    #[arg(long, global = true, env = "SAGA_DEFINITIONS", default_value = "sagas")]
     pub definitions: PathBuf,
     /// Size of the PostgreSQL connection pool.
-    #[arg(long, env = "SAGA_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(
+        long,
+        global = true,
+        env = "SAGA_DB_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
     pub db_max_connections: u32,
     /// Replies processed concurrently (the AMQP prefetch of the reply consumer).
-    #[arg(long, env = "SAGA_REPLY_PREFETCH", default_value_t = 64)]
+    #[arg(long, global = true, env = "SAGA_REPLY_PREFETCH", default_value_t = 64)]
     pub reply_prefetch: u16,
     /// Outbox rows published per batch (one confirm round trip per batch).
-    #[arg(long, env = "SAGA_OUTBOX_BATCH", default_value_t = 256)]
+    #[arg(long, global = true, env = "SAGA_OUTBOX_BATCH", default_value_t = 256)]
     pub outbox_batch: i64,
     /// How often the relay polls the outbox when no notification arrives.
-    #[arg(long, env = "SAGA_OUTBOX_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SAGA_OUTBOX_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub outbox_poll: Duration,
     /// How often due timers (reply deadlines, retry back-offs) are looked for.
-    #[arg(long, env = "SAGA_TIMER_POLL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SAGA_TIMER_POLL", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub timer_poll: Duration,
     /// Consecutive timeouts or transient failures of a participant that open its circuit
     /// (its commands then wait instead of being sent).
-    #[arg(long, env = "SAGA_CIRCUIT_FAILURES", default_value_t = 5)]
+    #[arg(
+        long,
+        global = true,
+        env = "SAGA_CIRCUIT_FAILURES",
+        default_value_t = 5
+    )]
     pub circuit_failures: u32,
     /// How long an open circuit waits before probing the participant with one command.
-    #[arg(long, env = "SAGA_CIRCUIT_COOLDOWN", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SAGA_CIRCUIT_COOLDOWN", default_value = "5s", value_parser = humantime::parse_duration)]
     pub circuit_cooldown: Duration,
     /// TOML file of API tokens: `[[token]]` entries with `name`, `scope` ("participant" or
     /// "operator") and `token`.
-    #[arg(long, env = "SAGA_TOKENS_FILE")]
+    #[arg(long, global = true, env = "SAGA_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
     /// An operator token (named "operator"), in addition to the file.
-    #[arg(long, env = "SAGA_OPERATOR_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "SAGA_OPERATOR_TOKEN",
+        hide_env_values = true
+    )]
     pub operator_token: Option<String>,
     /// A participant token (named "participant"), in addition to the file.
-    #[arg(long, env = "SAGA_PARTICIPANT_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "SAGA_PARTICIPANT_TOKEN",
+        hide_env_values = true
+    )]
     pub participant_token: Option<String>,
     /// Serve the API without authentication on a non-loopback address (never in production).
-    #[arg(long, env = "SAGA_ALLOW_ANONYMOUS")]
+    #[arg(long, global = true, env = "SAGA_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
     /// PEM certificate chain for TLS on the gRPC listener (with --tls-key).
-    #[arg(long, env = "SAGA_TLS_CERT", requires = "tls_key")]
+    #[arg(long, global = true, env = "SAGA_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for TLS on the gRPC listener (with --tls-cert).
-    #[arg(long, env = "SAGA_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, global = true, env = "SAGA_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// How long shutdown waits for in-flight work before giving up.
-    #[arg(long, env = "SAGA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "SAGA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 }
 
