@@ -129,7 +129,6 @@ pub fn definitions_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
 }
 
 pub struct TestApp {
-    #[allow(dead_code)] // used by the sagactl tests
     pub addr: std::net::SocketAddr,
     pub client: SagaServiceClient<Channel>,
     shutdown: CancellationToken,

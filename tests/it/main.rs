@@ -4,4 +4,5 @@ mod api;
 mod contract;
 mod demo;
 mod helpers;
+mod sagactl;
 mod sagas;
