@@ -1,6 +1,7 @@
-//! The pure half of `sagactl`: enum names, timestamps, JSON handling and the rendering of API
-//! responses as text tables or JSON documents. Nothing here does I/O, so all of it is unit-tested
-//! without a server; the binary only parses flags, calls the API and prints what these return.
+//! The pure half of `sagactl`: enum names, timestamps, JSON handling, the conversion of flags
+//! into requests, and the rendering of API responses as text tables or JSON documents. Nothing
+//! here does I/O, so all of it is unit-tested without a server; the binary only parses flags,
+//! calls the API and prints what these return.
 
 use std::borrow::Cow;
 use std::error::Error;
@@ -14,7 +15,8 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 
 use crate::proto::v1::{
-    CommandKind, HistoryEvent, Outcome, Saga, SagaStatus, SagaSummary, StartSagaResponse,
+    CircuitState, CommandKind, CountSagasResponse, HistoryEvent, ListSagasRequest, Outcome,
+    Participant, RedriveProgress, RedriveRequest, Saga, SagaStatus, SagaSummary, StartSagaResponse,
     StepAttempt,
 };
 
@@ -54,6 +56,17 @@ pub fn outcome_name(raw: i32) -> Option<Cow<'static, str>> {
         Ok(Outcome::Success) => Some("success".into()),
         Ok(Outcome::Failure) => Some("failure".into()),
         Err(_) => Some(format!("unknown({raw})").into()),
+    }
+}
+
+/// `closed`, `open` or `half_open`.
+pub fn circuit_name(raw: i32) -> Cow<'static, str> {
+    match CircuitState::try_from(raw) {
+        Ok(CircuitState::Unspecified) => "unspecified".into(),
+        Ok(CircuitState::Closed) => "closed".into(),
+        Ok(CircuitState::Open) => "open".into(),
+        Ok(CircuitState::HalfOpen) => "half_open".into(),
+        Err(_) => format!("unknown({raw})").into(),
     }
 }
 
@@ -334,12 +347,14 @@ fn attempt_json(a: &StepAttempt) -> Value {
         "replied_at": timestamp_rfc3339(a.replied_at.as_ref()),
         "outcome": outcome_name(a.outcome),
         "timed_out": a.timed_out,
+        "superseded": a.superseded,
         "output": json_value(&a.output_json),
         "reason": opt_string(&a.reason),
     })
 }
 
-fn event_json(e: &HistoryEvent) -> Value {
+/// One history event; `sagactl watch --output json` prints these one per line.
+pub fn event_json(e: &HistoryEvent) -> Value {
     json!({
         "seq": e.seq,
         "at": timestamp_rfc3339(e.at.as_ref()),
@@ -428,6 +443,12 @@ fn push_json_block(out: &mut String, name: &str, raw: &str) {
 fn attempt_row(a: &StepAttempt) -> Vec<String> {
     let outcome = outcome_name(a.outcome);
     let result = match (&outcome, a.timed_out) {
+        // An operator moved the saga on while it was in flight; a reply that still came is
+        // recorded but changed nothing.
+        _ if a.superseded => match &outcome {
+            Some(o) => format!("superseded (late {o})"),
+            None => "superseded".to_owned(),
+        },
         (_, true) => "timed out".to_owned(),
         (Some(o), false) => o.to_string(),
         (None, false) => "pending".to_owned(),
@@ -501,6 +522,515 @@ pub fn list_table(sagas: &[SagaSummary], next_page_token: &str) -> String {
     if !next_page_token.is_empty() {
         let _ = writeln!(out, "next page: --page-token {next_page_token}");
     }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flags → requests
+
+/// A saga status as a `--status` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusFilter {
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
+    #[value(name = "needs_operator", alias = "needs-operator")]
+    NeedsOperator,
+    Resolved,
+}
+
+impl From<StatusFilter> for SagaStatus {
+    fn from(status: StatusFilter) -> Self {
+        match status {
+            StatusFilter::Running => SagaStatus::Running,
+            StatusFilter::Compensating => SagaStatus::Compensating,
+            StatusFilter::Completed => SagaStatus::Completed,
+            StatusFilter::Compensated => SagaStatus::Compensated,
+            StatusFilter::NeedsOperator => SagaStatus::NeedsOperator,
+            StatusFilter::Resolved => SagaStatus::Resolved,
+        }
+    }
+}
+
+const FILTERS: &str = "Filters";
+
+/// Which sagas `list` shows and `redrive` retries.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FilterArgs {
+    /// Only sagas in this status; repeat or separate with commas for several.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        value_name = "STATUS",
+        help_heading = FILTERS
+    )]
+    pub status: Vec<StatusFilter>,
+
+    /// Only sagas of this definition.
+    #[arg(long, value_name = "NAME", help_heading = FILTERS)]
+    pub definition: Option<String>,
+
+    /// Only sagas of this version of the definition (needs --definition).
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "definition",
+        value_parser = clap::value_parser!(u32).range(1..),
+        help_heading = FILTERS
+    )]
+    pub definition_version: Option<u32>,
+
+    /// Only unfinished sagas that made no progress for this long, e.g. 10m, 2h.
+    #[arg(long, value_name = "DURATION", value_parser = parse_stuck_for, help_heading = FILTERS)]
+    pub stuck_for: Option<prost_types::Duration>,
+
+    /// Only unfinished sagas whose current step runs on this participant.
+    #[arg(long, value_name = "NAME", help_heading = FILTERS)]
+    pub participant: Option<String>,
+
+    /// Only unfinished sagas whose current step is this one.
+    #[arg(long, value_name = "NAME", help_heading = FILTERS)]
+    pub step: Option<String>,
+
+    /// Only sagas created at or after this time (RFC 3339, e.g. 2026-11-25T08:00:00Z).
+    #[arg(long, value_name = "TIME", value_parser = parse_time, help_heading = FILTERS)]
+    pub created_after: Option<Timestamp>,
+
+    /// Only sagas created before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time, help_heading = FILTERS)]
+    pub created_before: Option<Timestamp>,
+
+    /// Only sagas last updated at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time, help_heading = FILTERS)]
+    pub updated_after: Option<Timestamp>,
+
+    /// Only sagas last updated before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time, help_heading = FILTERS)]
+    pub updated_before: Option<Timestamp>,
+
+    /// Only sagas whose error contains this text (case-insensitive).
+    #[arg(long = "error", value_name = "TEXT", help_heading = FILTERS)]
+    pub error_contains: Option<String>,
+}
+
+impl FilterArgs {
+    /// The filter part of a ListSagas (or Redrive) request; paging is the caller's.
+    pub fn to_request(&self) -> Result<ListSagasRequest, String> {
+        check_range(
+            "--created-after",
+            self.created_after.as_ref(),
+            "--created-before",
+            self.created_before.as_ref(),
+        )?;
+        check_range(
+            "--updated-after",
+            self.updated_after.as_ref(),
+            "--updated-before",
+            self.updated_before.as_ref(),
+        )?;
+        let text = |t: &Option<String>| t.as_deref().map(str::trim).unwrap_or("").to_owned();
+        Ok(ListSagasRequest {
+            statuses: self
+                .status
+                .iter()
+                .map(|&s| SagaStatus::from(s) as i32)
+                .collect(),
+            definition: text(&self.definition),
+            definition_version: self.definition_version.unwrap_or(0),
+            stuck_for: self.stuck_for,
+            participant: text(&self.participant),
+            step: text(&self.step),
+            created_after: self.created_after,
+            created_before: self.created_before,
+            updated_after: self.updated_after,
+            updated_before: self.updated_before,
+            error_contains: text(&self.error_contains),
+            page_size: 0,
+            page_token: String::new(),
+        })
+    }
+
+    /// Whether the filter narrows the selection, which a bulk repair requires: a slip of the
+    /// finger must not retry every saga.
+    pub fn is_narrowed(&self) -> bool {
+        let given = |t: &Option<String>| t.as_deref().is_some_and(|t| !t.trim().is_empty());
+        !self.status.is_empty()
+            || given(&self.definition)
+            || self.stuck_for.is_some()
+            || given(&self.participant)
+            || given(&self.step)
+            || self.created_after.is_some()
+            || self.created_before.is_some()
+            || self.updated_after.is_some()
+            || self.updated_before.is_some()
+            || given(&self.error_contains)
+    }
+}
+
+fn check_range(
+    after_flag: &str,
+    after: Option<&Timestamp>,
+    before_flag: &str,
+    before: Option<&Timestamp>,
+) -> Result<(), String> {
+    if let (Some(a), Some(b)) = (after, before)
+        && (a.seconds, a.nanos) >= (b.seconds, b.nanos)
+    {
+        return Err(format!(
+            "{after_flag} ({}) must be earlier than {before_flag} ({}): no saga could match",
+            timestamp_rfc3339(Some(a)).unwrap_or_default(),
+            timestamp_rfc3339(Some(b)).unwrap_or_default(),
+        ));
+    }
+    Ok(())
+}
+
+/// An RFC 3339 time (`2026-11-25T08:00:00Z`, `2026-11-25T09:00:00+01:00`) as a timestamp.
+pub fn parse_time(text: &str) -> Result<Timestamp, String> {
+    let t = OffsetDateTime::parse(text.trim(), &Rfc3339).map_err(|_| {
+        "expected an RFC 3339 time with a zone, e.g. 2026-11-25T08:00:00Z".to_owned()
+    })?;
+    Ok(Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: t.nanosecond() as i32,
+    })
+}
+
+/// A duration such as `10m` or `1h 30m`, longer than zero.
+pub fn parse_stuck_for(text: &str) -> Result<prost_types::Duration, String> {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| format!("{e} (e.g. 10m, 2h)"))?;
+    if d.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    prost_types::Duration::try_from(d).map_err(|_| "is too long".to_owned())
+}
+
+/// A repair's reason: recorded in the saga's history, so it may not be blank.
+pub fn parse_reason(text: &str) -> Result<String, String> {
+    let reason = text.trim();
+    if reason.is_empty() {
+        return Err("must say why (it is recorded in the saga's history)".to_owned());
+    }
+    Ok(reason.to_owned())
+}
+
+/// The redrive of `filter`; `batch_size` and `limit` of `None` leave the server's defaults
+/// (100 per batch, no limit).
+pub fn redrive_request(
+    filter: ListSagasRequest,
+    reason: &str,
+    dry_run: bool,
+    batch_size: Option<u32>,
+    limit: Option<u32>,
+) -> RedriveRequest {
+    RedriveRequest {
+        filter: Some(filter),
+        reason: reason.to_owned(),
+        dry_run,
+        batch_size: batch_size.unwrap_or(0),
+        limit: limit.unwrap_or(0),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// watch
+
+/// One history event as a line of `sagactl watch`: sequence, time, kind, step, command and
+/// details, with fixed-width leading columns so consecutive lines line up.
+pub fn event_line(e: &HistoryEvent) -> String {
+    let details = render_details(&json_value(&e.detail_json));
+    let line = format!(
+        "{:>4}  {}  {:<22}  {:<18}  {:<8}  {}",
+        e.seq,
+        timestamp_cell(e.at.as_ref()),
+        e.kind,
+        or_none(&e.step),
+        or_none(short_id(&e.command_id)),
+        details,
+    );
+    line.trim_end().to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Repairs
+
+/// What `retry`, `skip`, `compensate` and `resolve` print: what was done, then the saga as
+/// `show` renders it.
+pub fn repair_table(done: &str, saga: &Saga) -> String {
+    format!("{done} (saga {})\n\n{}", saga.id, saga_table(saga))
+}
+
+/// How many saga ids a redrive preview lists before summarising the rest.
+pub const PREVIEW_IDS: usize = 20;
+
+/// A redrive as the client saw it: the last progress counters and every saga id reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveOutcome {
+    pub dry_run: bool,
+    pub matched: u64,
+    pub retried: u64,
+    pub skipped: u64,
+    /// With dry_run: the sagas that would be retried; otherwise those retried.
+    pub saga_ids: Vec<String>,
+    pub done: bool,
+}
+
+impl RedriveOutcome {
+    pub fn new(dry_run: bool) -> Self {
+        RedriveOutcome {
+            dry_run,
+            ..Default::default()
+        }
+    }
+
+    /// Takes in one progress message: the counters are running totals, the ids per batch.
+    pub fn absorb(&mut self, p: RedriveProgress) {
+        self.matched = p.matched;
+        self.retried = p.retried;
+        self.skipped = p.skipped;
+        self.saga_ids.extend(p.saga_ids);
+        self.done |= p.done;
+    }
+
+    /// Sagas handled so far, for a progress bar whose length is `matched`.
+    pub fn handled(&self) -> u64 {
+        self.retried + self.skipped
+    }
+}
+
+fn sagas(n: u64) -> String {
+    if n == 1 {
+        "1 saga".to_owned()
+    } else {
+        format!("{n} sagas")
+    }
+}
+
+/// What a dry run found: how many sagas match and the first [`PREVIEW_IDS`] of them.
+pub fn redrive_preview(outcome: &RedriveOutcome) -> String {
+    if outcome.matched == 0 {
+        return "no saga matches the filter\n".to_owned();
+    }
+    let verb = if outcome.matched == 1 {
+        "matches"
+    } else {
+        "match"
+    };
+    let mut out = format!("{} {verb} the filter:\n", sagas(outcome.matched));
+    for id in outcome.saga_ids.iter().take(PREVIEW_IDS) {
+        let _ = writeln!(out, "  {id}");
+    }
+    let listed = outcome.saga_ids.len().min(PREVIEW_IDS) as u64;
+    if outcome.matched > listed {
+        let _ = writeln!(out, "  … and {} more", outcome.matched - listed);
+    }
+    out
+}
+
+/// The confirmation question, without a newline (the answer goes on the same line).
+pub fn redrive_prompt(matched: u64) -> String {
+    format!("Retry {}? [y/N] ", sagas(matched))
+}
+
+/// Whether an answer to a `[y/N]` question is yes; anything else, including nothing, is no.
+pub fn confirmed(answer: &str) -> bool {
+    matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+}
+
+/// The last line of a redrive.
+pub fn redrive_summary(outcome: &RedriveOutcome) -> String {
+    if outcome.dry_run {
+        return format!("{}dry run: nothing was retried\n", redrive_preview(outcome));
+    }
+    let mut out = format!(
+        "matched {}, retried {}, skipped {}",
+        outcome.matched, outcome.retried, outcome.skipped
+    );
+    if outcome.skipped > 0 {
+        out.push_str(" (finished or changed since they matched)");
+    }
+    if !outcome.done {
+        out.push_str("; the server ended the stream early, some sagas may not have been tried");
+    }
+    out.push('\n');
+    out
+}
+
+pub fn redrive_json(outcome: &RedriveOutcome) -> Value {
+    json!({
+        "dry_run": outcome.dry_run,
+        "matched": outcome.matched,
+        "retried": outcome.retried,
+        "skipped": outcome.skipped,
+        "saga_ids": outcome.saga_ids,
+        "done": outcome.done,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Participants
+
+pub fn participant_json(p: &Participant) -> Value {
+    json!({
+        "name": p.name,
+        "paused": p.paused,
+        "paused_by": opt_string(&p.paused_by),
+        "paused_reason": opt_string(&p.paused_reason),
+        "paused_at": timestamp_rfc3339(p.paused_at.as_ref()),
+        "circuit": circuit_name(p.circuit),
+        "consecutive_failures": p.consecutive_failures,
+        "circuit_changed_at": timestamp_rfc3339(p.circuit_changed_at.as_ref()),
+        "held_commands": p.held_commands,
+    })
+}
+
+pub fn participants_json(participants: &[Participant]) -> Value {
+    json!({
+        "participants": participants.iter().map(participant_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn participants_table(participants: &[Participant]) -> String {
+    if participants.is_empty() {
+        return "no participants\n".to_owned();
+    }
+    let mut table = new_table(&[
+        "NAME",
+        "DISPATCH",
+        "PAUSED BY",
+        "PAUSED SINCE",
+        "REASON",
+        "CIRCUIT",
+        "FAILURES",
+        "HELD",
+    ]);
+    for p in participants {
+        let (dispatch, by, since, reason) = if p.paused {
+            (
+                "paused",
+                or_none(&p.paused_by).to_owned(),
+                timestamp_cell(p.paused_at.as_ref()),
+                or_none(&truncate(&one_line(&p.paused_reason), CELL_JSON_MAX)).to_owned(),
+            )
+        } else {
+            ("active", NONE.into(), NONE.into(), NONE.into())
+        };
+        table.add_row(vec![
+            p.name.clone(),
+            dispatch.to_owned(),
+            by,
+            since,
+            reason,
+            circuit_name(p.circuit).into_owned(),
+            p.consecutive_failures.to_string(),
+            p.held_commands.to_string(),
+        ]);
+    }
+    table_text(&table)
+}
+
+/// What `pause` and `resume` print: the participant's state afterwards.
+pub fn participant_line(p: &Participant) -> String {
+    let mut out = if p.paused {
+        format!(
+            "participant {} is paused by {}: {}",
+            p.name,
+            or_none(&p.paused_by),
+            one_line(&p.paused_reason)
+        )
+    } else {
+        format!("participant {} is active", p.name)
+    };
+    let _ = write!(
+        out,
+        " (circuit {}, {} held command{})",
+        circuit_name(p.circuit),
+        p.held_commands,
+        if p.held_commands == 1 { "" } else { "s" }
+    );
+    out.push('\n');
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counts
+
+/// A coarse age such as `45s`, `12m`, `3h05m` or `2d04h`: enough to see what waits longest.
+pub fn age(since: Option<&Timestamp>, now: OffsetDateTime) -> String {
+    let Some(then) = since.and_then(to_datetime) else {
+        return NONE.to_owned();
+    };
+    let secs = (now - then).whole_seconds().max(0);
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+pub fn counts_json(resp: &CountSagasResponse) -> Value {
+    json!({
+        "by_status": resp.by_status.iter().map(|c| json!({
+            "status": saga_status_name(c.status),
+            "count": c.count,
+        })).collect::<Vec<_>>(),
+        "by_step": resp.by_step.iter().map(|c| json!({
+            "definition": c.definition,
+            "step": opt_string(&c.step),
+            "participant": opt_string(&c.participant),
+            "status": saga_status_name(c.status),
+            "count": c.count,
+            "oldest_updated_at": timestamp_rfc3339(c.oldest_updated_at.as_ref()),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Sagas per status, then the unfinished ones per step with how long the longest-waiting one
+/// has made no progress.
+pub fn counts_table(resp: &CountSagasResponse, now: OffsetDateTime) -> String {
+    if resp.by_status.is_empty() {
+        return "no sagas\n".to_owned();
+    }
+    let mut table = new_table(&["STATUS", "SAGAS"]);
+    for c in &resp.by_status {
+        table.add_row(vec![
+            saga_status_name(c.status).into_owned(),
+            c.count.to_string(),
+        ]);
+    }
+    let total: u64 = resp.by_status.iter().map(|c| c.count).sum();
+    table.add_row(vec!["total".to_owned(), total.to_string()]);
+    let mut out = table_text(&table);
+
+    out.push_str("\nunfinished sagas by step:\n");
+    if resp.by_step.is_empty() {
+        out.push_str("  (none)\n");
+        return out;
+    }
+    let mut table = new_table(&[
+        "DEFINITION",
+        "STEP",
+        "PARTICIPANT",
+        "STATUS",
+        "SAGAS",
+        "WAITING SINCE",
+        "FOR",
+    ]);
+    for c in &resp.by_step {
+        table.add_row(vec![
+            c.definition.clone(),
+            or_none(&c.step).to_owned(),
+            or_none(&c.participant).to_owned(),
+            saga_status_name(c.status).into_owned(),
+            c.count.to_string(),
+            timestamp_cell(c.oldest_updated_at.as_ref()),
+            age(c.oldest_updated_at.as_ref(), now),
+        ]);
+    }
+    out.push_str(&table_text(&table));
     out
 }
 
@@ -810,5 +1340,460 @@ mod tests {
         assert_eq!(v["sagas"][0]["status"], "running");
         assert_eq!(v["sagas"][0]["error"], Value::Null);
         assert_eq!(list_json(&[], "tok")["next_page_token"], "tok");
+    }
+
+    #[test]
+    fn superseded_attempts_say_so() {
+        let mut saga = sample_saga();
+        saga.attempts[1].timed_out = false;
+        saga.attempts[1].superseded = true;
+        let text = saga_table(&saga);
+        let charge = text.lines().find(|l| l.contains("payments")).unwrap();
+        assert!(charge.contains("superseded"), "{charge}");
+        assert!(!charge.contains("pending"), "{charge}");
+        assert_eq!(saga_json(&saga)["attempts"][1]["superseded"], true);
+        assert_eq!(saga_json(&saga)["attempts"][0]["superseded"], false);
+
+        // A reply that arrived after the operator moved on is shown, but as late.
+        saga.attempts[1].outcome = Outcome::Success as i32;
+        let text = saga_table(&saga);
+        let charge = text.lines().find(|l| l.contains("payments")).unwrap();
+        assert!(charge.contains("superseded (late success)"), "{charge}");
+    }
+
+    #[test]
+    fn resolved_is_a_status_and_a_filter() {
+        assert_eq!(saga_status_name(SagaStatus::Resolved as i32), "resolved");
+        assert_eq!(
+            SagaStatus::from(StatusFilter::Resolved),
+            SagaStatus::Resolved
+        );
+        let f = filters(&["--status", "resolved,needs-operator"]).unwrap();
+        assert_eq!(
+            f.to_request().unwrap().statuses,
+            [
+                SagaStatus::Resolved as i32,
+                SagaStatus::NeedsOperator as i32
+            ]
+        );
+    }
+
+    /// Parses filter flags the way `sagactl list` does.
+    fn filters(args: &[&str]) -> Result<FilterArgs, clap::Error> {
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            filter: FilterArgs,
+        }
+        let argv = std::iter::once("sagactl").chain(args.iter().copied());
+        <Wrap as clap::Parser>::try_parse_from(argv).map(|w| w.filter)
+    }
+
+    #[test]
+    fn filter_flags_become_a_list_request() {
+        let f = filters(&[
+            "--definition",
+            " order_fulfillment ",
+            "--definition-version",
+            "2",
+            "--stuck-for",
+            "10m",
+            "--participant",
+            "payment",
+            "--step",
+            "authorize_payment",
+            "--created-after",
+            "2026-11-25T08:00:00Z",
+            "--created-before",
+            "2026-11-25T10:00:00+01:00",
+            "--updated-after",
+            "2026-11-25T08:30:00.5Z",
+            "--error",
+            "declined",
+        ])
+        .unwrap();
+        assert!(f.is_narrowed());
+        let r = f.to_request().unwrap();
+        assert_eq!(r.definition, "order_fulfillment");
+        assert_eq!(r.definition_version, 2);
+        assert_eq!(
+            r.stuck_for,
+            Some(prost_types::Duration {
+                seconds: 600,
+                nanos: 0
+            })
+        );
+        assert_eq!(
+            (r.participant.as_str(), r.step.as_str()),
+            ("payment", "authorize_payment")
+        );
+        // 2026-11-25T08:00:00Z
+        assert_eq!(r.created_after, Some(ts(1_795_593_600, 0)));
+        // 10:00 at +01:00 is 09:00 UTC.
+        assert_eq!(r.created_before, Some(ts(1_795_597_200, 0)));
+        assert_eq!(r.updated_after, Some(ts(1_795_595_400, 500_000_000)));
+        assert_eq!(r.updated_before, None);
+        assert_eq!(r.error_contains, "declined");
+        assert!(r.statuses.is_empty());
+        assert_eq!((r.page_size, r.page_token.as_str()), (0, ""));
+
+        let empty = filters(&[]).unwrap();
+        assert!(!empty.is_narrowed());
+        assert_eq!(empty.to_request().unwrap(), ListSagasRequest::default());
+        // Blank text narrows nothing.
+        assert!(!filters(&["--step", " "]).unwrap().is_narrowed());
+    }
+
+    #[test]
+    fn bad_filter_flags_are_refused_before_any_call() {
+        use clap::error::ErrorKind;
+        assert_eq!(
+            filters(&["--definition-version", "2"]).unwrap_err().kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            filters(&["--definition", "d", "--definition-version", "0"])
+                .unwrap_err()
+                .kind(),
+            ErrorKind::ValueValidation
+        );
+        for bad in [
+            ["--stuck-for", "0s"],
+            ["--stuck-for", "soon"],
+            ["--created-after", "yesterday"],
+            ["--updated-before", "2026-11-25 08:00"],
+            ["--status", "done"],
+        ] {
+            assert!(filters(&bad).is_err(), "{bad:?}");
+        }
+        let inverted = filters(&[
+            "--updated-after",
+            "2026-11-25T09:00:00Z",
+            "--updated-before",
+            "2026-11-25T08:00:00Z",
+        ])
+        .unwrap()
+        .to_request()
+        .unwrap_err();
+        assert_eq!(
+            inverted,
+            "--updated-after (2026-11-25T09:00:00Z) must be earlier than --updated-before \
+             (2026-11-25T08:00:00Z): no saga could match"
+        );
+    }
+
+    #[test]
+    fn times_durations_and_reasons_parse() {
+        assert_eq!(
+            parse_time("1970-01-01T00:00:01.25Z"),
+            Ok(ts(1, 250_000_000))
+        );
+        assert_eq!(parse_time(" 1970-01-01T01:00:00+01:00 "), Ok(ts(0, 0)));
+        let e = parse_time("2026-11-25").unwrap_err();
+        assert!(e.contains("RFC 3339"), "{e}");
+        assert_eq!(
+            parse_stuck_for("1h 30m").unwrap(),
+            prost_types::Duration {
+                seconds: 5400,
+                nanos: 0
+            }
+        );
+        assert_eq!(
+            parse_stuck_for("0ms").unwrap_err(),
+            "must be longer than zero"
+        );
+        assert_eq!(parse_reason("  disk full  ").unwrap(), "disk full");
+        assert!(parse_reason(" \t").is_err());
+    }
+
+    #[test]
+    fn redrive_requests_carry_filter_reason_and_batching() {
+        let filter = filters(&["--step", "create_order"])
+            .unwrap()
+            .to_request()
+            .unwrap();
+        let r = redrive_request(filter.clone(), "broker was down", true, None, Some(7));
+        assert_eq!(r.filter.as_ref(), Some(&filter));
+        assert_eq!(r.reason, "broker was down");
+        assert!(r.dry_run);
+        assert_eq!((r.batch_size, r.limit), (0, 7));
+        let r = redrive_request(filter, "x", false, Some(10), None);
+        assert_eq!((r.dry_run, r.batch_size, r.limit), (false, 10, 0));
+    }
+
+    #[test]
+    fn watch_lines_are_one_event_each() {
+        let e = HistoryEvent {
+            seq: 7,
+            at: Some(ts(1_700_000_000, 0)),
+            kind: "step_succeeded".into(),
+            step: "create_order".into(),
+            command_id: "00000000-0000-7000-8000-0000000000a1".into(),
+            detail_json: r#"{"attempt":1}"#.into(),
+        };
+        let line = event_line(&e);
+        assert!(!line.contains('\n'));
+        assert!(
+            line.starts_with("   7  2023-11-14T22:13:20.000Z  step_succeeded "),
+            "{line}"
+        );
+        assert!(line.contains(" create_order "), "{line}");
+        assert!(line.contains("000000a1"), "{line}");
+        assert!(line.ends_with("attempt=1"), "{line}");
+        let bare = HistoryEvent {
+            seq: 1,
+            kind: "saga_started".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            event_line(&bare),
+            format!(
+                "   1  -  saga_started{}  -{}  -",
+                " ".repeat(10),
+                " ".repeat(17)
+            )
+        );
+        assert_eq!(event_json(&e)["kind"], "step_succeeded");
+        assert_eq!(event_json(&e)["detail"], json!({"attempt": 1}));
+    }
+
+    #[test]
+    fn repairs_print_what_was_done_then_the_saga() {
+        let text = repair_table("retried the current step", &sample_saga());
+        assert!(
+            text.starts_with("retried the current step (saga saga-1)\n\nid:"),
+            "{text}"
+        );
+        assert!(text.contains("step attempts:"));
+    }
+
+    fn progress(
+        matched: u64,
+        retried: u64,
+        skipped: u64,
+        ids: &[&str],
+        done: bool,
+    ) -> RedriveProgress {
+        RedriveProgress {
+            matched,
+            retried,
+            skipped,
+            saga_ids: ids.iter().map(|s| s.to_string()).collect(),
+            done,
+        }
+    }
+
+    #[test]
+    fn redrive_progress_accumulates() {
+        let mut o = RedriveOutcome::new(false);
+        o.absorb(progress(5, 2, 0, &["a", "b"], false));
+        assert_eq!(o.handled(), 2);
+        assert!(!o.done);
+        o.absorb(progress(5, 4, 1, &["c", "d"], true));
+        assert_eq!((o.matched, o.retried, o.skipped, o.handled()), (5, 4, 1, 5));
+        assert_eq!(o.saga_ids, ["a", "b", "c", "d"]);
+        assert!(o.done);
+        assert_eq!(
+            redrive_summary(&o),
+            "matched 5, retried 4, skipped 1 (finished or changed since they matched)\n"
+        );
+        assert_eq!(
+            redrive_json(&o),
+            json!({"dry_run": false, "matched": 5, "retried": 4, "skipped": 1,
+                   "saga_ids": ["a", "b", "c", "d"], "done": true})
+        );
+        let mut cut = RedriveOutcome::new(false);
+        cut.absorb(progress(5, 2, 0, &["a", "b"], false));
+        assert!(redrive_summary(&cut).contains("ended the stream early"));
+    }
+
+    #[test]
+    fn redrive_previews_list_the_first_ids() {
+        let ids: Vec<String> = (0..25).map(|i| format!("id-{i:02}")).collect();
+        let mut o = RedriveOutcome::new(true);
+        o.absorb(RedriveProgress {
+            matched: 25,
+            retried: 25,
+            skipped: 0,
+            saga_ids: ids,
+            done: true,
+        });
+        let text = redrive_preview(&o);
+        assert!(
+            text.starts_with("25 sagas match the filter:\n  id-00\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  id-19\n") && !text.contains("id-20"),
+            "{text}"
+        );
+        assert!(text.ends_with("  … and 5 more\n"), "{text}");
+        assert!(redrive_summary(&o).ends_with("dry run: nothing was retried\n"));
+
+        let mut one = RedriveOutcome::new(true);
+        one.absorb(progress(1, 1, 0, &["only"], true));
+        assert_eq!(
+            redrive_preview(&one),
+            "1 saga matches the filter:\n  only\n"
+        );
+        assert_eq!(
+            redrive_preview(&RedriveOutcome::new(true)),
+            "no saga matches the filter\n"
+        );
+        assert_eq!(redrive_prompt(3), "Retry 3 sagas? [y/N] ");
+        assert_eq!(redrive_prompt(1), "Retry 1 saga? [y/N] ");
+        for yes in ["y", "Y\n", " yes ", "YES"] {
+            assert!(confirmed(yes), "{yes:?}");
+        }
+        for no in ["", "\n", "n", "no", "yep", "y y"] {
+            assert!(!confirmed(no), "{no:?}");
+        }
+    }
+
+    fn participant(name: &str, paused: bool) -> Participant {
+        Participant {
+            name: name.into(),
+            paused,
+            paused_by: if paused {
+                "alice".into()
+            } else {
+                String::new()
+            },
+            paused_reason: if paused {
+                "payment provider maintenance".into()
+            } else {
+                String::new()
+            },
+            paused_at: paused.then(|| ts(1_700_000_000, 0)),
+            circuit: if paused {
+                CircuitState::Closed as i32
+            } else {
+                CircuitState::HalfOpen as i32
+            },
+            consecutive_failures: if paused { 0 } else { 5 },
+            circuit_changed_at: None,
+            held_commands: if paused { 12 } else { 1 },
+        }
+    }
+
+    #[test]
+    fn participants_render_pause_and_circuit() {
+        let ps = [participant("payment", true), participant("order", false)];
+        let text = participants_table(&ps);
+        assert!(text.starts_with("NAME"), "{text}");
+        let payment = text.lines().find(|l| l.starts_with("payment")).unwrap();
+        for cell in [
+            "paused",
+            "alice",
+            "2023-11-14T22:13:20.000Z",
+            "payment provider maintenance",
+            "closed",
+            "12",
+        ] {
+            assert!(payment.contains(cell), "{payment}");
+        }
+        let order = text.lines().find(|l| l.starts_with("order")).unwrap();
+        for cell in ["active", "half_open", "5", "1"] {
+            assert!(order.contains(cell), "{order}");
+        }
+        assert_eq!(participants_table(&[]), "no participants\n");
+        assert_eq!(
+            participant_line(&ps[0]),
+            "participant payment is paused by alice: payment provider maintenance \
+             (circuit closed, 12 held commands)\n"
+        );
+        assert_eq!(
+            participant_line(&ps[1]),
+            "participant order is active (circuit half_open, 1 held command)\n"
+        );
+        let v = participants_json(&ps);
+        assert_eq!(v["participants"][0]["paused_by"], "alice");
+        assert_eq!(v["participants"][0]["held_commands"], 12);
+        assert_eq!(v["participants"][1]["paused_by"], Value::Null);
+        assert_eq!(v["participants"][1]["circuit"], "half_open");
+        assert_eq!(circuit_name(CircuitState::Open as i32), "open");
+        assert_eq!(circuit_name(9), "unknown(9)");
+    }
+
+    #[test]
+    fn ages_are_coarse() {
+        let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let ago = |s: i64| age(Some(&ts(1_700_000_000 - s, 0)), now);
+        assert_eq!(ago(0), "0s");
+        assert_eq!(ago(59), "59s");
+        assert_eq!(ago(600), "10m");
+        assert_eq!(ago(3 * 3600 + 5 * 60 + 9), "3h05m");
+        assert_eq!(ago(2 * 86_400 + 4 * 3600), "2d04h");
+        // A clock ahead of ours is not a negative age.
+        assert_eq!(ago(-30), "0s");
+        assert_eq!(age(None, now), "-");
+    }
+
+    #[test]
+    fn counts_by_status_then_by_step() {
+        use crate::proto::v1::{StatusCount, StepCount};
+        let resp = CountSagasResponse {
+            by_status: vec![
+                StatusCount {
+                    status: SagaStatus::Running as i32,
+                    count: 3,
+                },
+                StatusCount {
+                    status: SagaStatus::Completed as i32,
+                    count: 40,
+                },
+            ],
+            by_step: vec![StepCount {
+                definition: "order_fulfillment".into(),
+                step: "create_order".into(),
+                participant: "order".into(),
+                status: SagaStatus::Running as i32,
+                count: 3,
+                oldest_updated_at: Some(ts(1_700_000_000, 0)),
+            }],
+        };
+        let now = OffsetDateTime::from_unix_timestamp(1_700_000_600).unwrap();
+        let text = counts_table(&resp, now);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("STATUS"), "{text}");
+        assert!(
+            lines[1].starts_with("running") && lines[1].ends_with('3'),
+            "{text}"
+        );
+        assert!(
+            lines[3].starts_with("total") && lines[3].ends_with("43"),
+            "{text}"
+        );
+        assert_eq!(lines[5], "unfinished sagas by step:");
+        let row = lines
+            .iter()
+            .find(|l| l.starts_with("order_fulfillment"))
+            .unwrap();
+        for cell in [
+            "create_order",
+            "order",
+            "running",
+            "2023-11-14T22:13:20.000Z",
+            "10m",
+        ] {
+            assert!(row.contains(cell), "{row}");
+        }
+        let v = counts_json(&resp);
+        assert_eq!(
+            v["by_status"][1],
+            json!({"status": "completed", "count": 40})
+        );
+        assert_eq!(v["by_step"][0]["oldest_updated_at"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["by_step"][0]["participant"], "order");
+
+        let idle = CountSagasResponse {
+            by_status: resp.by_status.clone(),
+            by_step: vec![],
+        };
+        assert!(counts_table(&idle, now).ends_with("unfinished sagas by step:\n  (none)\n"));
+        assert_eq!(
+            counts_table(&CountSagasResponse::default(), now),
+            "no sagas\n"
+        );
     }
 }

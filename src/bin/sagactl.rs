@@ -1,23 +1,28 @@
 //! `sagactl`: the command-line client for sagad's gRPC API.
 
 use std::error::Error as _;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use saga::cli;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use saga::cli::{self, FilterArgs, RedriveOutcome};
+use saga::proto::v1::admin_service_client::AdminServiceClient;
 use saga::proto::v1::saga_service_client::SagaServiceClient;
-use saga::proto::v1::{GetSagaRequest, ListSagasRequest, SagaStatus, StartSagaRequest};
+use saga::proto::v1::{
+    CountSagasRequest, GetSagaRequest, ListParticipantsRequest, ParticipantRequest, RedriveRequest,
+    RepairRequest, Saga, SkipStepRequest, StartSagaRequest, WatchSagaRequest,
+};
 use serde_json::Value;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-/// Start, inspect and list sagas on a sagad server.
+/// Start, inspect, list and repair sagas on a sagad server.
 #[derive(Debug, Parser)]
 #[command(name = "sagactl", version, propagate_version = true)]
 struct Cli {
@@ -47,13 +52,15 @@ struct Global {
     /// Bearer token sent with every call.
     // The value is never echoed: not in --help, not in errors.
     #[arg(long, global = true, help_heading = GLOBAL, env = "SAGA_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    token: Option<Token>,
 
-    /// Output format: human-readable tables, or one JSON document.
+    /// Output format: human-readable tables, or JSON (one document; `watch`: one object per
+    /// line).
     #[arg(long, global = true, help_heading = GLOBAL, value_enum, default_value_t = Output::Table)]
     output: Output,
 
-    /// Deadline for connecting and for each call, e.g. 500ms, 10s, 1m.
+    /// Deadline for connecting and for each call (for `watch` and `redrive`: until the stream
+    /// starts), e.g. 500ms, 10s, 1m.
     #[arg(
         long,
         global = true,
@@ -63,6 +70,24 @@ struct Global {
         value_parser = humantime::parse_duration
     )]
     timeout: Duration,
+}
+
+/// The bearer token; `Debug` does not show it.
+#[derive(Clone)]
+struct Token(String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(***)")
+    }
+}
+
+impl std::str::FromStr for Token {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Token(s.to_owned()))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -79,6 +104,26 @@ enum Command {
     Show(ShowArgs),
     /// List sagas, newest first.
     List(ListArgs),
+    /// Follow a saga's history as it happens, until the saga ends.
+    Watch(WatchArgs),
+    /// Re-send the current step's command (or compensation) now, as a new attempt.
+    Retry(RepairArgs),
+    /// Mark the current step done by hand and let the saga continue.
+    Skip(SkipArgs),
+    /// Abort a running saga (at or before its pivot) and compensate what it completed.
+    Compensate(RepairArgs),
+    /// Close a saga in needs_operator after fixing it by hand (status resolved).
+    Resolve(RepairArgs),
+    /// Retry the current step of every saga matching a filter, after a dry run and confirmation.
+    Redrive(RedriveArgs),
+    /// List participants: paused or not, circuit breaker, held commands.
+    Participants,
+    /// Hold every command to a participant (nothing fails; they wait) until resumed.
+    Pause(PauseArgs),
+    /// Let commands flow to a paused participant again.
+    Resume(ResumeArgs),
+    /// Count sagas by status, and unfinished ones by step with how long they have waited.
+    Counts(CountsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -107,13 +152,8 @@ struct ShowArgs {
 
 #[derive(Debug, Args)]
 struct ListArgs {
-    /// Only sagas in this status; repeat or separate with commas for several.
-    #[arg(long, value_enum, value_delimiter = ',', value_name = "STATUS")]
-    status: Vec<StatusFilter>,
-
-    /// Only sagas of this definition.
-    #[arg(long, value_name = "NAME")]
-    definition: Option<String>,
+    #[command(flatten)]
+    filter: FilterArgs,
 
     /// Page size, 1 to 500 [server default: 50].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=500))]
@@ -128,29 +168,92 @@ struct ListArgs {
     all: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum StatusFilter {
-    Running,
-    Compensating,
-    Completed,
-    Compensated,
-    #[value(name = "needs_operator", alias = "needs-operator")]
-    NeedsOperator,
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// The saga's id.
+    saga_id: String,
+
+    /// Only events after this sequence number (to resume an interrupted watch).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    after_seq: i64,
 }
 
-impl From<StatusFilter> for SagaStatus {
-    fn from(status: StatusFilter) -> Self {
-        match status {
-            StatusFilter::Running => SagaStatus::Running,
-            StatusFilter::Compensating => SagaStatus::Compensating,
-            StatusFilter::Completed => SagaStatus::Completed,
-            StatusFilter::Compensated => SagaStatus::Compensated,
-            StatusFilter::NeedsOperator => SagaStatus::NeedsOperator,
-        }
-    }
+#[derive(Debug, Args)]
+struct RepairArgs {
+    /// The saga's id.
+    saga_id: String,
+
+    /// Why: recorded in the saga's history with your token's name.
+    #[arg(long, value_name = "TEXT", value_parser = cli::parse_reason)]
+    reason: String,
 }
 
-type Client = SagaServiceClient<InterceptedService<Channel, Auth>>;
+#[derive(Debug, Args)]
+struct SkipArgs {
+    #[command(flatten)]
+    repair: RepairArgs,
+
+    /// The output the step would have produced, any JSON value [default: null]. Ignored when
+    /// the current step is a compensation.
+    #[arg(long, value_name = "JSON")]
+    step_output: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RedriveArgs {
+    #[command(flatten)]
+    filter: FilterArgs,
+
+    /// Why: recorded in each retried saga's history with your token's name.
+    #[arg(long, value_name = "TEXT", value_parser = cli::parse_reason)]
+    reason: String,
+
+    /// Only show which sagas would be retried.
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Sagas retried per transaction, 1 to 1000 [server default: 100].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    batch_size: Option<u32>,
+
+    /// Retry at most this many sagas (the oldest matching ones).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    limit: Option<u32>,
+
+    /// Do not ask for confirmation (needed when stdin is not a terminal).
+    #[arg(long, short = 'y')]
+    yes: bool,
+}
+
+#[derive(Debug, Args)]
+struct PauseArgs {
+    /// The participant's name, as in the definitions.
+    participant: String,
+
+    /// Why: shown by `sagactl participants`.
+    #[arg(long, value_name = "TEXT", value_parser = cli::parse_reason)]
+    reason: String,
+}
+
+#[derive(Debug, Args)]
+struct ResumeArgs {
+    /// The participant's name, as in the definitions.
+    participant: String,
+
+    /// Why [default: resumed].
+    #[arg(long, value_name = "TEXT", value_parser = cli::parse_reason)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct CountsArgs {
+    /// Only sagas of this definition.
+    #[arg(long, value_name = "NAME")]
+    definition: Option<String>,
+}
+
+/// A connection to sagad that authenticates every call; both services' clients wrap it.
+type Api = InterceptedService<Channel, Auth>;
 
 /// Adds `authorization: Bearer <token>` to every call when a token is configured.
 #[derive(Clone)]
@@ -190,6 +293,16 @@ async fn run(args: Cli) -> anyhow::Result<String> {
         Command::Start(cmd) => start(global, cmd).await,
         Command::Show(cmd) => show(global, cmd).await,
         Command::List(cmd) => list(global, cmd).await,
+        Command::Watch(cmd) => watch(global, cmd).await,
+        Command::Retry(cmd) => retry(global, cmd).await,
+        Command::Skip(cmd) => skip(global, cmd).await,
+        Command::Compensate(cmd) => compensate(global, cmd).await,
+        Command::Resolve(cmd) => resolve(global, cmd).await,
+        Command::Redrive(cmd) => redrive(global, cmd).await,
+        Command::Participants => participants(global).await,
+        Command::Pause(cmd) => pause(global, cmd).await,
+        Command::Resume(cmd) => resume(global, cmd).await,
+        Command::Counts(cmd) => counts(global, cmd).await,
     }
 }
 
@@ -207,7 +320,7 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
 
 /// Subcommands call this only after their local checks, so a bad flag is reported as such
 /// even when the server is down.
-async fn connect(global: &Global) -> anyhow::Result<Client> {
+async fn connect(global: &Global) -> anyhow::Result<Api> {
     let server = global.server.as_str();
     if server.starts_with("https://") {
         bail!("TLS is not supported yet: use an http:// --server URL");
@@ -217,7 +330,7 @@ async fn connect(global: &Global) -> anyhow::Result<Client> {
     }
     let auth = match &global.token {
         None => Auth(None),
-        Some(token) => {
+        Some(Token(token)) => {
             let value = MetadataValue::try_from(format!("Bearer {token}"))
                 .map_err(|_| anyhow!("--token contains characters not allowed in a header"))?;
             Auth(Some(value))
@@ -237,7 +350,15 @@ async fn connect(global: &Global) -> anyhow::Result<Client> {
             cli::error_chain(cause)
         )
     })?;
-    Ok(SagaServiceClient::with_interceptor(channel, auth))
+    Ok(InterceptedService::new(channel, auth))
+}
+
+async fn sagas(global: &Global) -> anyhow::Result<SagaServiceClient<Api>> {
+    Ok(SagaServiceClient::new(connect(global).await?))
+}
+
+async fn admin(global: &Global) -> anyhow::Result<AdminServiceClient<Api>> {
+    Ok(AdminServiceClient::new(connect(global).await?))
 }
 
 impl Global {
@@ -275,7 +396,7 @@ async fn start(global: &Global, cmd: StartArgs) -> anyhow::Result<String> {
     };
     cli::check_input_object(&input_json).map_err(|e| anyhow!("{label} {e}"))?;
 
-    let resp = connect(global)
+    let resp = sagas(global)
         .await?
         .start_saga(StartSagaRequest {
             definition: cmd.definition,
@@ -304,7 +425,7 @@ fn read_input_file(path: &PathBuf) -> anyhow::Result<String> {
 }
 
 async fn show(global: &Global, cmd: ShowArgs) -> anyhow::Result<String> {
-    let saga = connect(global)
+    let saga = sagas(global)
         .await?
         .get_saga(GetSagaRequest {
             saga_id: cmd.saga_id,
@@ -319,18 +440,10 @@ async fn show(global: &Global, cmd: ShowArgs) -> anyhow::Result<String> {
 }
 
 async fn list(global: &Global, cmd: ListArgs) -> anyhow::Result<String> {
-    let mut request = ListSagasRequest {
-        statuses: cmd
-            .status
-            .iter()
-            .map(|&s| SagaStatus::from(s) as i32)
-            .collect(),
-        definition: cmd.definition.unwrap_or_default(),
-        page_size: cmd.limit.unwrap_or(0),
-        page_token: cmd.page_token.unwrap_or_default(),
-        ..Default::default()
-    };
-    let mut client = connect(global).await?;
+    let mut request = cmd.filter.to_request().map_err(|e| anyhow!(e))?;
+    request.page_size = cmd.limit.unwrap_or(0);
+    request.page_token = cmd.page_token.unwrap_or_default();
+    let mut client = sagas(global).await?;
     let mut sagas = Vec::new();
     let next_page_token = loop {
         let page = client
@@ -354,10 +467,283 @@ async fn list(global: &Global, cmd: ListArgs) -> anyhow::Result<String> {
     })
 }
 
+/// Prints each event as it arrives, so unlike the other subcommands it writes to stdout as it
+/// goes; a reader that hangs up (`| head`) ends the watch quietly.
+async fn watch(global: &Global, cmd: WatchArgs) -> anyhow::Result<String> {
+    let mut stream = sagas(global)
+        .await?
+        .watch_saga(WatchSagaRequest {
+            saga_id: cmd.saga_id,
+            after_seq: cmd.after_seq,
+        })
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    let stdout = io::stdout();
+    while let Some(event) = stream.message().await.map_err(|e| global.api_error(e))? {
+        let mut line = match global.output {
+            Output::Table => cli::event_line(&event),
+            Output::Json => cli::event_json(&event).to_string(),
+        };
+        line.push('\n');
+        let mut out = stdout.lock();
+        match out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(String::new()),
+            Err(e) => return Err(e).context("cannot write to stdout"),
+        }
+    }
+    // The server closes the stream once the saga has ended.
+    Ok(String::new())
+}
+
+fn render_repair(global: &Global, done: &str, saga: Option<Saga>) -> anyhow::Result<String> {
+    let saga = saga.ok_or_else(|| anyhow!("the server did not return the repaired saga"))?;
+    Ok(match global.output {
+        Output::Table => cli::repair_table(done, &saga),
+        Output::Json => render_json(&cli::saga_json(&saga)),
+    })
+}
+
+async fn retry(global: &Global, cmd: RepairArgs) -> anyhow::Result<String> {
+    let resp = admin(global)
+        .await?
+        .retry_step(RepairRequest {
+            saga_id: cmd.saga_id,
+            reason: cmd.reason,
+        })
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    render_repair(global, "retried the current step", resp.saga)
+}
+
+async fn skip(global: &Global, cmd: SkipArgs) -> anyhow::Result<String> {
+    let output_json = match cmd.step_output {
+        None => String::new(),
+        Some(text) => {
+            serde_json::from_str::<Value>(&text)
+                .map_err(|e| anyhow!("--step-output is not valid JSON: {e}"))?;
+            text
+        }
+    };
+    let resp = admin(global)
+        .await?
+        .skip_step(SkipStepRequest {
+            saga_id: cmd.repair.saga_id,
+            reason: cmd.repair.reason,
+            output_json,
+        })
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    render_repair(global, "skipped the current step", resp.saga)
+}
+
+async fn compensate(global: &Global, cmd: RepairArgs) -> anyhow::Result<String> {
+    let resp = admin(global)
+        .await?
+        .compensate_saga(RepairRequest {
+            saga_id: cmd.saga_id,
+            reason: cmd.reason,
+        })
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    render_repair(global, "compensating", resp.saga)
+}
+
+async fn resolve(global: &Global, cmd: RepairArgs) -> anyhow::Result<String> {
+    let resp = admin(global)
+        .await?
+        .resolve_saga(RepairRequest {
+            saga_id: cmd.saga_id,
+            reason: cmd.reason,
+        })
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    render_repair(global, "resolved", resp.saga)
+}
+
+/// Runs one Redrive call to its end, moving `bar` (if any) as batches complete.
+async fn run_redrive(
+    global: &Global,
+    client: &mut AdminServiceClient<Api>,
+    request: RedriveRequest,
+    bar: Option<&ProgressBar>,
+) -> anyhow::Result<RedriveOutcome> {
+    let mut outcome = RedriveOutcome::new(request.dry_run);
+    let mut stream = client
+        .redrive(request)
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    while let Some(progress) = stream.message().await.map_err(|e| {
+        let done = if outcome.retried > 0 {
+            format!(" (after retrying {} sagas)", outcome.retried)
+        } else {
+            String::new()
+        };
+        anyhow!("{}{done}", global.api_error(e))
+    })? {
+        outcome.absorb(progress);
+        if let Some(bar) = bar {
+            bar.set_length(outcome.matched);
+            bar.set_position(outcome.handled());
+            bar.set_message(format!(
+                "retried {}, skipped {}",
+                outcome.retried, outcome.skipped
+            ));
+        }
+    }
+    Ok(outcome)
+}
+
+/// Always a dry run first, so the operator sees what would move; then, once confirmed, the
+/// real run with a progress bar on stderr. stdout gets only the result.
+async fn redrive(global: &Global, cmd: RedriveArgs) -> anyhow::Result<String> {
+    let filter = cmd.filter.to_request().map_err(|e| anyhow!(e))?;
+    if !cmd.filter.is_narrowed() {
+        bail!(
+            "redrive needs a filter that narrows the selection: --status, --definition, \
+             --stuck-for, --participant, --step, a time range or --error"
+        );
+    }
+    let request = |dry_run| {
+        cli::redrive_request(
+            filter.clone(),
+            &cmd.reason,
+            dry_run,
+            cmd.batch_size,
+            cmd.limit,
+        )
+    };
+    let render = |outcome: &RedriveOutcome| match global.output {
+        Output::Table => cli::redrive_summary(outcome),
+        Output::Json => render_json(&cli::redrive_json(outcome)),
+    };
+    let mut client = admin(global).await?;
+    let preview = run_redrive(global, &mut client, request(true), None).await?;
+    if cmd.dry_run {
+        return Ok(render(&preview));
+    }
+    if preview.matched == 0 {
+        let mut nothing = RedriveOutcome::new(false);
+        nothing.done = true;
+        return Ok(match global.output {
+            Output::Table => cli::redrive_preview(&preview),
+            Output::Json => render_json(&cli::redrive_json(&nothing)),
+        });
+    }
+    if !cmd.yes {
+        if !io::stdin().is_terminal() {
+            bail!(
+                "{} match; refusing to retry them without confirmation because stdin is not a \
+                 terminal: pass --yes (or --dry-run to only look)",
+                match preview.matched {
+                    1 => "1 saga".to_owned(),
+                    n => format!("{n} sagas"),
+                }
+            );
+        }
+        eprint!("{}", cli::redrive_preview(&preview));
+        eprint!("{}", cli::redrive_prompt(preview.matched));
+        io::stderr().flush().ok();
+        let mut answer = String::new();
+        io::stdin()
+            .lock()
+            .read_line(&mut answer)
+            .context("cannot read the answer")?;
+        if !cli::confirmed(&answer) {
+            bail!("aborted: no saga was retried");
+        }
+    } else if global.output == Output::Table {
+        eprint!("{}", cli::redrive_preview(&preview));
+    }
+
+    let bar = (global.output == Output::Table).then(|| {
+        let bar =
+            ProgressBar::with_draw_target(Some(preview.matched), ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            ProgressStyle::with_template("{bar:40} {pos}/{len} sagas  {msg}  [{elapsed}]")
+        {
+            bar.set_style(style);
+        }
+        bar
+    });
+    let outcome = run_redrive(global, &mut client, request(false), bar.as_ref()).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    Ok(render(&outcome?))
+}
+
+async fn participants(global: &Global) -> anyhow::Result<String> {
+    let resp = admin(global)
+        .await?
+        .list_participants(ListParticipantsRequest {})
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    Ok(match global.output {
+        Output::Table => cli::participants_table(&resp.participants),
+        Output::Json => render_json(&cli::participants_json(&resp.participants)),
+    })
+}
+
+async fn pause(global: &Global, cmd: PauseArgs) -> anyhow::Result<String> {
+    let p = admin(global)
+        .await?
+        .pause_participant(ParticipantRequest {
+            participant: cmd.participant,
+            reason: cmd.reason,
+        })
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    Ok(match global.output {
+        Output::Table => cli::participant_line(&p),
+        Output::Json => render_json(&cli::participant_json(&p)),
+    })
+}
+
+async fn resume(global: &Global, cmd: ResumeArgs) -> anyhow::Result<String> {
+    let p = admin(global)
+        .await?
+        .resume_participant(ParticipantRequest {
+            participant: cmd.participant,
+            reason: cmd.reason.unwrap_or_default(),
+        })
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    Ok(match global.output {
+        Output::Table => cli::participant_line(&p),
+        Output::Json => render_json(&cli::participant_json(&p)),
+    })
+}
+
+async fn counts(global: &Global, cmd: CountsArgs) -> anyhow::Result<String> {
+    let resp = admin(global)
+        .await?
+        .count_sagas(CountSagasRequest {
+            definition: cmd.definition.unwrap_or_default(),
+        })
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    Ok(match global.output {
+        Output::Table => cli::counts_table(&resp, time::OffsetDateTime::now_utc()),
+        Output::Json => render_json(&cli::counts_json(&resp)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+    use saga::cli::StatusFilter;
 
     #[test]
     fn cli_definition_is_consistent() {
@@ -379,7 +765,7 @@ mod tests {
             panic!("expected list");
         };
         assert_eq!(
-            list.status,
+            list.filter.status,
             [
                 StatusFilter::Running,
                 StatusFilter::NeedsOperator,
@@ -401,5 +787,92 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn repairs_need_a_reason() {
+        for cmd in ["retry", "skip", "compensate", "resolve"] {
+            let err = Cli::try_parse_from(["sagactl", cmd, "id"]).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{cmd}"
+            );
+            assert!(err.to_string().contains("--reason"), "{cmd}");
+        }
+        let err = Cli::try_parse_from(["sagactl", "redrive", "--step", "s"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let err = Cli::try_parse_from(["sagactl", "pause", "order"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        // Resuming needs no reason.
+        Cli::try_parse_from(["sagactl", "resume", "order"]).unwrap();
+    }
+
+    #[test]
+    fn step_output_is_not_the_output_format() {
+        let cli = Cli::try_parse_from([
+            "sagactl",
+            "skip",
+            "id",
+            "--reason",
+            "done by hand",
+            "--step-output",
+            r#"{"order_id": 7}"#,
+            "--output",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.output, Output::Json);
+        let Command::Skip(skip) = cli.command else {
+            panic!("expected skip");
+        };
+        assert_eq!(skip.step_output.as_deref(), Some(r#"{"order_id": 7}"#));
+        assert_eq!(skip.repair.reason, "done by hand");
+    }
+
+    #[test]
+    fn redrive_takes_the_list_filters() {
+        let cli = Cli::try_parse_from([
+            "sagactl",
+            "redrive",
+            "--step",
+            "create_order",
+            "--stuck-for",
+            "10m",
+            "--reason",
+            "order service is back",
+            "--batch-size",
+            "50",
+            "--limit",
+            "200",
+            "--yes",
+        ])
+        .unwrap();
+        let Command::Redrive(r) = cli.command else {
+            panic!("expected redrive");
+        };
+        assert!(r.yes && !r.dry_run);
+        assert_eq!((r.batch_size, r.limit), (Some(50), Some(200)));
+        assert_eq!(r.filter.step.as_deref(), Some("create_order"));
+        assert!(r.filter.is_narrowed());
+        let err = Cli::try_parse_from([
+            "sagactl",
+            "redrive",
+            "--step",
+            "s",
+            "--reason",
+            "r",
+            "--batch-size",
+            "5000",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn the_token_does_not_print() {
+        let cli =
+            Cli::try_parse_from(["sagactl", "--token", "s3cret-token-value", "list"]).unwrap();
+        assert!(!format!("{cli:?}").contains("s3cret"));
     }
 }

@@ -131,7 +131,6 @@ pub fn definitions_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
 
 pub struct TestApp {
     pub metrics_addr: std::net::SocketAddr,
-    #[allow(dead_code)] // used by the sagactl tests
     pub addr: std::net::SocketAddr,
     pub client: SagaServiceClient<Channel>,
     shutdown: CancellationToken,

@@ -6,4 +6,5 @@ mod contract;
 mod demo;
 mod helpers;
 mod observe;
+mod sagactl;
 mod sagas;
