@@ -261,6 +261,10 @@ fn message_properties(
     properties
 }
 
+/// Most replies applied in one transaction.
+const REPLY_BATCH: usize = 64;
+const CONCURRENT_BATCHES: usize = 4;
+
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
     pub amqp_url: String,
@@ -330,11 +334,11 @@ async fn consume_session(
     let stopped = shutdown.clone();
     let handled = consumer
         .take_until(async move { stopped.cancelled().await })
-        .for_each_concurrent(usize::from(settings.prefetch.max(1)), |delivery| async {
-            match delivery {
-                Ok(delivery) => handle_reply(store, registry, &channel, delivery).await,
-                Err(e) => warn!(error = %e, "reply delivery error"),
-            }
+        // Whatever has arrived, up to a batch, is applied in one transaction; a few batches
+        // run at once so one slow commit does not stall the queue.
+        .ready_chunks(REPLY_BATCH)
+        .for_each_concurrent(CONCURRENT_BATCHES, |batch| {
+            handle_batch(store, registry, &channel, batch)
         });
     handled.await;
     if shutdown.is_cancelled() {
@@ -349,12 +353,14 @@ async fn consume_session(
     Err(BrokerError::ConsumerEnded)
 }
 
-async fn handle_reply(
-    store: &Store,
-    registry: &Registry,
-    channel: &Channel,
+/// A reply taken off the queue, with the span of its processing.
+struct Incoming {
     delivery: lapin::message::Delivery,
-) {
+    span: tracing::Span,
+}
+
+/// The consumer span of one reply, continuing the participant's trace.
+fn reply_span(delivery: &lapin::message::Delivery) -> tracing::Span {
     let span = tracing::info_span!(
         "process",
         otel.name = %format!("process {}", contract::REPLIES_QUEUE),
@@ -375,51 +381,133 @@ async fn handle_reply(
     if let Some(id) = delivery.properties.message_id() {
         span.record("messaging.message.id", id.as_str());
     }
-    apply_reply_message(store, registry, channel, delivery)
-        .instrument(span)
-        .await
+    span
 }
 
-async fn apply_reply_message(
+/// Applies every reply that arrived together in one database transaction, then acks each one.
+/// Malformed and unknown replies are dead-lettered one by one; if the batch hits a saga that
+/// cannot be read, its replies are retried one at a time so the others still go through.
+async fn handle_batch(
     store: &Store,
     registry: &Registry,
     channel: &Channel,
-    delivery: lapin::message::Delivery,
+    deliveries: Vec<Result<lapin::message::Delivery, lapin::Error>>,
 ) {
-    let reply = match ReplyBody::parse(&delivery.data) {
-        Ok(reply) => reply,
-        Err(reason) => return dead_letter(store, channel, delivery, &reason).await,
-    };
-    tracing::Span::current().record("saga.command_id", tracing::field::display(reply.command_id));
-    let outcome = match reply.outcome {
-        ReplyOutcome::Success => Outcome::Success {
-            output: reply.output,
-        },
-        ReplyOutcome::Failure => Outcome::Failure {
-            reason: reply.reason.unwrap_or_default(),
-            retryable: reply.retryable,
-        },
-    };
+    let mut valid: Vec<(Incoming, ReplyBody)> = Vec::new();
+    for delivery in deliveries {
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "reply delivery error");
+                continue;
+            }
+        };
+        let span = reply_span(&delivery);
+        match ReplyBody::parse(&delivery.data) {
+            Ok(reply) => {
+                span.record("saga.command_id", tracing::field::display(reply.command_id));
+                valid.push((Incoming { delivery, span }, reply));
+            }
+            Err(reason) => {
+                dead_letter(store, channel, delivery, &reason)
+                    .instrument(span)
+                    .await
+            }
+        }
+    }
+    if valid.is_empty() {
+        return;
+    }
+    let replies: Vec<(uuid::Uuid, Outcome)> = valid
+        .iter()
+        .map(|(_, r)| (r.command_id, outcome_of(r)))
+        .collect();
     match store
-        .apply_reply(
-            registry,
-            reply.command_id,
-            outcome,
-            OffsetDateTime::now_utc(),
-        )
+        .apply_replies(registry, replies, OffsetDateTime::now_utc())
         .await
     {
-        Ok(ReplyResult::Applied) => ack(&delivery).await,
-        Ok(ReplyResult::Duplicate) => {
-            debug!(command_id = %reply.command_id, "duplicate reply ignored");
-            ack(&delivery).await
+        Ok(results) => {
+            for ((incoming, reply), result) in valid.into_iter().zip(results) {
+                settle(store, channel, incoming, reply.command_id, result).await;
+            }
         }
-        Ok(ReplyResult::UnknownCommand) => {
-            let reason = format!("unknown command id {}: no saga sent it", reply.command_id);
-            dead_letter(store, channel, delivery, &reason).await
+        Err(StoreError::Corrupt(_)) if valid.len() > 1 => {
+            for (incoming, reply) in valid {
+                let result = store
+                    .apply_reply(
+                        registry,
+                        reply.command_id,
+                        outcome_of(&reply),
+                        OffsetDateTime::now_utc(),
+                    )
+                    .await;
+                match result {
+                    Ok(result) => settle(store, channel, incoming, reply.command_id, result).await,
+                    Err(e) => give_back(store, channel, incoming, reply.command_id, e).await,
+                }
+            }
         }
-        Err(StoreError::Corrupt(e)) => {
-            error!(command_id = %reply.command_id, error = %e, "reply for a corrupt saga");
+        Err(e) => {
+            // Most likely the database is down: give the replies back and slow down rather
+            // than spin on redeliveries.
+            warn!(count = valid.len(), error = %e, "replies not applied; requeued");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for (incoming, _) in valid {
+                requeue(&incoming.delivery).await;
+            }
+        }
+    }
+}
+
+fn outcome_of(reply: &ReplyBody) -> Outcome {
+    match reply.outcome {
+        ReplyOutcome::Success => Outcome::Success {
+            output: reply.output.clone(),
+        },
+        ReplyOutcome::Failure => Outcome::Failure {
+            reason: reply.reason.clone().unwrap_or_default(),
+            retryable: reply.retryable,
+        },
+    }
+}
+
+async fn settle(
+    store: &Store,
+    channel: &Channel,
+    incoming: Incoming,
+    command_id: uuid::Uuid,
+    result: ReplyResult,
+) {
+    let Incoming { delivery, span } = incoming;
+    async {
+        match result {
+            ReplyResult::Applied => ack(&delivery).await,
+            ReplyResult::Duplicate => {
+                debug!(%command_id, "duplicate reply ignored");
+                ack(&delivery).await
+            }
+            ReplyResult::UnknownCommand => {
+                let reason = format!("unknown command id {command_id}: no saga sent it");
+                dead_letter(store, channel, delivery, &reason).await
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// A reply that failed on its own: dead-lettered if its saga is unreadable, else requeued.
+async fn give_back(
+    store: &Store,
+    channel: &Channel,
+    incoming: Incoming,
+    command_id: uuid::Uuid,
+    e: StoreError,
+) {
+    let Incoming { delivery, span } = incoming;
+    async {
+        if let StoreError::Corrupt(e) = e {
+            error!(%command_id, error = %e, "reply for a corrupt saga");
             dead_letter(
                 store,
                 channel,
@@ -427,20 +515,22 @@ async fn apply_reply_message(
                 &format!("saga state cannot be read: {e}"),
             )
             .await
+        } else {
+            warn!(%command_id, error = %e, "reply not applied; requeued");
+            requeue(&delivery).await
         }
-        Err(e) => {
-            // Most likely the database is down: give the reply back and let the consumer slow
-            // down rather than spin on redeliveries.
-            warn!(command_id = %reply.command_id, error = %e, "reply not applied; requeued");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let requeue = BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            };
-            if let Err(e) = delivery.nack(requeue).await {
-                warn!(error = %e, "nack failed; the broker will redeliver on reconnect");
-            }
-        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn requeue(delivery: &lapin::message::Delivery) {
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    if let Err(e) = delivery.nack(requeue).await {
+        warn!(error = %e, "nack failed; the broker will redeliver on reconnect");
     }
 }
 

@@ -53,7 +53,12 @@ pub struct Settings {
     )]
     pub db_max_connections: u32,
     /// Replies processed concurrently (the AMQP prefetch of the reply consumer).
-    #[arg(long, global = true, env = "SAGA_REPLY_PREFETCH", default_value_t = 64)]
+    #[arg(
+        long,
+        global = true,
+        env = "SAGA_REPLY_PREFETCH",
+        default_value_t = 256
+    )]
     pub reply_prefetch: u16,
     /// Outbox rows published per batch (one confirm round trip per batch).
     #[arg(long, global = true, env = "SAGA_OUTBOX_BATCH", default_value_t = 256)]

@@ -6,8 +6,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    ACTIVE, ListFilter, Result, Store, StoreError, ctx, definition_of, filtered, lock_saga,
-    saga_from_row, write_transition,
+    ACTIVE, ListFilter, Result, Store, StoreError, Writes, ctx, definition_of, filtered, lock_saga,
+    saga_from_row,
 };
 use crate::definition::Registry;
 use crate::engine::{self, Operator, Repair, Status};
@@ -33,11 +33,13 @@ impl Store {
         now: OffsetDateTime,
     ) -> Result<()> {
         let mut tx = self.pool().begin().await?;
-        let record = lock_saga(&mut tx, id).await?;
+        let mut record = lock_saga(&mut tx, id).await?;
         let def = definition_of(registry, &record)?;
         let t = engine::repair(&def, &record.state, repair, by, ctx(now))
             .map_err(|refused| StoreError::FailedPrecondition(refused.0))?;
-        write_transition(&mut tx, &def, record, t, now, &self.env()).await?;
+        let mut writes = Writes::default();
+        writes.stage(&def, &mut record, t, now)?;
+        writes.flush(&mut tx, now, &self.env()).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -72,17 +74,19 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let (mut retried, mut skipped) = (Vec::new(), Vec::new());
+        let mut writes = Writes::default();
         for row in rows {
-            let record = saga_from_row(&row)?;
+            let mut record = saga_from_row(&row)?;
             let def = definition_of(registry, &record)?;
             match engine::repair(&def, &record.state, Repair::RetryNow, by, ctx(now)) {
                 Ok(t) => {
                     retried.push(record.id);
-                    write_transition(&mut tx, &def, record, t, now, &self.env()).await?;
+                    writes.stage(&def, &mut record, t, now)?;
                 }
                 Err(_) => skipped.push(record.id),
             }
         }
+        writes.flush(&mut tx, now, &self.env()).await?;
         tx.commit().await?;
         // Sagas that vanished between the match and the lock count as skipped too.
         let vanished: Vec<Uuid> = ids

@@ -14,12 +14,10 @@ use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::contract::{self, CommandBody};
 use crate::definition::{Definition, Registry};
-use crate::engine::{
-    self, AttemptEnd, Ctx, Effect, Event, Kind, Outcome, SagaState, Status, Waiting,
-};
+use crate::engine::{self, Ctx, Event, Kind, Outcome, SagaState, Status, Waiting};
 use crate::metrics::Metrics;
+use std::collections::{HashMap, HashSet};
 
 /// The channel the relay listens on; notified by every transaction that fills the outbox.
 /// The columns [`saga_from_row`] reads; a macro so queries stay `&'static str` literals.
@@ -31,7 +29,9 @@ macro_rules! saga_columns {
 }
 
 mod admin;
+mod writes;
 pub use admin::StepCount;
+use writes::Writes;
 pub mod outbox;
 pub mod participants;
 
@@ -338,7 +338,11 @@ impl Store {
             current_step: None,
             traceparent,
         };
-        let status = transition(&mut tx, def, record, Event::Start, now, &self.env()).await?;
+        let mut record = record;
+        let mut writes = Writes::default();
+        let t = engine::apply(def, &record.state, Event::Start, ctx(now));
+        let status = writes.stage(def, &mut record, t, now)?;
+        writes.flush(&mut tx, now, &self.env()).await?;
         tx.commit().await?;
         Ok((id, true, status))
     }
@@ -351,41 +355,84 @@ impl Store {
         outcome: Outcome,
         now: OffsetDateTime,
     ) -> Result<ReplyResult> {
+        let results = self
+            .apply_replies(registry, vec![(command_id, outcome)], now)
+            .await?;
+        Ok(results[0])
+    }
+
+    /// Applies a batch of replies in one transaction (one result per reply, in order). The
+    /// sagas are locked in id order, so concurrent batches cannot deadlock; two replies for the
+    /// same saga apply one after the other; the same reply twice applies once.
+    pub async fn apply_replies(
+        &self,
+        registry: &Registry,
+        replies: Vec<(Uuid, Outcome)>,
+        now: OffsetDateTime,
+    ) -> Result<Vec<ReplyResult>> {
+        let ids: Vec<Uuid> = replies.iter().map(|(id, _)| *id).collect();
         let mut tx = self.pool.begin().await?;
-        let saga_id: Option<Uuid> =
-            sqlx::query_scalar("SELECT saga_id FROM step_attempts WHERE command_id = $1")
-                .bind(command_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(saga_id) = saga_id else {
-            return Ok(ReplyResult::UnknownCommand);
-        };
-        let record = lock_saga(&mut tx, saga_id).await?;
-        // Attempts only change under the saga's lock, so this read cannot race.
-        let answered: bool = sqlx::query_scalar(
-            "SELECT replied_at IS NOT NULL FROM step_attempts WHERE command_id = $1",
-        )
-        .bind(command_id)
-        .fetch_one(&mut *tx)
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            saga_columns!(),
+            " FROM sagas WHERE id IN (SELECT saga_id FROM step_attempts WHERE command_id = ANY($1)) \
+             ORDER BY id FOR UPDATE"
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
         .await?;
-        if answered {
-            return Ok(ReplyResult::Duplicate);
+        let mut sagas: HashMap<Uuid, SagaRecord> = HashMap::new();
+        for row in &rows {
+            let record = saga_from_row(row)?;
+            sagas.insert(record.id, record);
         }
-        let def = definition_of(registry, &record)?;
-        transition(
-            &mut tx,
-            &def,
-            record,
-            Event::Reply {
-                command_id,
-                outcome,
-            },
-            now,
-            &self.env(),
+        // Attempts only change under their saga's lock, so this read, after the locks, is exact.
+        let mut saga_of: HashMap<Uuid, Uuid> = HashMap::new();
+        let mut answered: HashSet<Uuid> = HashSet::new();
+        for row in sqlx::query(
+            "SELECT command_id, saga_id, replied_at IS NOT NULL AS answered FROM step_attempts WHERE command_id = ANY($1)",
         )
-        .await?;
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            let command_id: Uuid = row.try_get("command_id")?;
+            saga_of.insert(command_id, row.try_get("saga_id")?);
+            if row.try_get::<bool, _>("answered")? {
+                answered.insert(command_id);
+            }
+        }
+        let mut writes = Writes::default();
+        let mut seen = HashSet::new();
+        let mut results = Vec::with_capacity(replies.len());
+        for (command_id, outcome) in replies {
+            let Some(saga_id) = saga_of.get(&command_id) else {
+                results.push(ReplyResult::UnknownCommand);
+                continue;
+            };
+            if answered.contains(&command_id) || !seen.insert(command_id) {
+                results.push(ReplyResult::Duplicate);
+                continue;
+            }
+            let record = sagas
+                .get_mut(saga_id)
+                .ok_or_else(|| StoreError::Corrupt("locked saga vanished".into()))?;
+            let def = definition_of(registry, record)?;
+            let t = engine::apply(
+                &def,
+                &record.state,
+                Event::Reply {
+                    command_id,
+                    outcome,
+                },
+                ctx(now),
+            );
+            writes.stage(&def, record, t, now)?;
+            results.push(ReplyResult::Applied);
+        }
+        writes.flush(&mut tx, now, &self.env()).await?;
         tx.commit().await?;
-        Ok(ReplyResult::Applied)
+        Ok(results)
     }
 
     /// Delivers the timer event to up to `limit` sagas whose wake-up time has passed. Rows locked
@@ -409,11 +456,14 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let n = rows.len();
+        let mut writes = Writes::default();
         for row in rows {
-            let record = saga_from_row(&row)?;
+            let mut record = saga_from_row(&row)?;
             let def = definition_of(registry, &record)?;
-            transition(&mut tx, &def, record, Event::Timer, now, &self.env()).await?;
+            let t = engine::apply(&def, &record.state, Event::Timer, ctx(now));
+            writes.stage(&def, &mut record, t, now)?;
         }
+        writes.flush(&mut tx, now, &self.env()).await?;
         tx.commit().await?;
         Ok(n)
     }
@@ -652,317 +702,4 @@ fn ctx(now: OffsetDateTime) -> Ctx {
         next_command_id: Uuid::now_v7(),
         jitter: rand::random::<f64>(),
     }
-}
-
-/// Runs the engine on a locked saga and writes the result. Returns the new status.
-async fn transition(
-    tx: &mut Transaction<'_, Postgres>,
-    def: &Definition,
-    record: SagaRecord,
-    event: Event,
-    now: OffsetDateTime,
-    env: &Env<'_>,
-) -> Result<Status> {
-    let t = engine::apply(def, &record.state, event, ctx(now));
-    write_transition(tx, def, record, t, now, env).await
-}
-
-/// Persists a transition's new state and effects in the caller's transaction.
-async fn write_transition(
-    tx: &mut Transaction<'_, Postgres>,
-    def: &Definition,
-    mut record: SagaRecord,
-    t: engine::Transition,
-    now: OffsetDateTime,
-    env: &Env<'_>,
-) -> Result<Status> {
-    if t.is_noop() {
-        return Ok(record.state.status);
-    }
-
-    let mut new_outputs = serde_json::Map::new();
-    let mut history: Vec<(String, Option<String>, Option<Uuid>, Value)> = Vec::new();
-    let mut sent = false;
-    for effect in t.effects {
-        match effect {
-            Effect::SaveOutput { step, output } => {
-                let name = def.steps[step].name.clone();
-                if let Value::Object(outputs) = &mut record.outputs {
-                    outputs.insert(name.clone(), output.clone());
-                }
-                new_outputs.insert(name, output);
-            }
-            Effect::Send(cmd) => {
-                send_command(tx, def, &record, &cmd, now).await?;
-                sent = true;
-            }
-            Effect::AttemptEnded { command_id, end } => {
-                end_attempt(tx, command_id, end, now, env).await?;
-            }
-            Effect::History {
-                kind,
-                step,
-                command_id,
-                detail,
-            } => {
-                history.push((
-                    kind.as_str().to_string(),
-                    step.map(|i| def.steps[i].name.clone()),
-                    command_id,
-                    detail,
-                ));
-            }
-            Effect::Lifecycle(status) => {
-                tracing::info!(saga_id = %record.id, definition = %def.name, status = status.as_str(), "saga lifecycle");
-                publish_lifecycle(tx, def, &record, status, now).await?;
-                env.metrics.saga_event(&def.name, status);
-                sent = true;
-            }
-        }
-    }
-
-    let (command_id, wake_at) = match t.state.waiting {
-        Waiting::Nothing => (None, None),
-        Waiting::Reply {
-            command_id,
-            deadline,
-        } => (Some(command_id), Some(deadline)),
-        Waiting::Retry { at } => (None, Some(at)),
-    };
-    let current = (!t.state.status.is_terminal()).then(|| &def.steps[t.state.step]);
-    sqlx::query(
-        "UPDATE sagas SET status = $2, step = $3, kind = $4, attempt = $5, command_id = $6, wake_at = $7, \
-         error = $8, outputs = outputs || $9, updated_at = $10, current_step = $11, current_participant = $12 \
-         WHERE id = $1",
-    )
-    .bind(record.id)
-    .bind(t.state.status.as_str())
-    .bind(t.state.step as i32)
-    .bind(t.state.kind.as_str())
-    .bind(t.state.attempt as i32)
-    .bind(command_id)
-    .bind(wake_at)
-    .bind(&t.state.error)
-    .bind(Value::Object(new_outputs))
-    .bind(now)
-    .bind(current.map(|s| s.name.as_str()))
-    .bind(current.map(|s| s.participant.as_str()))
-    .execute(&mut **tx)
-    .await?;
-
-    if !history.is_empty() {
-        let (kinds, steps, commands, details): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) =
-            history.into_iter().fold(
-                (vec![], vec![], vec![], vec![]),
-                |(mut k, mut s, mut c, mut d), (kind, step, command, detail)| {
-                    k.push(kind);
-                    s.push(step);
-                    c.push(command);
-                    d.push(detail);
-                    (k, s, c, d)
-                },
-            );
-        // One round trip for all entries; WITH ORDINALITY keeps their order in `seq`.
-        sqlx::query(
-            "INSERT INTO saga_history (saga_id, at, kind, step, command_id, detail) \
-             SELECT $1, $2, k, s, c, d FROM UNNEST($3::text[], $4::text[], $5::uuid[], $6::jsonb[]) \
-             WITH ORDINALITY AS h(k, s, c, d, n) ORDER BY n",
-        )
-        .bind(record.id)
-        .bind(now)
-        .bind(&kinds)
-        .bind(&steps)
-        .bind(&commands)
-        .bind(&details)
-        .execute(&mut **tx)
-        .await?;
-    }
-    if sent {
-        // Delivered at commit: the relay wakes only once the rows are visible.
-        sqlx::query("SELECT pg_notify($1, '')")
-            .bind(OUTBOX_CHANNEL)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(t.state.status)
-}
-
-async fn send_command(
-    tx: &mut Transaction<'_, Postgres>,
-    def: &Definition,
-    record: &SagaRecord,
-    cmd: &engine::Command,
-    now: OffsetDateTime,
-) -> Result<()> {
-    let step = &def.steps[cmd.step];
-    let command = match cmd.kind {
-        Kind::Action => step.action.clone(),
-        Kind::Compensation => step.compensation.clone().ok_or_else(|| {
-            StoreError::Corrupt(format!("step {} has no compensation to send", step.name))
-        })?,
-    };
-    sqlx::query(
-        "INSERT INTO step_attempts (command_id, saga_id, step_index, step, participant, kind, attempt, sent_at, deadline) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(cmd.command_id)
-    .bind(record.id)
-    .bind(cmd.step as i32)
-    .bind(&step.name)
-    .bind(&step.participant)
-    .bind(cmd.kind.as_str())
-    .bind(cmd.attempt as i32)
-    .bind(now)
-    .bind(cmd.deadline)
-    .execute(&mut **tx)
-    .await?;
-
-    let body = CommandBody {
-        command_id: cmd.command_id,
-        saga_id: record.id,
-        definition: def.name.clone(),
-        definition_version: def.version,
-        step: step.name.clone(),
-        kind: cmd.kind.as_str().to_string(),
-        command: command.clone(),
-        attempt: cmd.attempt,
-        input: record.input.clone(),
-        outputs: record.outputs.clone(),
-    };
-    let properties = json!({
-        "type": command,
-        "correlation_id": record.id.to_string(),
-        "reply_to": contract::REPLIES_QUEUE,
-        "parent": record.traceparent,
-        "headers": {
-            contract::H_SAGA_ID: record.id.to_string(),
-            contract::H_DEFINITION: def.name,
-            contract::H_STEP: step.name,
-            contract::H_KIND: cmd.kind.as_str(),
-            contract::H_ATTEMPT: cmd.attempt,
-        },
-    });
-    let body = serde_json::to_vec(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    sqlx::query(
-        "INSERT INTO outbox (exchange, routing_key, message_id, properties, body) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(contract::COMMANDS_EXCHANGE)
-    .bind(&step.participant)
-    .bind(cmd.command_id)
-    .bind(&properties)
-    .bind(&body)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// Puts a lifecycle event in the outbox, so it is published exactly when the transition commits.
-async fn publish_lifecycle(
-    tx: &mut Transaction<'_, Postgres>,
-    def: &Definition,
-    record: &SagaRecord,
-    status: Status,
-    now: OffsetDateTime,
-) -> Result<()> {
-    let saga_id = record.id;
-    let event = match status {
-        Status::Running => "started",
-        other => other.as_str(),
-    };
-    let body = contract::LifecycleEvent {
-        event_id: Uuid::now_v7(),
-        saga_id,
-        definition: def.name.clone(),
-        definition_version: def.version,
-        event: event.to_string(),
-        at: now
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default(),
-    };
-    let properties = json!({
-        "type": format!("saga.{event}"),
-        "correlation_id": saga_id.to_string(),
-        "parent": record.traceparent,
-        "headers": { contract::H_SAGA_ID: saga_id.to_string(), contract::H_DEFINITION: def.name },
-    });
-    let bytes = serde_json::to_vec(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    sqlx::query(
-        "INSERT INTO outbox (exchange, routing_key, message_id, properties, body) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(contract::EVENTS_EXCHANGE)
-    .bind(format!("{}.{event}", def.name))
-    .bind(body.event_id)
-    .bind(&properties)
-    .bind(&bytes)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-async fn end_attempt(
-    tx: &mut Transaction<'_, Postgres>,
-    command_id: Uuid,
-    end: AttemptEnd,
-    now: OffsetDateTime,
-    env: &Env<'_>,
-) -> Result<()> {
-    // Business refusals say nothing about the participant's health; only silence and
-    // transient errors count against its circuit.
-    let (outcome, output, reason, timed_out, superseded, healthy) = match end {
-        AttemptEnd::Replied(Outcome::Success { output }) => (
-            Some("success"),
-            Some(output),
-            None,
-            false,
-            false,
-            Some(true),
-        ),
-        AttemptEnd::Replied(Outcome::Failure { reason, retryable }) => (
-            Some("failure"),
-            None,
-            Some(reason),
-            false,
-            false,
-            Some(!retryable),
-        ),
-        AttemptEnd::TimedOut => (None, None, None, true, false, Some(false)),
-        AttemptEnd::Superseded => (None, None, None, false, true, None),
-    };
-    // A late reply to a timed-out attempt fills in the reply without clearing `timed_out`.
-    let ended = sqlx::query(
-        "UPDATE step_attempts SET \
-           replied_at = CASE WHEN $2::text IS NULL THEN replied_at ELSE $5 END, \
-           outcome = COALESCE($2, outcome), output = COALESCE($3, output), reason = COALESCE($4, reason), \
-           timed_out = timed_out OR $6, superseded = superseded OR $7 \
-         WHERE command_id = $1 AND replied_at IS NULL RETURNING participant, step, kind, sent_at",
-    )
-    .bind(command_id)
-    .bind(outcome)
-    .bind(output)
-    .bind(reason)
-    .bind(now)
-    .bind(timed_out)
-    .bind(superseded)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = ended else { return Ok(()) };
-    let participant: String = row.try_get("participant")?;
-    if let Some(healthy) = healthy {
-        participants::record_health(tx, &participant, healthy, now, env.circuit).await?;
-        let sent_at: OffsetDateTime = row.try_get("sent_at")?;
-        let label = if timed_out {
-            "timeout"
-        } else {
-            outcome.unwrap_or("none")
-        };
-        let took = (now - sent_at).try_into().unwrap_or_default();
-        env.metrics.step_ended(
-            &participant,
-            row.try_get("step")?,
-            row.try_get("kind")?,
-            label,
-            took,
-        );
-    }
-    Ok(())
 }

@@ -46,31 +46,38 @@ pub struct ParticipantRecord {
     pub held_commands: u64,
 }
 
-/// Counts an ended attempt against (or for) the participant's circuit. Successes only touch
-/// the row when there is something to reset, so the hot path takes no participant lock.
-pub(super) async fn record_health(
+/// Participants that answered healthily: reset their failure count and close their circuit.
+/// Only rows with something to reset are touched, so the hot path takes no participant lock.
+pub(super) async fn record_success(
+    tx: &mut Transaction<'_, Postgres>,
+    names: &[String],
+    now: OffsetDateTime,
+) -> Result<()> {
+    let closed: Vec<Option<String>> = sqlx::query_scalar(
+        "UPDATE participants p SET consecutive_failures = 0, circuit = 'closed', probe_at = NULL, \
+           circuit_changed_at = CASE WHEN p.circuit <> 'closed' THEN $2 ELSE p.circuit_changed_at END \
+         FROM participants old \
+         WHERE p.name = ANY($1) AND old.name = p.name AND (p.consecutive_failures > 0 OR p.circuit <> 'closed') \
+         RETURNING CASE WHEN old.circuit <> 'closed' THEN p.name END",
+    )
+    .bind(names)
+    .bind(now)
+    .fetch_all(&mut **tx)
+    .await?;
+    for participant in closed.into_iter().flatten() {
+        info!(participant, "circuit closed: the participant answers again");
+    }
+    Ok(())
+}
+
+/// A timeout or transient failure: counts towards opening the participant's circuit (or
+/// re-opens it after a failed probe).
+pub(super) async fn record_failure(
     tx: &mut Transaction<'_, Postgres>,
     participant: &str,
-    healthy: bool,
     now: OffsetDateTime,
     circuit: CircuitSettings,
 ) -> Result<()> {
-    if healthy {
-        let closed: Option<String> = sqlx::query_scalar(
-            "UPDATE participants SET consecutive_failures = 0, circuit = 'closed', \
-               circuit_changed_at = CASE WHEN circuit <> 'closed' THEN $2 ELSE circuit_changed_at END, probe_at = NULL \
-             WHERE name = $1 AND (consecutive_failures > 0 OR circuit <> 'closed') \
-             RETURNING (SELECT p.circuit FROM participants p WHERE p.name = $1)",
-        )
-        .bind(participant)
-        .bind(now)
-        .fetch_optional(&mut **tx)
-        .await?;
-        if closed.is_some_and(|before| before != "closed") {
-            info!(participant, "circuit closed: the participant answers again");
-        }
-        return Ok(());
-    }
     let row = sqlx::query(
         "UPDATE participants SET consecutive_failures = consecutive_failures + 1, \
            circuit = CASE WHEN circuit = 'half_open' OR consecutive_failures + 1 >= $2 THEN 'open' ELSE circuit END, \
