@@ -5,7 +5,7 @@
 //! in the outbox, unacknowledged replies stay in their queue.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -87,19 +87,36 @@ pub struct RelaySettings {
 /// fallback. Rows are deleted in the transaction that claimed them, after the broker confirmed
 /// every message, so a crash in between re-publishes (at least once, same `message_id`).
 pub async fn run_relay(store: Store, settings: RelaySettings, shutdown: CancellationToken) {
+    let connected = &store.metrics().relay_connected;
+    reconnecting("outbox relay", connected, &shutdown, || {
+        relay_session(&store, &settings, &shutdown)
+    })
+    .await
+}
+
+/// Runs `session` until it ends cleanly (shutdown), starting it again after any error with
+/// capped back-off. The back-off starts over once a session had connected (`connected`).
+async fn reconnecting<F, Fut>(
+    what: &str,
+    connected: &AtomicBool,
+    shutdown: &CancellationToken,
+    mut session: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), BrokerError>>,
+{
     let mut backoff = Backoff::new();
     loop {
-        match relay_session(&store, &settings, &shutdown, &mut backoff).await {
+        match session().await {
             Ok(()) => return,
             Err(e) => {
-                store
-                    .metrics()
-                    .relay_connected
-                    .store(false, Ordering::Relaxed);
-                warn!(error = %e, "outbox relay interrupted; reconnecting")
+                if connected.swap(false, Ordering::Relaxed) {
+                    backoff.reset();
+                }
+                warn!(error = %e, "{what} interrupted; reconnecting");
             }
         }
-        if !backoff.wait(&shutdown).await {
+        if !backoff.wait(shutdown).await {
             return;
         }
     }
@@ -109,7 +126,6 @@ async fn relay_session(
     store: &Store,
     settings: &RelaySettings,
     shutdown: &CancellationToken,
-    backoff: &mut Backoff,
 ) -> Result<(), BrokerError> {
     let conn = connect(&settings.amqp_url).await?;
     let channel = conn.create_channel().await?;
@@ -125,7 +141,6 @@ async fn relay_session(
         .metrics()
         .relay_connected
         .store(true, Ordering::Relaxed);
-    backoff.reset();
     loop {
         while publish_batch(store, &channel, settings.batch_size).await?
             == settings.batch_size as usize
@@ -280,22 +295,11 @@ pub async fn run_reply_consumer(
     settings: ConsumerSettings,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Backoff::new();
-    loop {
-        match consume_session(&store, &registry, &settings, &shutdown, &mut backoff).await {
-            Ok(()) => return,
-            Err(e) => {
-                store
-                    .metrics()
-                    .consumer_connected
-                    .store(false, Ordering::Relaxed);
-                warn!(error = %e, "reply consumer interrupted; reconnecting")
-            }
-        }
-        if !backoff.wait(&shutdown).await {
-            return;
-        }
-    }
+    let connected = &store.metrics().consumer_connected;
+    reconnecting("reply consumer", connected, &shutdown, || {
+        consume_session(&store, &registry, &settings, &shutdown)
+    })
+    .await
 }
 
 async fn consume_session(
@@ -303,7 +307,6 @@ async fn consume_session(
     registry: &Registry,
     settings: &ConsumerSettings,
     shutdown: &CancellationToken,
-    backoff: &mut Backoff,
 ) -> Result<(), BrokerError> {
     let conn = connect(&settings.amqp_url).await?;
     let channel = conn.create_channel().await?;
@@ -329,7 +332,6 @@ async fn consume_session(
         .metrics()
         .consumer_connected
         .store(true, Ordering::Relaxed);
-    backoff.reset();
 
     let stopped = shutdown.clone();
     let handled = consumer
