@@ -1024,8 +1024,99 @@ struct Scenario {
     warmup: usize,
 }
 
+/// Where one step's time goes, from the timestamps the two sides store: sagad's
+/// `step_attempts.sent_at` (the transition that sent the command; its commit comes after) and
+/// `replied_at` (when sagad began applying the reply), and the demo's
+/// `demo_processed_commands.applied_at` (when its transaction for the command began).
+#[derive(Debug, Clone, Default)]
+struct StepBreakdown {
+    steps: usize,
+    /// sent_at → applied_at: sagad's transition commit, outbox relay (NOTIFY, claim, publish,
+    /// confirm), broker, delivery to the participant. (ms: p50, p90, p99)
+    to_participant: [f64; 3],
+    /// applied_at → replied_at: the participant's transaction and commit, its confirmed reply,
+    /// broker, delivery to sagad's reply consumer.
+    to_sagad: [f64; 3],
+}
+
+async fn step_breakdown(env: &Env) -> anyhow::Result<StepBreakdown> {
+    let mut saga_db = PgConnection::connect(&env.database_url()).await?;
+    let sent: Vec<(Uuid, time::OffsetDateTime, time::OffsetDateTime)> = sqlx::query_as(
+        "SELECT a.command_id, a.sent_at, a.replied_at FROM step_attempts a \
+         JOIN sagas s ON s.id = a.saga_id \
+         WHERE a.replied_at IS NOT NULL AND s.idempotency_key NOT LIKE '%-warmup-%' \
+           AND s.idempotency_key NOT LIKE 'preload-%'",
+    )
+    .fetch_all(&mut saga_db)
+    .await?;
+    saga_db.close().await?;
+    let mut demo_db = PgConnection::connect(&env.demo_database_url()).await?;
+    let applied: HashMap<Uuid, time::OffsetDateTime> =
+        sqlx::query_as::<_, (Uuid, time::OffsetDateTime)>(
+            "SELECT command_id, applied_at FROM demo_processed_commands",
+        )
+        .fetch_all(&mut demo_db)
+        .await?
+        .into_iter()
+        .collect();
+    demo_db.close().await?;
+    let mut out_h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    let mut back_h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    let us = |d: time::Duration| d.whole_microseconds().max(1) as u64;
+    let mut steps = 0;
+    for (id, sent_at, replied_at) in sent {
+        if let Some(applied_at) = applied.get(&id) {
+            out_h.saturating_record(us(*applied_at - sent_at));
+            back_h.saturating_record(us(replied_at - *applied_at));
+            steps += 1;
+        }
+    }
+    let q = |h: &Histogram<u64>| {
+        [0.5, 0.9, 0.99].map(|p| round(h.value_at_quantile(p) as f64 / 1000.0, 2))
+    };
+    Ok(StepBreakdown {
+        steps,
+        to_participant: q(&out_h),
+        to_sagad: q(&back_h),
+    })
+}
+
+/// Samples the outbox backlog (rows committed, not yet published and deleted by the relay)
+/// every 100ms until stopped: one cheap query on its own connection. Returns (mean, max).
+fn sample_outbox(
+    url: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<(f64, i64)> {
+    tokio::spawn(async move {
+        let Ok(mut conn) = PgConnection::connect(&url).await else {
+            return (0.0, 0);
+        };
+        let (mut sum, mut n, mut max) = (0i64, 0i64, 0i64);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Ok(c) = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+                .fetch_one(&mut conn)
+                .await
+            {
+                sum += c;
+                n += 1;
+                max = max.max(c);
+            }
+        }
+        let _ = conn.close().await;
+        (sum as f64 / n.max(1) as f64, max)
+    })
+}
+
 struct ScenarioResult {
     scenario: Scenario,
+    steps: StepBreakdown,
+    /// Mean and max rows waiting in the outbox during the measured phase.
+    outbox_backlog: (f64, i64),
     load: LoadResult,
     sagad_cpu_s: f64,
     sagad_peak_rss_kib: u64,
@@ -1100,6 +1191,8 @@ async fn run_scenario(ctx: &Ctx, sc: &Scenario) -> anyhow::Result<ScenarioResult
     let pg_before = pg_counters().await?;
     let cpu_before = CpuSnapshot::take();
     let sagad_before = proc_cpu(sagad.pid()).map_or(0, |(_, t)| t);
+    let stop_sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = sample_outbox(env.database_url(), stop_sampling.clone());
     let load = match sc.rate {
         Some(rate) => {
             open_loop(
@@ -1128,12 +1221,18 @@ async fn run_scenario(ctx: &Ctx, sc: &Scenario) -> anyhow::Result<ScenarioResult
     };
     let sagad_after = proc_cpu(sagad.pid()).map_or(0, |(_, t)| t);
     let cpu_after = CpuSnapshot::take();
+    stop_sampling.cancel();
+    let outbox_backlog = sampler.await.unwrap_or((0.0, 0));
     let (pg_write_xacts, pg_wal_bytes) = pg_delta(&pg_before).await?;
     let sagad_peak_rss_kib = status_kib(sagad.pid(), "VmHWM").unwrap_or(0);
     let sagad_rss_end_kib = status_kib(sagad.pid(), "VmRSS").unwrap_or(0);
     sagad.check_alive()?;
     demo.check_alive()?;
     let cpu = CpuBreakdown::between(&cpu_before, &cpu_after, sagad.pid(), Some(demo.pid()));
+    let steps = step_breakdown(&env).await.unwrap_or_else(|e| {
+        eprintln!("warning: no step breakdown: {e:#}");
+        StepBreakdown::default()
+    });
 
     drop(clients);
     observer_task.abort();
@@ -1143,6 +1242,8 @@ async fn run_scenario(ctx: &Ctx, sc: &Scenario) -> anyhow::Result<ScenarioResult
     drop(env);
     Ok(ScenarioResult {
         scenario: sc.clone(),
+        steps,
+        outbox_backlog,
         load,
         sagad_cpu_s: sagad_after.saturating_sub(sagad_before) as f64 / clk_tck(),
         sagad_peak_rss_kib,
@@ -1160,6 +1261,8 @@ async fn run_scenario(ctx: &Ctx, sc: &Scenario) -> anyhow::Result<ScenarioResult
 #[derive(Debug, Clone, Default)]
 struct RawLimits {
     rabbit_rt_per_s: f64,
+    /// With one round trip in flight: 1 / its latency.
+    rabbit_rt_per_s_serial: f64,
     /// (connections, commits per second)
     pg_commits: Vec<(usize, f64)>,
     synchronous_commit: String,
@@ -1176,6 +1279,19 @@ impl RawLimits {
     /// commit per sagad transition and per participant command).
     fn pipeline_limit(&self, v: Variant) -> f64 {
         (self.rabbit_rt_per_s / v.commands() as f64).min(self.pg_best() / v.commits() as f64)
+    }
+
+    /// A rough floor for one saga alone, in ms: its commands' round trips and its commits one
+    /// after the other, each at the latency measured with nothing else in flight.
+    fn serial_floor_ms(&self, v: Variant) -> Option<f64> {
+        let commit = self.pg_commits.iter().find(|(c, _)| *c == 1)?.1;
+        if commit <= 0.0 || self.rabbit_rt_per_s_serial <= 0.0 {
+            return None;
+        }
+        Some(
+            1000.0 * v.commands() as f64 / self.rabbit_rt_per_s_serial
+                + 1000.0 * v.commits() as f64 / commit,
+        )
     }
 }
 
@@ -1423,7 +1539,9 @@ async fn raw_limits(ctx: &Ctx) -> anyhow::Result<RawLimits> {
         ctx.args.in_flight
     );
     raw.rabbit_rt_per_s = rabbit_rt_probe(&env.amqp_url(), ctx.args.in_flight, d).await?;
-    let mut sizes = vec![16, ctx.args.in_flight.max(1)];
+    eprintln!("   RabbitMQ: confirmed persistent round trips, 1 in flight, {d:?}");
+    raw.rabbit_rt_per_s_serial = rabbit_rt_probe(&env.amqp_url(), 1, d).await?;
+    let mut sizes = vec![1, 16, ctx.args.in_flight.max(1)];
     sizes.sort();
     sizes.dedup();
     for c in sizes {
@@ -1778,6 +1896,16 @@ fn scenario_json(r: &ScenarioResult, raw: Option<&RawLimits>) -> Value {
         "cpu_s_per_saga": r.cpu.json(per),
         "pg_write_xacts_per_saga": round(r.pg_write_xacts as f64 / per, 2),
         "pg_wal_bytes_per_saga": round(r.pg_wal_bytes as f64 / per, 0),
+        "outbox_backlog": { "mean": round(r.outbox_backlog.0, 1), "max": r.outbox_backlog.1 },
+        "step_ms": {
+            "steps": r.steps.steps,
+            "sagad_sent_to_participant_began": {
+                "p50": r.steps.to_participant[0], "p90": r.steps.to_participant[1], "p99": r.steps.to_participant[2],
+            },
+            "participant_began_to_sagad_got_reply": {
+                "p50": r.steps.to_sagad[0], "p90": r.steps.to_sagad[1], "p99": r.steps.to_sagad[2],
+            },
+        },
     })
 }
 
@@ -1864,6 +1992,27 @@ fn print_table(results: &[ScenarioResult], raw: Option<&RawLimits>) {
         ]);
     }
     println!("where the CPU went (whole machine, measured phase):\n{t}");
+
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+    t.set_header(vec![
+        "scenario",
+        "steps",
+        "sagad sent → participant began, p50/p90/p99 ms",
+        "participant began → sagad got reply, p50/p90/p99 ms",
+        "outbox backlog mean / max",
+    ]);
+    for r in results {
+        let f = |v: [f64; 3]| format!("{:.1} / {:.1} / {:.1}", v[0], v[1], v[2]);
+        t.add_row(vec![
+            r.scenario.label.clone(),
+            r.steps.steps.to_string(),
+            f(r.steps.to_participant),
+            f(r.steps.to_sagad),
+            format!("{:.1} / {}", r.outbox_backlog.0, r.outbox_backlog.1),
+        ]);
+    }
+    println!("where a step's time went (from the timestamps sagad and the demo store):\n{t}");
     for r in results {
         if r.cpu.other / r.load.elapsed.as_secs_f64().max(1e-9) > 0.1 {
             println!(
@@ -1887,11 +2036,17 @@ fn print_raw(raw: &RawLimits, variants: &[Variant]) {
         raw.synchronous_commit, raw.fsync
     );
     println!(
-        "  RabbitMQ: {:.0} confirmed persistent round trips/s (publish+confirm → consume+ack → reply+confirm → consume+ack, durable queues)",
-        raw.rabbit_rt_per_s
+        "  RabbitMQ: {:.0} confirmed persistent round trips/s (publish+confirm → consume+ack → reply+confirm → consume+ack, durable queues); one at a time: {:.0}/s = {:.2} ms each",
+        raw.rabbit_rt_per_s,
+        raw.rabbit_rt_per_s_serial,
+        1000.0 / raw.rabbit_rt_per_s_serial.max(1e-9)
     );
     for (c, rate) in &raw.pg_commits {
-        println!("  PostgreSQL: {rate:.0} single-row durable commits/s with {c} connections");
+        println!(
+            "  PostgreSQL: {rate:.0} single-row durable commits/s with {c} connection{} ({:.2} ms per commit per connection)",
+            if *c == 1 { "" } else { "s" },
+            1000.0 * *c as f64 / rate.max(1e-9)
+        );
     }
     for v in variants {
         println!(
@@ -1907,6 +2062,16 @@ fn print_raw(raw: &RawLimits, variants: &[Variant]) {
     println!(
         "  (commands = command round trips per saga; commits = sagad transitions (1 start + 1 per reply) + 1 participant commit per command)"
     );
+    for v in variants {
+        if let Some(floor) = raw.serial_floor_ms(*v) {
+            println!(
+                "  one saga alone, variant {}: about {floor:.1} ms if its {} round trips and {} commits each waited as long as in the one-at-a-time probes (indicative only)",
+                v.name(),
+                v.commands(),
+                v.commits()
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2067,6 +2232,11 @@ async fn run(args: Args, smoke: bool) -> anyhow::Result<bool> {
         if let Some(raw) = &raw {
             report["raw_limits"] = json!({
                 "rabbitmq_round_trips_per_s": round(raw.rabbit_rt_per_s, 1),
+                "rabbitmq_round_trips_per_s_one_in_flight": round(raw.rabbit_rt_per_s_serial, 1),
+                "single_saga_floor_ms": {
+                    "A": raw.serial_floor_ms(Variant::A).map(|f| round(f, 2)),
+                    "B": raw.serial_floor_ms(Variant::B).map(|f| round(f, 2)),
+                },
                 "pg_commits_per_s": raw.pg_commits.iter()
                     .map(|(c, r)| json!({"connections": c, "commits_per_s": round(*r, 1)}))
                     .collect::<Vec<_>>(),
