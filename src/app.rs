@@ -136,16 +136,16 @@ impl Application {
             shutdown.clone(),
         ));
         info!(amqp = %redact_url(&settings.amqp_url), "starting outbox relay and reply consumer");
-        tasks.spawn(broker::run_relay(
-            store.clone(),
-            RelaySettings {
-                amqp_url: settings.amqp_url.clone(),
-                participants: participants.clone(),
-                batch_size: settings.outbox_batch,
-                poll_interval: settings.outbox_poll,
-            },
-            shutdown.clone(),
-        ));
+        let relay = RelaySettings {
+            amqp_url: settings.amqp_url.clone(),
+            participants: participants.clone(),
+            batch_size: settings.outbox_batch,
+            poll_interval: settings.outbox_poll,
+        };
+        // Several relays overlap their confirm round trips; SKIP LOCKED shares the rows out.
+        for _ in 0..settings.relay_workers.max(1) {
+            tasks.spawn(broker::run_relay(store.clone(), relay.clone(), shutdown.clone()));
+        }
         tasks.spawn(broker::run_reply_consumer(
             store.clone(),
             registry.clone(),

@@ -63,6 +63,9 @@ pub struct Settings {
     /// Outbox rows published per batch (one confirm round trip per batch).
     #[arg(long, global = true, env = "SAGA_OUTBOX_BATCH", default_value_t = 256)]
     pub outbox_batch: i64,
+    /// Outbox relays per process, each with its own broker channel, publishing concurrently.
+    #[arg(long, global = true, env = "SAGA_RELAY_WORKERS", default_value_t = 4)]
+    pub relay_workers: u16,
     /// How often the relay polls the outbox when no notification arrives.
     #[arg(long, global = true, env = "SAGA_OUTBOX_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub outbox_poll: Duration,
