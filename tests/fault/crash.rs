@@ -14,7 +14,7 @@ async fn kill_9_of_sagad_mid_load_loses_nothing_and_does_nothing_twice() {
     let env = TestEnv::new();
     let pool = env.pool().await;
     let mut sagad = Sagad::spawn(&env, &repo_sagas(), "1").await;
-    let _demo = spawn_demo(&env, |_| {});
+    let _demo = DemoProcess::spawn(&env, "1", &[]);
     let endpoints = Endpoints::new(&[&sagad]);
     let load = Load::start(&endpoints, SAGAS);
     load.wait_in_flight(&pool, SAGAS / 3, 10).await;
@@ -42,7 +42,7 @@ async fn kill_9_of_one_of_two_replicas_the_other_finishes_everything() {
     let pool = env.pool().await;
     let mut first = Sagad::spawn(&env, &repo_sagas(), "replica-1").await;
     let second = Sagad::spawn(&env, &repo_sagas(), "replica-2").await;
-    let _demo = spawn_demo(&env, |_| {});
+    let _demo = DemoProcess::spawn(&env, "1", &[]);
     let endpoints = Endpoints::new(&[&first, &second]);
     let load = Load::start(&endpoints, SAGAS);
     load.wait_in_flight(&pool, SAGAS / 3, 10).await;
@@ -67,7 +67,7 @@ async fn sigterm_mid_load_exits_0_within_the_grace_period_and_loses_nothing() {
     let env = TestEnv::new();
     let pool = env.pool().await;
     let mut sagad = Sagad::spawn(&env, &repo_sagas(), "1").await;
-    let _demo = spawn_demo(&env, |_| {});
+    let _demo = DemoProcess::spawn(&env, "1", &[]);
     let endpoints = Endpoints::new(&[&sagad]);
     let load = Load::start(&endpoints, SAGAS);
     load.wait_in_flight(&pool, SAGAS / 3, 10).await;

@@ -201,7 +201,9 @@ impl Sagad {
 /// How long `sagad` waits for in-flight work on shutdown (its `--shutdown-grace`).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// A `saga-demo` process (the participants) on the test's database and vhost.
+/// A `saga-demo` process (the participants) on the test's database and vhost, with
+/// [`DEMO_LATENCY`]. A process rather than in-process tasks, so that it can be killed and so
+/// that each test has the participants' log to itself.
 pub struct DemoProcess {
     proc: Proc,
 }
@@ -211,6 +213,7 @@ impl DemoProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_saga-demo"));
         cmd.args(["--amqp-url", &env.amqp_url()])
             .args(["--database-url", &env.database_url()])
+            .args(["--latency", &format!("{}ms", DEMO_LATENCY.as_millis())])
             .args(args)
             .env("RUST_LOG", "info,sqlx=warn,lapin=warn");
         let log = log_dir(env).join(format!("saga-demo-{label}.log"));
@@ -222,17 +225,6 @@ impl DemoProcess {
     pub fn kill9(&mut self) {
         self.proc.kill9();
     }
-}
-
-/// The in-process demo participants with the suite's latency.
-pub fn spawn_demo(
-    env: &TestEnv,
-    tweak: impl FnOnce(&mut saga::demo::DemoConfig),
-) -> crate::helpers::Demo {
-    crate::helpers::spawn_demo(env, |c| {
-        c.latency = DEMO_LATENCY;
-        tweak(c);
-    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -286,10 +278,18 @@ impl Endpoints {
 }
 
 async fn connect(url: &str) -> Result<SagaServiceClient<Channel>, tonic::transport::Error> {
+    connect_with_timeout(url, Duration::from_secs(3)).await
+}
+
+/// A client whose calls give up after `timeout`.
+pub async fn connect_with_timeout(
+    url: &str,
+    timeout: Duration,
+) -> Result<SagaServiceClient<Channel>, tonic::transport::Error> {
     let channel = Endpoint::from_shared(url.to_string())
         .unwrap()
         .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(3))
+        .timeout(timeout)
         .connect()
         .await?;
     Ok(SagaServiceClient::new(channel))
@@ -528,6 +528,8 @@ pub struct Measures {
     pub commands: usize,
     pub retries: usize,
     pub timeouts: usize,
+    /// Timed-out attempts by "kind step".
+    pub timeouts_by_step: BTreeMap<String, usize>,
     pub late_replies: usize,
     /// Commands the participants processed.
     pub processed: usize,
@@ -548,7 +550,7 @@ impl Measures {
              recovery {:.2?} from fault end to all ended; participants: {} commands processed, \
              {} redeliveries recognised, {} re-applied after a timeout; orchestrator: {} commands, \
              {} retries, {} timeouts, {} late replies; StartSaga: {} failed calls retried, {} \
-             answered already-started",
+             answered already-started; timeouts by step: {:?}",
             self.sagas,
             self.completed,
             self.compensated,
@@ -563,6 +565,7 @@ impl Measures {
             self.late_replies,
             self.start_calls_failed,
             self.start_calls_already_started,
+            self.timeouts_by_step,
         );
     }
 }
@@ -731,7 +734,12 @@ pub async fn check_invariants(pool: &PgPool, started: &Started) -> Measures {
         };
         m.commands += attempts.len();
         m.retries += attempts.iter().filter(|(_, a)| a.attempt > 1).count();
-        m.timeouts += attempts.iter().filter(|(_, a)| a.timed_out).count();
+        for (_, a) in attempts.iter().filter(|(_, a)| a.timed_out) {
+            m.timeouts += 1;
+            *m.timeouts_by_step
+                .entry(format!("{} {}", a.kind, a.step))
+                .or_default() += 1;
+        }
         m.late_replies += count("late_reply", None);
         // A late reply answers an attempt that timed out; a duplicate reply is not one.
         let gave_up = attempts.iter().filter(|(_, a)| a.timed_out).count();

@@ -67,7 +67,7 @@ async fn a_flood_of_malformed_replies_is_dead_lettered_and_good_sagas_finish() {
     let env = TestEnv::new();
     let pool = env.pool().await;
     let sagad = Sagad::spawn(&env, &repo_sagas(), "1").await;
-    let _demo = spawn_demo(&env, |_| {});
+    let _demo = DemoProcess::spawn(&env, "1", &[]);
     let conn = Connection::connect(&env.amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();

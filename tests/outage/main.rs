@@ -136,21 +136,46 @@ impl Drop for ServerDown {
 }
 
 /// Runs the load, stops `server` for `down` while sagas are in flight, starts it again, and
-/// checks the invariants.
+/// checks the invariants. While the server is down, the API must still answer (an error is
+/// fine, waiting forever is not): a probe calls ListSagas with a long deadline.
 async fn outage(server: Server, down: Duration, scenario: &str) {
     let _serial = OUTAGE.lock().await;
     let env = TestEnv::new();
     let pool = env.pool().await;
-    let _sagad = Sagad::spawn(&env, &repo_sagas(), "1").await;
-    let _demo = spawn_demo(&env, |_| {});
-    let endpoints = Endpoints::new(&[&_sagad]);
+    let sagad = Sagad::spawn(&env, &repo_sagas(), "1").await;
+    let _demo = DemoProcess::spawn(&env, "1", &[]);
+    let endpoints = Endpoints::new(&[&sagad]);
     let load = Load::start(&endpoints, SAGAS);
     load.wait_in_flight(&pool, SAGAS / 3, 10).await;
 
     let mut stopped = tokio::task::block_in_place(|| ServerDown::stop(server));
-    tokio::time::sleep(down).await;
+    let mut probe = connect_with_timeout(&sagad.endpoint(), PROBE_DEADLINE)
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    let answer = probe
+        .list_sagas(saga::proto::v1::ListSagasRequest::default())
+        .await;
+    let answered_after = asked.elapsed();
+    tokio::time::sleep(down.saturating_sub(asked.elapsed())).await;
     stopped.start();
     let fault_end = Instant::now();
+    // Answered at all (not cut by the client's deadline), with data or "unavailable".
+    match &answer {
+        Ok(_) => {}
+        Err(status) => assert_eq!(
+            status.code(),
+            tonic::Code::Unavailable,
+            "ListSagas during the outage: {status:?} after {answered_after:.2?}"
+        ),
+    }
+    eprintln!(
+        "[fault] {scenario}: ListSagas during the outage answered {} after {answered_after:.2?}",
+        match &answer {
+            Ok(_) => "OK".to_string(),
+            Err(status) => format!("{:?}", status.code()),
+        }
+    );
 
     let started = load.finish().await;
     wait_all_terminal(&pool, started.sagas.len(), RECOVERY_BOUND).await;
@@ -159,6 +184,9 @@ async fn outage(server: Server, down: Duration, scenario: &str) {
     m.recovery = recovery;
     m.print(scenario);
 }
+
+/// How long the probe waits for an answer during an outage before calling it a hang.
+const PROBE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Scenario c: RabbitMQ stopped for 5 s mid-load. `sagad`'s relay and reply consumer and the
 /// participants lose their connections and must reconnect; commands wait in the outbox,
