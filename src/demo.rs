@@ -352,6 +352,11 @@ pub async fn run(config: DemoConfig, shutdown: CancellationToken) -> anyhow::Res
     }
     let pool = PgPoolOptions::new()
         .max_connections(16)
+        // While the database is down, sqlx retries inside `acquire` with a back-off of up to a
+        // fifth of this timeout. The default (30 s) let a command wait ~6 s after the database
+        // was back, long enough for the orchestrator to time the step out; like `sagad`, give
+        // up sooner and let the command be requeued and retried instead.
+        .acquire_timeout(Duration::from_secs(5))
         .connect(&config.database_url)
         .await
         .context("cannot connect to PostgreSQL")?;
