@@ -53,23 +53,30 @@ fn run(program: &str, args: &[&str]) -> bool {
     }
 }
 
-const PG_CTL: [&str; 4] = ["--skip-systemctl-redirect", "15", "main", "start"];
+/// `pg_ctlcluster ACTION` on the cluster that listens on 5432 (found with `pg_lsclusters`),
+/// bypassing systemd as on a machine without it.
+fn pg_ctlcluster(action: &str, extra: &[&str]) -> bool {
+    let clusters = Command::new("pg_lsclusters")
+        .arg("-h")
+        .output()
+        .expect("pg_lsclusters runs");
+    let listing = String::from_utf8_lossy(&clusters.stdout);
+    let (version, cluster) = listing
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cols| cols.get(2) == Some(&"5432"))
+        .map(|cols| (cols[0].to_string(), cols[1].to_string()))
+        .unwrap_or_else(|| panic!("no PostgreSQL cluster on port 5432 in:\n{listing}"));
+    let mut args = vec!["--skip-systemctl-redirect", &version, &cluster, action];
+    args.extend_from_slice(extra);
+    run("pg_ctlcluster", &args)
+}
 
 impl Server {
     fn stop(self) {
         let ok = match self {
             Server::RabbitMq => run("rabbitmqctl", &["-q", "stop_app"]),
-            Server::Postgres => run(
-                "pg_ctlcluster",
-                &[
-                    "--skip-systemctl-redirect",
-                    "15",
-                    "main",
-                    "stop",
-                    "-m",
-                    "fast",
-                ],
-            ),
+            Server::Postgres => pg_ctlcluster("stop", &["-m", "fast"]),
         };
         assert!(ok, "cannot stop {self:?}");
     }
@@ -86,7 +93,7 @@ impl Server {
                 }
                 Server::Postgres => {
                     // Starting a running cluster fails; what matters is that it answers.
-                    let _ = run("pg_ctlcluster", &PG_CTL);
+                    let _ = pg_ctlcluster("start", &[]);
                     run("pg_isready", &["-q", "-h", "127.0.0.1", "-p", "5432"])
                         && run(
                             "psql",
