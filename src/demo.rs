@@ -8,6 +8,7 @@
 //! (`demo_processed_commands`) and applies the business effect (`demo_effects`, keyed by saga id
 //! and resource). The reply is published with publisher confirms, and only then is the command
 //! acknowledged, so a crash anywhere leads to a redelivery that re-sends the stored reply.
+//! Each redelivery recognised this way is counted in `demo_processed_commands.redeliveries`.
 //!
 //! | participant | command | effect on `demo_effects` (`resource` → `state`) |
 //! |---|---|---|
@@ -63,8 +64,12 @@ CREATE TABLE IF NOT EXISTS demo_processed_commands (
     kind        text NOT NULL,
     attempt     int  NOT NULL,
     reply       jsonb NOT NULL,
-    applied_at  timestamptz NOT NULL DEFAULT now()
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    -- Deliveries of this command recognised as duplicates (answered with the stored reply).
+    redeliveries int NOT NULL DEFAULT 0
 );
+-- Databases created before the counter existed.
+ALTER TABLE demo_processed_commands ADD COLUMN IF NOT EXISTS redeliveries int NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS demo_processed_commands_saga ON demo_processed_commands (saga_id);
 CREATE TABLE IF NOT EXISTS demo_effects (
     saga_id    uuid,
@@ -348,6 +353,11 @@ pub async fn run(config: DemoConfig, shutdown: CancellationToken) -> anyhow::Res
     }
     let pool = PgPoolOptions::new()
         .max_connections(16)
+        // While the database is down, sqlx retries inside `acquire` with a back-off of up to a
+        // fifth of this timeout. The default (30 s) let a command wait ~6 s after the database
+        // was back, long enough for the orchestrator to time the step out; like `sagad`, give
+        // up sooner and let the command be requeued and retried instead.
+        .acquire_timeout(Duration::from_secs(5))
         .connect(&config.database_url)
         .await
         .context("cannot connect to PostgreSQL")?;
@@ -653,6 +663,7 @@ impl Handler {
     async fn process(&self, command: &CommandBody) -> anyhow::Result<Processed> {
         let mut tx = self.pool.begin().await?;
         if let Some(reply) = stored_reply(&mut tx, command.command_id, true).await? {
+            count_redelivery(&mut tx, command.command_id).await?;
             tx.commit().await?;
             return Ok(Processed {
                 reply,
@@ -715,6 +726,7 @@ impl Handler {
             let reply = stored_reply(&mut conn, command.command_id, false)
                 .await?
                 .context("a concurrent delivery recorded this command, yet its reply is missing")?;
+            count_redelivery(&mut conn, command.command_id).await?;
             return Ok(Processed {
                 reply,
                 duplicate: true,
@@ -808,6 +820,17 @@ async fn stored_reply(
     stored
         .map(|v| serde_json::from_value(v).context("a stored reply does not parse"))
         .transpose()
+}
+
+/// Counts a delivery recognised as a duplicate, so tests can report how many the broker made.
+async fn count_redelivery(conn: &mut sqlx::PgConnection, command_id: Uuid) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE demo_processed_commands SET redeliveries = redeliveries + 1 WHERE command_id = $1",
+    )
+    .bind(command_id)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 fn parse_command(delivery: &Delivery) -> Result<CommandBody, String> {

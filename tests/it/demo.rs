@@ -216,6 +216,16 @@ async fn demo_participants_follow_the_contract() {
         .await,
         1
     );
+    // ... and the second delivery is counted as a recognised redelivery.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT redeliveries::bigint FROM demo_processed_commands WHERE command_id = $1",
+            pay.command_id
+        )
+        .await,
+        1
+    );
     assert_eq!(
         count(
             &db,
