@@ -962,6 +962,9 @@ async fn start_sagad(
         env.amqp_url(),
         "--listen".into(),
         addr.clone(),
+        // Leaves the default metrics port to a sagad the user may be running.
+        "--metrics-listen".into(),
+        "127.0.0.1:0".into(),
         "--definitions".into(),
         definitions.display().to_string(),
     ];

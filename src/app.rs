@@ -144,7 +144,11 @@ impl Application {
         };
         // Several relays overlap their confirm round trips; SKIP LOCKED shares the rows out.
         for _ in 0..settings.relay_workers.max(1) {
-            tasks.spawn(broker::run_relay(store.clone(), relay.clone(), shutdown.clone()));
+            tasks.spawn(broker::run_relay(
+                store.clone(),
+                relay.clone(),
+                shutdown.clone(),
+            ));
         }
         tasks.spawn(broker::run_reply_consumer(
             store.clone(),

@@ -226,6 +226,9 @@ const EFFECTS: [Effect; 7] = [
     effect("cancel_delivery", "delivery", "delivery", "cancelled", true),
 ];
 
+/// States a compensation leaves; an action never overwrites them.
+const COMPENSATED: [&str; 2] = ["cancelled", "refunded"];
+
 fn effect_of(command: &str) -> Option<&'static Effect> {
     EFFECTS.iter().find(|e| e.command == command)
 }
@@ -675,19 +678,17 @@ impl Handler {
         });
         if let Some(effect) = effect {
             if effect.compensation {
-                let undone = sqlx::query(
-                    "UPDATE demo_effects SET state = $3, updated_at = now()
-                     WHERE saga_id = $1 AND resource = $2",
+                // A compensation may overtake its action (a retried or abandoned attempt can
+                // still be queued, and commands are handled concurrently), so it is recorded
+                // even when there is nothing to undo: the row is a tombstone that makes the late
+                // action refuse below.
+                let before: Option<String> = sqlx::query_scalar(
+                    "SELECT state FROM demo_effects WHERE saga_id = $1 AND resource = $2 FOR UPDATE",
                 )
                 .bind(command.saga_id)
                 .bind(effect.resource)
-                .bind(effect.state)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    > 0;
-                reply.output = json!({ "undone": undone });
-            } else {
+                .fetch_optional(&mut *tx)
+                .await?;
                 sqlx::query(
                     "INSERT INTO demo_effects (saga_id, resource, state) VALUES ($1, $2, $3)
                      ON CONFLICT (saga_id, resource)
@@ -698,6 +699,30 @@ impl Handler {
                 .bind(effect.state)
                 .execute(&mut *tx)
                 .await?;
+                let undone = before.is_some_and(|s| !COMPENSATED.contains(&s.as_str()));
+                reply.output = json!({ "undone": undone });
+            } else {
+                let applied = sqlx::query(
+                    "INSERT INTO demo_effects (saga_id, resource, state) VALUES ($1, $2, $3)
+                     ON CONFLICT (saga_id, resource)
+                     DO UPDATE SET state = EXCLUDED.state, updated_at = now()
+                     WHERE demo_effects.state <> ALL($4)",
+                )
+                .bind(command.saga_id)
+                .bind(effect.resource)
+                .bind(effect.state)
+                .bind(&COMPENSATED[..])
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    > 0;
+                if !applied {
+                    reply = ReplyBody::failure(
+                        command.command_id,
+                        format!("{} was already compensated for this saga", effect.resource),
+                        false,
+                    );
+                }
             }
         }
         // `FOR UPDATE` above locks nothing when the row is missing, so two concurrent deliveries

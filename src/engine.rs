@@ -158,6 +158,9 @@ pub enum Event {
     Reply {
         command_id: Uuid,
         outcome: Outcome,
+        /// The step and kind of the command answered, when the driver knows them: lets a late
+        /// success of the step still in progress count.
+        answers: Option<(usize, Kind)>,
     },
     /// The saga's wake-up time has passed.
     Timer,
@@ -281,7 +284,8 @@ pub fn apply(def: &Definition, state: &SagaState, event: Event, ctx: Ctx) -> Tra
         Event::Reply {
             command_id,
             outcome,
-        } => m.reply(command_id, outcome),
+            answers,
+        } => m.reply(command_id, outcome, answers),
         Event::Timer => m.timer(),
     }
     Transition {
@@ -464,23 +468,41 @@ impl Machine<'_> {
         self.send(0, Kind::Action, 1);
     }
 
-    fn reply(&mut self, command_id: Uuid, outcome: Outcome) {
+    fn reply(&mut self, command_id: Uuid, outcome: Outcome, answers: Option<(usize, Kind)>) {
         let current =
             matches!(self.state.waiting, Waiting::Reply { command_id: c, .. } if c == command_id);
         if !current {
             // The driver only hands us replies to attempts that never got one, so this is an
             // answer that arrived after its attempt timed out: keep it for the operator.
-            if !self.state.status.is_terminal() {
-                self.effects.push(Effect::AttemptEnded {
-                    command_id,
-                    end: AttemptEnd::Replied(outcome.clone()),
-                });
-                self.history(
-                    HistoryKind::LateReply,
-                    None,
-                    Some(command_id),
-                    outcome_detail(&outcome),
-                );
+            if self.state.status.is_terminal() {
+                return;
+            }
+            self.effects.push(Effect::AttemptEnded {
+                command_id,
+                end: AttemptEnd::Replied(outcome.clone()),
+            });
+            self.history(
+                HistoryKind::LateReply,
+                None,
+                Some(command_id),
+                outcome_detail(&outcome),
+            );
+            // A late *success* of the very step (and kind) the saga is still retrying means that
+            // step is done: take it, rather than keep sending attempts that may each time out
+            // behind a backlog. The attempt in flight, if any, is abandoned. A late failure
+            // changes nothing: a newer attempt may still succeed.
+            let same_step = answers == Some((self.state.step, self.state.kind));
+            if let (true, Outcome::Success { output }) = (same_step, outcome) {
+                if let Waiting::Reply {
+                    command_id: newer, ..
+                } = self.state.waiting
+                {
+                    self.effects.push(Effect::AttemptEnded {
+                        command_id: newer,
+                        end: AttemptEnd::Superseded,
+                    });
+                }
+                self.succeeded(command_id, output);
             }
             return;
         }
@@ -490,16 +512,7 @@ impl Machine<'_> {
         });
         let step = self.state.step;
         match (self.state.kind, outcome) {
-            (Kind::Action, Outcome::Success { output }) => {
-                self.history(
-                    HistoryKind::StepSucceeded,
-                    Some(step),
-                    Some(command_id),
-                    json!({"output": output}),
-                );
-                self.effects.push(Effect::SaveOutput { step, output });
-                self.advance(step);
-            }
+            (_, Outcome::Success { output }) => self.succeeded(command_id, output),
             (Kind::Action, Outcome::Failure { reason, retryable }) => {
                 self.history(
                     HistoryKind::StepFailed,
@@ -511,15 +524,6 @@ impl Machine<'_> {
                 // has nothing to undo.
                 self.action_failed(reason, retryable, false);
             }
-            (Kind::Compensation, Outcome::Success { .. }) => {
-                self.history(
-                    HistoryKind::StepCompensated,
-                    Some(step),
-                    Some(command_id),
-                    json!({}),
-                );
-                self.compensate_from(step.checked_sub(1));
-            }
             (Kind::Compensation, Outcome::Failure { reason, .. }) => {
                 self.history(
                     HistoryKind::CompensationFailed,
@@ -528,6 +532,34 @@ impl Machine<'_> {
                     json!({"reason": reason}),
                 );
                 self.compensation_failed(reason);
+            }
+        }
+    }
+
+    /// The current step's command (action or compensation) succeeded.
+    fn succeeded(&mut self, command_id: Uuid, output: Value) {
+        let step = self.state.step;
+        match self.state.kind {
+            Kind::Action => {
+                self.history(
+                    HistoryKind::StepSucceeded,
+                    Some(step),
+                    Some(command_id),
+                    json!({"output": output}),
+                );
+                self.effects.push(Effect::SaveOutput { step, output });
+                self.advance(step);
+            }
+            Kind::Compensation => {
+                self.history(
+                    HistoryKind::StepCompensated,
+                    Some(step),
+                    Some(command_id),
+                    json!({}),
+                );
+                // Also ends a wait for an operator: the compensation did happen after all.
+                self.state.status = Status::Compensating;
+                self.compensate_from(step.checked_sub(1));
             }
         }
     }
@@ -811,6 +843,7 @@ mod tests {
                         outcome: Outcome::Success {
                             output: json!({"by": def.steps[state.step].name}),
                         },
+                        answers: None,
                     },
                     Answer::Fail => Event::Reply {
                         command_id,
@@ -818,6 +851,7 @@ mod tests {
                             reason: "no".into(),
                             retryable: false,
                         },
+                        answers: None,
                     },
                     Answer::Transient => Event::Reply {
                         command_id,
@@ -825,6 +859,7 @@ mod tests {
                             reason: "busy".into(),
                             retryable: true,
                         },
+                        answers: None,
                     },
                     Answer::Silent => {
                         now = deadline;
@@ -1047,6 +1082,7 @@ mod tests {
         Event::Reply {
             command_id,
             outcome: Outcome::Success { output: json!({}) },
+            answers: None,
         }
     }
 
@@ -1101,7 +1137,7 @@ mod tests {
     }
 
     #[test]
-    fn a_late_reply_after_a_timeout_is_recorded_but_does_not_resurrect_the_attempt() {
+    fn a_late_reply_is_recorded_and_only_a_success_of_the_step_still_in_progress_counts() {
         let def = order_saga();
         let (running, first) = started(&def);
         let deadline = running.wake_at().unwrap();
@@ -1112,21 +1148,94 @@ mod tests {
         };
         let timed_out = apply(&def, &running, Event::Timer, ctx(deadline, 2)).state;
         assert!(matches!(timed_out.waiting, Waiting::Retry { .. }));
-
-        let t = apply(&def, &timed_out, ok(first), ctx(deadline, 3));
-        assert_eq!(t.state, timed_out);
-        assert!(t.effects.iter().any(|e| matches!(
-            e,
-            Effect::History {
-                kind: HistoryKind::LateReply,
-                ..
-            }
-        )));
-        assert!(
-            !t.effects
+        let late = |outcome, answers| Event::Reply {
+            command_id: first,
+            outcome,
+            answers,
+        };
+        let is_late = |t: &Transition| {
+            t.effects.iter().any(|e| {
+                matches!(
+                    e,
+                    Effect::History {
+                        kind: HistoryKind::LateReply,
+                        ..
+                    }
+                )
+            })
+        };
+        let moved = |t: &Transition| {
+            t.effects
                 .iter()
                 .any(|e| matches!(e, Effect::Send(_) | Effect::SaveOutput { .. }))
+        };
+
+        // A late failure, or a reply whose step the driver does not know: recorded, nothing moves.
+        let failure = Outcome::Failure {
+            reason: "late".into(),
+            retryable: false,
+        };
+        for t in [
+            apply(
+                &def,
+                &timed_out,
+                late(failure, Some((0, Kind::Action))),
+                ctx(deadline, 3),
+            ),
+            apply(&def, &timed_out, ok(first), ctx(deadline, 3)),
+        ] {
+            assert_eq!(t.state, timed_out);
+            assert!(is_late(&t) && !moved(&t));
+        }
+
+        // A late success of the step being retried: the step is done, the retry is not needed.
+        let success = Outcome::Success {
+            output: json!({"order_ref": "late"}),
+        };
+        let t = apply(
+            &def,
+            &timed_out,
+            late(success.clone(), Some((0, Kind::Action))),
+            ctx(deadline, 4),
         );
+        assert!(is_late(&t));
+        assert!(t.effects.contains(&Effect::SaveOutput {
+            step: 0,
+            output: json!({"order_ref": "late"})
+        }));
+        assert_eq!(
+            (t.state.step, t.state.kind, t.state.attempt),
+            (1, Kind::Action, 1)
+        );
+
+        // ...also while a newer attempt is out: that one is abandoned.
+        let retrying = apply(
+            &def,
+            &timed_out,
+            Event::Timer,
+            ctx(timed_out.wake_at().unwrap(), 5),
+        )
+        .state;
+        let t = apply(
+            &def,
+            &retrying,
+            late(success.clone(), Some((0, Kind::Action))),
+            ctx(deadline, 6),
+        );
+        assert!(t.effects.contains(&Effect::AttemptEnded {
+            command_id: Uuid::from_u128(5),
+            end: AttemptEnd::Superseded
+        }));
+        assert_eq!(t.state.step, 1);
+
+        // A late success of a step the saga has moved past changes nothing.
+        let t = apply(
+            &def,
+            &t.state,
+            late(success, Some((0, Kind::Action))),
+            ctx(deadline, 7),
+        );
+        assert!(!moved(&t));
     }
 
     #[test]
@@ -1206,6 +1315,7 @@ mod tests {
                                 reason: "no".into(),
                                 retryable: true,
                             },
+                            answers: None,
                         },
                         Answer::Silent => Event::Timer,
                     }

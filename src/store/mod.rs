@@ -387,17 +387,20 @@ impl Store {
             sagas.insert(record.id, record);
         }
         // Attempts only change under their saga's lock, so this read, after the locks, is exact.
-        let mut saga_of: HashMap<Uuid, Uuid> = HashMap::new();
+        let mut saga_of: HashMap<Uuid, (Uuid, usize, Kind)> = HashMap::new();
         let mut answered: HashSet<Uuid> = HashSet::new();
         for row in sqlx::query(
-            "SELECT command_id, saga_id, replied_at IS NOT NULL AS answered FROM step_attempts WHERE command_id = ANY($1)",
+            "SELECT command_id, saga_id, step_index, kind, replied_at IS NOT NULL AS answered \
+             FROM step_attempts WHERE command_id = ANY($1)",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?
         {
             let command_id: Uuid = row.try_get("command_id")?;
-            saga_of.insert(command_id, row.try_get("saga_id")?);
+            let step: i32 = row.try_get("step_index")?;
+            let kind = parse_kind(row.try_get("kind")?)?;
+            saga_of.insert(command_id, (row.try_get("saga_id")?, step as usize, kind));
             if row.try_get::<bool, _>("answered")? {
                 answered.insert(command_id);
             }
@@ -406,7 +409,7 @@ impl Store {
         let mut seen = HashSet::new();
         let mut results = Vec::with_capacity(replies.len());
         for (command_id, outcome) in replies {
-            let Some(saga_id) = saga_of.get(&command_id) else {
+            let Some(&(saga_id, step, kind)) = saga_of.get(&command_id) else {
                 results.push(ReplyResult::UnknownCommand);
                 continue;
             };
@@ -415,7 +418,7 @@ impl Store {
                 continue;
             }
             let record = sagas
-                .get_mut(saga_id)
+                .get_mut(&saga_id)
                 .ok_or_else(|| StoreError::Corrupt("locked saga vanished".into()))?;
             let def = definition_of(registry, record)?;
             let t = engine::apply(
@@ -424,6 +427,7 @@ impl Store {
                 Event::Reply {
                     command_id,
                     outcome,
+                    answers: Some((step, kind)),
                 },
                 ctx(now),
             );

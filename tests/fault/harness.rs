@@ -142,6 +142,7 @@ impl Sagad {
         cmd.args(["--database-url", &env.database_url()])
             .args(["--amqp-url", &env.amqp_url()])
             .args(["--listen", &addr.to_string()])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .arg("--definitions")
             .arg(definitions)
             .args(["--db-max-connections", "8"])
@@ -577,6 +578,16 @@ struct Attempt {
     replied: bool,
     outcome: Option<String>,
     timed_out: bool,
+    /// Abandoned in flight: the saga moved on without it (a late success of an earlier attempt
+    /// of the same step completed the step).
+    superseded: bool,
+}
+
+impl Attempt {
+    /// The orchestrator stopped waiting for this attempt without its reply deciding the step.
+    fn given_up(&self) -> bool {
+        self.timed_out || self.superseded
+    }
 }
 
 struct Processed {
@@ -598,7 +609,7 @@ struct Processed {
 /// 2. Nothing was done twice. `demo_processed_commands` has one row per command id by
 ///    construction (primary key), so the check is at the business level, per saga and command
 ///    name: the participants applied it successfully at most once, plus once more for each
-///    attempt of that step the orchestrator gave up on (timed out) — a retry after a timeout is
+///    attempt of that step the orchestrator gave up on (timed out or abandoned) — a retry is
 ///    a new command id by contract and the orchestrator cannot know whether the lost attempt
 ///    applied; the demo keys effects by saga so the effect is still single. On the orchestrator
 ///    side, each step and kind has attempts 1..n once each, every one of them ended, and at
@@ -628,10 +639,23 @@ pub async fn check_invariants(pool: &PgPool, started: &Started) -> Measures {
     .await
     .unwrap();
     let mut attempts: HashMap<Uuid, Vec<(Uuid, Attempt)>> = HashMap::new();
-    for (saga_id, command_id, step, kind, attempt, replied, outcome, timed_out) in
-        sqlx::query_as::<_, (Uuid, Uuid, String, String, i32, bool, Option<String>, bool)>(
+    for (saga_id, command_id, step, kind, attempt, replied, outcome, timed_out, superseded) in
+        sqlx::query_as::<
+            _,
+            (
+                Uuid,
+                Uuid,
+                String,
+                String,
+                i32,
+                bool,
+                Option<String>,
+                bool,
+                bool,
+            ),
+        >(
             "SELECT saga_id, command_id, step, kind, attempt, replied_at IS NOT NULL, outcome, \
-             timed_out FROM step_attempts",
+             timed_out, superseded FROM step_attempts",
         )
         .fetch_all(pool)
         .await
@@ -646,6 +670,7 @@ pub async fn check_invariants(pool: &PgPool, started: &Started) -> Measures {
                 replied,
                 outcome,
                 timed_out,
+                superseded,
             },
         ));
     }
@@ -741,11 +766,12 @@ pub async fn check_invariants(pool: &PgPool, started: &Started) -> Measures {
                 .or_default() += 1;
         }
         m.late_replies += count("late_reply", None);
-        // A late reply answers an attempt that timed out; a duplicate reply is not one.
-        let gave_up = attempts.iter().filter(|(_, a)| a.timed_out).count();
+        // A late reply answers an attempt that timed out or was abandoned; a duplicate reply is
+        // not one.
+        let gave_up = attempts.iter().filter(|(_, a)| a.given_up()).count();
         if count("late_reply", None) > gave_up {
             bad(format!(
-                "{} late replies for {gave_up} timed-out attempts: {kinds:?}",
+                "{} late replies for {gave_up} timed-out or abandoned attempts: {kinds:?}",
                 count("late_reply", None)
             ));
         }
@@ -828,12 +854,12 @@ pub async fn check_invariants(pool: &PgPool, started: &Started) -> Measures {
             if numbers != (1..=list.len() as i32).collect::<Vec<_>>() {
                 bad(format!("{kind} {step}: attempts {numbers:?}"));
             }
-            if list.iter().any(|a| !a.replied && !a.timed_out) {
+            if list.iter().any(|a| !a.replied && !a.given_up()) {
                 bad(format!("{kind} {step}: an attempt never ended"));
             }
             let accepted = list
                 .iter()
-                .filter(|a| a.outcome.as_deref() == Some("success") && !a.timed_out)
+                .filter(|a| a.outcome.as_deref() == Some("success") && !a.given_up())
                 .count();
             if accepted > 1 {
                 bad(format!("{kind} {step}: {accepted} accepted successes"));
@@ -888,11 +914,11 @@ pub async fn check_invariants(pool: &PgPool, started: &Started) -> Measures {
                 .unwrap_or("?");
             let gave_up = by_step
                 .get(&(step, kind))
-                .map(|l| l.iter().filter(|a| a.timed_out).count())
+                .map(|l| l.iter().filter(|a| a.given_up()).count())
                 .unwrap_or(0);
             if n > 1 + gave_up {
                 bad(format!(
-                    "{command} applied {n} times, with only {gave_up} timed-out attempts"
+                    "{command} applied {n} times, with only {gave_up} timed-out or abandoned attempts"
                 ));
             }
             m.reapplied_after_timeout += n - 1;

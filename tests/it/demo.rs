@@ -272,7 +272,8 @@ async fn demo_participants_follow_the_contract() {
         0
     );
 
-    // A compensation whose action never applied succeeds and records no effect.
+    // A compensation whose action never applied succeeds, undoes nothing, and leaves a
+    // tombstone so that the action, if it arrives late, is refused.
     let never = Uuid::now_v7();
     let refund = Orchestrator::command(
         never,
@@ -283,14 +284,31 @@ async fn demo_participants_follow_the_contract() {
     );
     let reply = sagad.call("payment", &refund).await;
     assert_eq!(reply.outcome, ReplyOutcome::Success, "{reply:?}");
+    assert_eq!(reply.output, json!({"undone": false}));
     assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM demo_effects WHERE saga_id = $1",
-            never
-        )
-        .await,
-        0
+        effect(&db, never, "payment").await.as_deref(),
+        Some("refunded")
+    );
+    let late = Orchestrator::command(
+        never,
+        "authorize_payment",
+        "action",
+        "authorize_payment",
+        json!({}),
+    );
+    let reply = sagad.call("payment", &late).await;
+    assert_eq!(reply.outcome, ReplyOutcome::Failure, "{reply:?}");
+    assert!(
+        reply
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("already compensated"),
+        "{reply:?}"
+    );
+    assert_eq!(
+        effect(&db, never, "payment").await.as_deref(),
+        Some("refunded")
     );
     assert_eq!(
         count(
