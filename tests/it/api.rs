@@ -315,3 +315,75 @@ async fn a_changed_definition_must_get_a_new_version() {
     token.cancel();
     app.run_until_stopped().await;
 }
+
+#[tokio::test]
+async fn server_reflection_lists_and_describes_the_services_so_grpcurl_needs_no_proto_files() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let env = TestEnv::new();
+    let app = spawn_app(env.settings(&repo_sagas())).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ServerReflectionClient::new(channel);
+    let ask = |m: MessageRequest| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut answers = client
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let call = |m: MessageRequest| {
+        let tx = tx.clone();
+        async move {
+            tx.send(ask(m)).await.unwrap();
+        }
+    };
+    call(MessageRequest::ListServices(String::new())).await;
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for service in [
+        "saga.v1.SagaService",
+        "saga.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&service), "{names:?}");
+    }
+    // What grpcurl does: the file declaring a service, then each file it imports, by name.
+    call(MessageRequest::FileContainingSymbol(
+        "saga.v1.AdminService".into(),
+    ))
+    .await;
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected file descriptors");
+    };
+    let file = <prost_types::FileDescriptorProto as prost::Message>::decode(
+        &files.file_descriptor_proto[0][..],
+    )
+    .unwrap();
+    assert_eq!(file.name(), "saga/v1/saga.proto");
+    assert!(!file.dependency.is_empty());
+    for dependency in &file.dependency {
+        call(MessageRequest::FileByFilename(dependency.clone())).await;
+        let answer = answers.message().await.unwrap().unwrap().message_response;
+        assert!(
+            matches!(answer, Some(MessageResponse::FileDescriptorResponse(_))),
+            "{dependency}: {answer:?}"
+        );
+    }
+    app.stop().await;
+}
