@@ -387,3 +387,56 @@ async fn server_reflection_lists_and_describes_the_services_so_grpcurl_needs_no_
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn with_a_certificate_the_api_is_served_over_tls_only() {
+    let env = TestEnv::new();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let mut settings = env.settings(&repo_sagas());
+    settings.tls_cert = Some(cert_path);
+    settings.tls_key = Some(key_path);
+    let shutdown = CancellationToken::new();
+    let app = Application::build(settings, shutdown.clone())
+        .await
+        .unwrap();
+    let addr = app.local_addr();
+    let running = tokio::spawn(app.run_until_stopped());
+
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem()))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("a TLS client trusting the certificate connects");
+    let mut client = pb::saga_service_client::SagaServiceClient::new(channel);
+    let listed = client
+        .list_sagas(pb::ListSagasRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.sagas.is_empty());
+
+    // A plain-text client gets no answer from the TLS listener.
+    let plain = async {
+        let mut c =
+            pb::saga_service_client::SagaServiceClient::connect(format!("http://{addr}")).await?;
+        c.list_sagas(pb::ListSagasRequest::default())
+            .await
+            .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
+    };
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(5), plain).await;
+    assert!(
+        !matches!(refused, Ok(Ok(_))),
+        "plain text must not be served"
+    );
+    shutdown.cancel();
+    running.await.unwrap();
+}
