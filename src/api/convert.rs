@@ -91,6 +91,7 @@ pub fn filter_from_pb(req: &pb::ListSagasRequest) -> Result<ListFilter, Status> 
         updated_after: from_timestamp("updated_after", &req.updated_after)?,
         updated_before: from_timestamp("updated_before", &req.updated_before)?,
         error_contains: text(&req.error_contains),
+        started_by: None,
         before: None,
         limit: 0,
     })

@@ -24,6 +24,7 @@ use crate::definition::Registry;
 use crate::engine;
 use crate::proto::v1 as pb;
 use crate::store::{ReplyResult, Store, StoreError};
+use auth::{Caller, Scope, caller};
 use convert::{filter_from_pb, history_to_pb, saga_to_pb, status_to_pb, summary_to_pb};
 
 /// Largest saga input accepted, in bytes of JSON.
@@ -80,6 +81,22 @@ fn parse_json(field: &str, s: &str) -> Result<Value, Status> {
         .map_err(|e| Status::invalid_argument(format!("{field} is not valid JSON: {e}")))
 }
 
+/// A participant token sees only the sagas it started; operators see all. (Without tokens every
+/// caller is an anonymous operator.)
+fn own_sagas_only(caller: &Caller) -> Option<String> {
+    (caller.scope == Scope::Participant).then(|| caller.name.clone())
+}
+
+/// Someone else's saga is reported as missing, so ids do not leak across participants.
+fn readable(caller: &Caller, id: Uuid, started_by: Option<&str>) -> Result<(), Status> {
+    match own_sagas_only(caller) {
+        Some(name) if started_by != Some(name.as_str()) => {
+            Err(Status::not_found(format!("saga {id} not found")))
+        }
+        _ => Ok(()),
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::HistoryEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -92,8 +109,9 @@ impl pb::saga_service_server::SagaService for SagaApi {
     ) -> Result<Response<EventStream>, Status> {
         let id = parse_id("saga_id", &req.get_ref().saga_id)?;
         let mut after = req.get_ref().after_seq;
-        // Fails now, as a status, if the saga does not exist.
-        self.store.saga_status(id).await.map_err(status_of)?;
+        // Fails now, as a status, if the saga does not exist (for this caller).
+        let owner = self.store.saga_owner(id).await.map_err(status_of)?;
+        readable(&caller(&req), id, owner.as_deref())?;
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
@@ -133,6 +151,8 @@ impl pb::saga_service_server::SagaService for SagaApi {
         &self,
         req: Request<pb::StartSagaRequest>,
     ) -> Result<Response<pb::StartSagaResponse>, Status> {
+        let who = caller(&req);
+        let started_by = (who.name != "anonymous").then_some(who.name);
         let req = req.into_inner();
         let name = req.definition.trim();
         if name.is_empty() {
@@ -173,6 +193,7 @@ impl pb::saga_service_server::SagaService for SagaApi {
                 input,
                 key,
                 crate::telemetry::traceparent(&tracing::Span::current()),
+                started_by.as_deref(),
                 OffsetDateTime::now_utc(),
             )
             .await
@@ -191,6 +212,7 @@ impl pb::saga_service_server::SagaService for SagaApi {
     ) -> Result<Response<pb::Saga>, Status> {
         let id = parse_id("saga_id", &req.get_ref().saga_id)?;
         let (saga, attempts, history) = self.store.get_saga(id).await.map_err(status_of)?;
+        readable(&caller(&req), id, saga.started_by.as_deref())?;
         Ok(Response::new(saga_to_pb(saga, attempts, history)))
     }
 
@@ -198,6 +220,7 @@ impl pb::saga_service_server::SagaService for SagaApi {
         &self,
         req: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        let only_own = own_sagas_only(&caller(&req));
         let req = req.into_inner();
         let limit = match req.page_size {
             0 => DEFAULT_PAGE,
@@ -213,6 +236,7 @@ impl pb::saga_service_server::SagaService for SagaApi {
             t => Some(parse_id("page_token", t)?),
         };
         let mut filter = filter_from_pb(&req)?;
+        filter.started_by = only_own;
         filter.before = before;
         filter.limit = limit + 1;
         let mut sagas = self.store.list_sagas(&filter).await.map_err(status_of)?;

@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 macro_rules! saga_columns {
     () => {
         "id, definition, definition_version, status, step, kind, attempt, command_id, wake_at, \
-         input, outputs, error, idempotency_key, created_at, updated_at, current_step, traceparent"
+         input, outputs, error, idempotency_key, created_at, updated_at, current_step, traceparent, started_by"
     };
 }
 
@@ -79,6 +79,8 @@ pub struct SagaRecord {
     pub current_step: Option<String>,
     /// W3C trace context of the call that started the saga.
     pub traceparent: Option<String>,
+    /// Name of the API token that started it (none without authentication).
+    pub started_by: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +126,8 @@ pub struct ListFilter {
     pub updated_before: Option<OffsetDateTime>,
     /// Case-insensitive substring of the error.
     pub error_contains: Option<String>,
+    /// Only sagas started with this token (participants see their own sagas only).
+    pub started_by: Option<String>,
     /// Only sagas with an id below this one (the previous page's last id).
     pub before: Option<Uuid>,
     pub limit: u32,
@@ -290,14 +294,15 @@ impl Store {
         input: Value,
         idempotency_key: Option<&str>,
         traceparent: Option<String>,
+        started_by: Option<&str>,
         now: OffsetDateTime,
     ) -> Result<(Uuid, bool, Status)> {
         let id = Uuid::now_v7();
         let mut tx = self.pool.begin().await?;
         let inserted: Option<Uuid> = sqlx::query_scalar(
             "INSERT INTO sagas (id, definition, definition_version, status, step, kind, attempt, input, \
-             idempotency_key, created_at, updated_at, traceparent) \
-             VALUES ($1, $2, $3, 'running', 0, 'action', 0, $4, $5, $6, $6, $7) \
+             idempotency_key, created_at, updated_at, traceparent, started_by) \
+             VALUES ($1, $2, $3, 'running', 0, 'action', 0, $4, $5, $6, $6, $7, $8) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
         )
         .bind(id)
@@ -307,17 +312,26 @@ impl Store {
         .bind(idempotency_key)
         .bind(now)
         .bind(&traceparent)
+        .bind(started_by)
         .fetch_optional(&mut *tx)
         .await?;
         if inserted.is_none() {
             tx.rollback().await?;
-            let row =
-                sqlx::query("SELECT id, definition, status FROM sagas WHERE idempotency_key = $1")
-                    .bind(idempotency_key)
-                    .fetch_one(&self.pool)
-                    .await?;
+            let row = sqlx::query(
+                "SELECT id, definition, status, started_by FROM sagas WHERE idempotency_key = $1",
+            )
+            .bind(idempotency_key)
+            .fetch_one(&self.pool)
+            .await?;
             let existing: Uuid = row.try_get("id")?;
             let existing_def: String = row.try_get("definition")?;
+            let owner: Option<String> = row.try_get("started_by")?;
+            if owner.as_deref() != started_by {
+                // Another caller's key: say nothing about its saga.
+                return Err(StoreError::InvalidArgument(
+                    "idempotency key already used by another caller".into(),
+                ));
+            }
             if existing_def != def.name {
                 return Err(StoreError::InvalidArgument(format!(
                     "idempotency key already used by saga {existing} of definition {existing_def}"
@@ -337,6 +351,7 @@ impl Store {
             updated_at: now,
             current_step: None,
             traceparent,
+            started_by: started_by.map(str::to_owned),
         };
         let mut record = record;
         let mut writes = Writes::default();
@@ -515,6 +530,15 @@ impl Store {
         Ok((saga, attempts, history))
     }
 
+    /// The name of the token that started the saga; `NotFound` if there is no such saga.
+    pub async fn saga_owner(&self, id: Uuid) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT started_by FROM sagas WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))
+    }
+
     pub async fn saga_status(&self, id: Uuid) -> Result<Status> {
         let row = sqlx::query("SELECT status FROM sagas WHERE id = $1")
             .bind(id)
@@ -591,6 +615,9 @@ fn filtered(select: &'static str, f: &ListFilter) -> sqlx::QueryBuilder<Postgres
         if let Some(t) = t {
             q.push(cond).push_bind(t);
         }
+    }
+    if let Some(by) = &f.started_by {
+        q.push(" AND started_by = ").push_bind(by);
     }
     if let Some(e) = &f.error_contains {
         // Escape LIKE's wildcards: the operator searches for text, not a pattern.
@@ -681,6 +708,7 @@ fn saga_from_row(row: &PgRow) -> Result<SagaRecord> {
         updated_at: row.try_get("updated_at")?,
         current_step: row.try_get("current_step")?,
         traceparent: row.try_get("traceparent")?,
+        started_by: row.try_get("started_by")?,
     })
 }
 

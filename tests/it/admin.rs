@@ -764,3 +764,96 @@ async fn every_service_refuses_missing_bad_and_underprivileged_tokens() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_participant_token_reads_only_the_sagas_it_started() {
+    let env = TestEnv::new();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nname = \"shop\"\nscope = \"participant\"\ntoken = \"shop-token-0123456789\"\n\n\
+             [[token]]\nname = \"kiosk\"\nscope = \"participant\"\ntoken = \"kiosk-token-0123456789\"\n\n\
+             [[token]]\nname = \"ops\"\nscope = \"operator\"\ntoken = \"{OPERATOR}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut settings = env.settings(&repo_sagas());
+    settings.tokens_file = Some(tokens);
+    let app = spawn_app(settings).await;
+    let (mut shop, _) = clients(app.addr, Some("shop-token-0123456789")).await;
+    let (mut kiosk, _) = clients(app.addr, Some("kiosk-token-0123456789")).await;
+    let (mut ops, _) = clients(app.addr, Some(OPERATOR)).await;
+    let mine = start_with(&mut shop, json!({})).await;
+    let theirs = start_with(&mut kiosk, json!({})).await;
+
+    let ids = |r: pb::ListSagasResponse| r.sagas.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(shop
+            .list_sagas(pb::ListSagasRequest::default())
+            .await
+            .unwrap()
+            .into_inner()),
+        [mine.clone()]
+    );
+    assert_eq!(
+        ids(kiosk
+            .list_sagas(pb::ListSagasRequest::default())
+            .await
+            .unwrap()
+            .into_inner()),
+        [theirs.clone()]
+    );
+    assert_eq!(
+        ids(ops
+            .list_sagas(pb::ListSagasRequest::default())
+            .await
+            .unwrap()
+            .into_inner())
+        .len(),
+        2
+    );
+
+    shop.get_saga(pb::GetSagaRequest {
+        saga_id: mine.clone(),
+    })
+    .await
+    .unwrap();
+    let e = shop
+        .get_saga(pb::GetSagaRequest {
+            saga_id: theirs.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::NotFound,
+        "another participant's saga looks missing"
+    );
+    let e = shop
+        .watch_saga(pb::WatchSagaRequest {
+            saga_id: theirs.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let saga = ops
+        .get_saga(pb::GetSagaRequest { saga_id: theirs })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(saga.id.len(), 36);
+
+    // Idempotency keys do not reach across callers either.
+    let keyed = |key: &str| pb::StartSagaRequest {
+        definition: "order_fulfillment".into(),
+        input_json: "{}".into(),
+        idempotency_key: key.into(),
+    };
+    shop.start_saga(keyed("order-9")).await.unwrap();
+    let e = kiosk.start_saga(keyed("order-9")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    app.stop().await;
+}
