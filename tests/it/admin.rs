@@ -795,7 +795,7 @@ async fn a_participant_token_reads_only_the_sagas_it_started() {
             .await
             .unwrap()
             .into_inner()),
-        [mine.clone()]
+        vec![mine.clone()]
     );
     assert_eq!(
         ids(kiosk
@@ -803,7 +803,7 @@ async fn a_participant_token_reads_only_the_sagas_it_started() {
             .await
             .unwrap()
             .into_inner()),
-        [theirs.clone()]
+        vec![theirs.clone()]
     );
     assert_eq!(
         ids(ops
