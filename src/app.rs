@@ -336,6 +336,46 @@ fn grpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
     span
 }
 
+/// Keeps the gRPC health status in step with the database: every call needs it, so the
+/// services are NOT_SERVING while it does not answer (probes then route around this replica).
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    store: Store,
+    shutdown: CancellationToken,
+) {
+    let mut serving = None;
+    loop {
+        let ok = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(store.pool()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if serving != Some(ok) {
+            let status = if ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status("saga.v1.SagaService", status)
+                .await;
+            reporter
+                .set_service_status("saga.v1.AdminService", status)
+                .await;
+            if serving.is_some() {
+                warn!(serving = ok, "gRPC health changed with the database");
+            }
+            serving = Some(ok);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+        }
+    }
+}
+
 async fn serve(
     listener: TcpListener,
     tls: Option<ServerTlsConfig>,
@@ -345,12 +385,11 @@ async fn serve(
     shutdown: CancellationToken,
 ) {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<SagaServiceServer<SagaApi>>()
-        .await;
-    health_reporter
-        .set_serving::<AdminServiceServer<AdminApi>>()
-        .await;
+    tokio::spawn(report_health(
+        health_reporter,
+        store.clone(),
+        shutdown.clone(),
+    ));
     let reflection = match tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

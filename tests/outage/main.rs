@@ -23,6 +23,8 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tonic_health::pb::health_check_response::ServingStatus;
+
 use harness::*;
 use helpers::{TestEnv, repo_sagas};
 
@@ -164,6 +166,7 @@ async fn outage(server: Server, down: Duration, scenario: &str) {
         .list_sagas(saga::proto::v1::ListSagasRequest::default())
         .await;
     let answered_after = asked.elapsed();
+    let health_when_down = health_of(&sagad.endpoint()).await;
     tokio::time::sleep(down.saturating_sub(asked.elapsed())).await;
     stopped.start();
     let fault_end = Instant::now();
@@ -184,12 +187,43 @@ async fn outage(server: Server, down: Duration, scenario: &str) {
         }
     );
 
+    // Without its database the orchestrator can serve nothing: probes must see it.
+    if matches!(server, Server::Postgres) {
+        assert_eq!(
+            health_when_down,
+            ServingStatus::NotServing as i32,
+            "gRPC health during the outage"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while health_of(&sagad.endpoint()).await != ServingStatus::Serving as i32 {
+        assert!(
+            Instant::now() < deadline,
+            "gRPC health never came back to SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     let started = load.finish().await;
     wait_all_terminal(&pool, started.sagas.len(), RECOVERY_BOUND).await;
     let recovery = fault_end.elapsed();
     let mut m = check_invariants(&pool, &started).await;
     m.recovery = recovery;
     m.print(scenario);
+}
+
+/// The gRPC health status of the saga service (what grpc_health_probe asks).
+async fn health_of(endpoint: &str) -> i32 {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: "saga.v1.SagaService".into(),
+    };
+    health.check(request).await.unwrap().into_inner().status
 }
 
 /// How long the probe waits for an answer during an outage before calling it a hang.
