@@ -17,6 +17,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 use sqlx::postgres::PgListener;
+use sqlx::{Connection as _, PgConnection};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
@@ -136,13 +137,29 @@ async fn relay_session(
         .await?;
     let mut listener = PgListener::connect_with(store.pool()).await?;
     listener.listen(OUTBOX_CHANNEL).await?;
+    // A connection of its own: the relay's transactions need no fsync wait (losing one only
+    // publishes its rows again, which the contract allows: same message_id, participants
+    // de-duplicate), and it never waits for the pool behind the API and the reply consumer.
+    let mut db = PgConnection::connect_with(&store.pool().connect_options()).await?;
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut db)
+        .await?;
     info!("outbox relay connected");
     store
         .metrics()
         .relay_connected
         .store(true, Ordering::Relaxed);
+    // Open circuits are probed on the polling tick (and at start), not on every batch.
+    let mut probe = true;
     loop {
-        while publish_batch(store, &channel, settings.batch_size).await?
+        while publish_batch(
+            store,
+            &mut db,
+            &channel,
+            settings.batch_size,
+            std::mem::take(&mut probe),
+        )
+        .await?
             == settings.batch_size as usize
         {}
         tokio::select! {
@@ -152,26 +169,28 @@ async fn relay_session(
                 return Ok(());
             }
             n = listener.recv() => { n?; }
-            _ = tokio::time::sleep(settings.poll_interval) => {}
+            _ = tokio::time::sleep(settings.poll_interval) => { probe = true; }
         }
     }
 }
 
-async fn publish_batch(store: &Store, channel: &Channel, limit: i64) -> Result<usize, BrokerError> {
+async fn publish_batch(
+    store: &Store,
+    db: &mut PgConnection,
+    channel: &Channel,
+    limit: i64,
+    probe: bool,
+) -> Result<usize, BrokerError> {
     let now = OffsetDateTime::now_utc();
-    let mut tx = store.pool().begin().await?;
-    // Losing this commit in a crash only means publishing these rows again, which the contract
-    // allows (same message_id, participants de-duplicate): the relay need not wait for fsync.
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
-    let dispatch = participants::dispatch_state(&mut tx, now).await?;
-    let mut rows = outbox::claim(&mut tx, limit, &dispatch.held).await?;
+    let mut tx = db.begin().await?;
+    let mut rows = outbox::take(&mut tx, limit).await?;
     let mut probes = Vec::new();
-    for participant in &dispatch.probe {
-        if let Some(row) = outbox::claim_one(&mut tx, participant).await? {
-            probes.push(participant.as_str());
-            rows.push(row);
+    if probe {
+        for participant in participants::due_for_probe(&mut tx, now).await? {
+            if let Some(row) = outbox::take_one(&mut tx, &participant).await? {
+                probes.push(participant);
+                rows.push(row);
+            }
         }
     }
     if rows.is_empty() {
@@ -216,8 +235,7 @@ async fn publish_batch(store: &Store, channel: &Channel, limit: i64) -> Result<u
             return Err(BrokerError::Nacked(message_id.to_string()));
         }
     }
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    outbox::delete(&mut tx, &ids).await?;
+    let published = rows.len();
     // A command that waited (held participant, broker outage, backlog) gets its whole timeout
     // from now; fresh ones keep the deadline set when they were created.
     let waited: Vec<uuid::Uuid> = rows
@@ -226,12 +244,12 @@ async fn publish_batch(store: &Store, channel: &Channel, limit: i64) -> Result<u
         .map(|r| r.message_id)
         .collect();
     outbox::restart_deadlines(&mut tx, &waited, now).await?;
-    for participant in probes {
+    for participant in &probes {
         participants::probe_sent(&mut tx, participant, now, store.circuit().cooldown).await?;
     }
     tx.commit().await?;
-    debug!(count = ids.len(), "published outbox batch");
-    Ok(ids.len())
+    debug!(count = published, "published outbox batch");
+    Ok(published)
 }
 
 /// How long a command may sit in the outbox before its deadline is restarted on publishing.

@@ -32,49 +32,45 @@ fn from_row(r: &sqlx::postgres::PgRow) -> Result<OutboxMessage> {
     })
 }
 
-/// Locks up to `limit` rows for publishing, oldest first, skipping rows another relay holds and
-/// commands for `held` participants. The caller publishes them and then calls [`delete`] in the
-/// same transaction, so a crash before the broker confirmed leaves them to be published again.
-pub async fn claim(
-    tx: &mut Transaction<'_, Postgres>,
-    limit: i64,
-    held: &[String],
-) -> Result<Vec<OutboxMessage>> {
+/// Takes up to `limit` rows for publishing, oldest first: deletes them in the caller's
+/// transaction, which commits only after the broker confirmed every message, so a failure or a
+/// crash before that leaves them in place to be published again. Rows another relay holds are
+/// skipped, and so are commands for participants that are paused or whose circuit is not closed.
+pub async fn take(tx: &mut Transaction<'_, Postgres>, limit: i64) -> Result<Vec<OutboxMessage>> {
     let rows = sqlx::query(
-        "SELECT id, exchange, routing_key, message_id, properties, body, created_at FROM outbox \
-         WHERE NOT (exchange = $2 AND routing_key = ANY($3)) \
-         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        "DELETE FROM outbox WHERE id IN ( \
+           SELECT id FROM outbox \
+           WHERE NOT (exchange = $2 AND routing_key IN \
+                      (SELECT name FROM participants WHERE paused OR circuit <> 'closed')) \
+           ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         RETURNING id, exchange, routing_key, message_id, properties, body, created_at",
     )
     .bind(limit)
     .bind(contract::COMMANDS_EXCHANGE)
-    .bind(held)
     .fetch_all(&mut **tx)
     .await?;
-    rows.iter().map(from_row).collect()
+    let mut taken = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
+    // RETURNING does not keep the sub-select's order.
+    taken.sort_by_key(|m| m.id);
+    Ok(taken)
 }
 
-/// The oldest waiting command for `participant`, to probe its open circuit with.
-pub async fn claim_one(
+/// Takes the oldest waiting command for `participant`, to probe its open circuit with.
+pub async fn take_one(
     tx: &mut Transaction<'_, Postgres>,
     participant: &str,
 ) -> Result<Option<OutboxMessage>> {
     let row = sqlx::query(
-        "SELECT id, exchange, routing_key, message_id, properties, body, created_at FROM outbox \
-         WHERE exchange = $1 AND routing_key = $2 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+        "DELETE FROM outbox WHERE id = ( \
+           SELECT id FROM outbox WHERE exchange = $1 AND routing_key = $2 \
+           ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+         RETURNING id, exchange, routing_key, message_id, properties, body, created_at",
     )
     .bind(contract::COMMANDS_EXCHANGE)
     .bind(participant)
     .fetch_optional(&mut **tx)
     .await?;
     row.as_ref().map(from_row).transpose()
-}
-
-pub async fn delete(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<()> {
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-        .bind(ids)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
 
 /// Commands that waited in the outbox (a paused participant, an open circuit, a broker outage)

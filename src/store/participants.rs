@@ -185,35 +185,18 @@ impl Store {
     }
 }
 
-/// What the relay may send to each participant right now.
-#[derive(Debug, Default)]
-pub struct Dispatch {
-    /// Participants whose commands stay in the outbox.
-    pub held: Vec<String>,
-    /// Participants whose circuit is open and due a probe: one command each may go out.
-    pub probe: Vec<String>,
-}
-
-pub async fn dispatch_state(
+/// Participants whose circuit is open and whose cool-down has passed: one command each may go
+/// out as a probe.
+pub async fn due_for_probe(
     tx: &mut Transaction<'_, Postgres>,
     now: OffsetDateTime,
-) -> Result<Dispatch> {
-    let rows = sqlx::query(
-        "SELECT name, (NOT paused AND circuit = 'open' AND probe_at <= $1) AS probe FROM participants \
-         WHERE paused OR circuit <> 'closed'",
+) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT name FROM participants WHERE NOT paused AND circuit = 'open' AND probe_at <= $1",
     )
     .bind(now)
     .fetch_all(&mut **tx)
-    .await?;
-    let mut d = Dispatch::default();
-    for r in rows {
-        let name: String = r.try_get("name")?;
-        if r.try_get::<bool, _>("probe")? {
-            d.probe.push(name.clone());
-        }
-        d.held.push(name);
-    }
-    Ok(d)
+    .await?)
 }
 
 /// The probe for `participant` went out: hold the rest until its outcome is known (or, if it is
