@@ -70,6 +70,11 @@ struct Global {
         value_parser = humantime::parse_duration
     )]
     timeout: Duration,
+
+    /// PEM certificate (or CA) to trust for an https:// --server, e.g. sagad's self-signed one;
+    /// without it the system's roots are not consulted and https needs this flag.
+    #[arg(long, global = true, help_heading = GLOBAL, env = "SAGA_CA_CERT", value_name = "PATH")]
+    ca_cert: Option<PathBuf>,
 }
 
 /// The bearer token; `Debug` does not show it.
@@ -322,11 +327,9 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
 /// even when the server is down.
 async fn connect(global: &Global) -> anyhow::Result<Api> {
     let server = global.server.as_str();
-    if server.starts_with("https://") {
-        bail!("TLS is not supported yet: use an http:// --server URL");
-    }
-    if !server.starts_with("http://") {
-        bail!("invalid --server URL {server:?}: expected http://HOST:PORT");
+    let https = server.starts_with("https://");
+    if !https && !server.starts_with("http://") {
+        bail!("invalid --server URL {server:?}: expected http://HOST:PORT or https://HOST:PORT");
     }
     let auth = match &global.token {
         None => Auth(None),
@@ -340,6 +343,21 @@ async fn connect(global: &Global) -> anyhow::Result<Api> {
         .map_err(|e| anyhow!("invalid --server URL {server:?}: {}", cli::error_chain(&e)))?
         .connect_timeout(global.timeout)
         .timeout(global.timeout);
+    let endpoint = match (https, &global.ca_cert) {
+        (false, _) => endpoint,
+        (true, None) => {
+            bail!("an https:// --server needs --ca-cert PATH (the certificate to trust)")
+        }
+        (true, Some(path)) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            endpoint
+                .tls_config(tls)
+                .map_err(|e| anyhow!("TLS configuration: {}", cli::error_chain(&e)))?
+        }
+    };
     // Connecting eagerly turns "nothing listens there" into one clear message instead of an
     // UNAVAILABLE status from the first call.
     let channel = endpoint.connect().await.map_err(|e| {

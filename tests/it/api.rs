@@ -391,13 +391,15 @@ async fn server_reflection_lists_and_describes_the_services_so_grpcurl_needs_no_
 #[tokio::test]
 async fn with_a_certificate_the_api_is_served_over_tls_only() {
     let env = TestEnv::new();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
     let mut settings = env.settings(&repo_sagas());
-    settings.tls_cert = Some(cert_path);
+    settings.tls_cert = Some(cert_path.clone());
     settings.tls_key = Some(key_path);
     let shutdown = CancellationToken::new();
     let app = Application::build(settings, shutdown.clone())
@@ -437,6 +439,33 @@ async fn with_a_certificate_the_api_is_served_over_tls_only() {
         !matches!(refused, Ok(Ok(_))),
         "plain text must not be served"
     );
+
+    // sagactl trusts the certificate it is given, and refuses https without one.
+    // (An async child process: the server runs on this test's runtime.)
+    let sagactl = |args: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
+            .args(["--server", &format!("https://127.0.0.1:{}", addr.port())])
+            .args(args)
+            .env_remove("SAGA_CA_CERT")
+            .output()
+    };
+    let ok = sagactl(&[
+        "--ca-cert",
+        cert_path.to_str().unwrap(),
+        "--output",
+        "json",
+        "list",
+    ])
+    .await
+    .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let refused = sagactl(&["list"]).await.unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--ca-cert"));
     shutdown.cancel();
     running.await.unwrap();
 }
