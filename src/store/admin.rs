@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{
     ACTIVE, ListFilter, Result, Store, StoreError, Writes, ctx, definition_of, filtered, lock_saga,
-    saga_from_row,
+    parse_status, saga_from_row,
 };
 use crate::definition::Registry;
 use crate::engine::{self, Operator, Repair, Status};
@@ -112,12 +112,7 @@ impl Store {
         .fetch_all(self.pool())
         .await?
         .iter()
-        .map(|r| {
-            let s: String = r.try_get("status")?;
-            let status = Status::parse(&s)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown status {s:?}")))?;
-            Ok((status, r.try_get::<i64, _>("n")?.max(0) as u64))
-        })
+        .map(|r| Ok((parse_status(r)?, r.try_get::<i64, _>("n")?.max(0) as u64)))
         .collect::<Result<Vec<_>>>()?;
         let by_step = sqlx::query(
             "SELECT definition, current_step, current_participant, status, count(*) AS n, min(updated_at) AS oldest \
@@ -131,12 +126,11 @@ impl Store {
         .await?
         .iter()
         .map(|r| {
-            let s: String = r.try_get("status")?;
             Ok(StepCount {
                 definition: r.try_get("definition")?,
                 step: r.try_get::<Option<String>, _>("current_step")?.unwrap_or_default(),
                 participant: r.try_get::<Option<String>, _>("current_participant")?.unwrap_or_default(),
-                status: Status::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("unknown status {s:?}")))?,
+                status: parse_status(r)?,
                 count: r.try_get::<i64, _>("n")?.max(0) as u64,
                 oldest_updated_at: r.try_get("oldest")?,
             })
