@@ -18,7 +18,6 @@ use crate::api::admin::AdminApi;
 use crate::api::auth::{Authenticator, Scope, Secret, Tokens};
 use crate::broker::{self, ConsumerSettings, RelaySettings};
 use crate::config::{Settings, redact_url};
-use crate::contract;
 use crate::definition::{self, DefinitionError, Registry};
 use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::saga_service_server::SagaServiceServer;
@@ -221,21 +220,14 @@ impl Application {
     }
 }
 
-async fn declare_topology(amqp_url: &str, participants: &[String]) -> Result<(), lapin::Error> {
+async fn declare_topology(amqp_url: &str, participants: &[String]) -> Result<(), String> {
     let attempt = async {
-        let conn = broker::connect(amqp_url).await?;
-        let channel = conn.create_channel().await?;
-        contract::declare_topology(&channel, participants.iter().map(String::as_str)).await?;
+        let (conn, _) = broker::open(amqp_url, participants).await?;
         conn.close(200, "topology declared".into()).await
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(lapin::Error::from(lapin::ErrorKind::IOError(
-            std::sync::Arc::new(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "timed out",
-            )),
-        ))),
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer within 5s".into()),
     }
 }
 

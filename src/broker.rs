@@ -42,8 +42,16 @@ pub enum BrokerError {
     Nacked(String),
 }
 
-pub async fn connect(url: &str) -> Result<Connection, lapin::Error> {
-    Connection::connect(url, ConnectionProperties::default()).await
+/// Connects and opens a channel, declaring the topology first: done on every (re)connect, so a
+/// broker that lost its state gets it back before anything is published or consumed.
+pub async fn open(
+    url: &str,
+    participants: &[String],
+) -> Result<(Connection, Channel), lapin::Error> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    contract::declare_topology(&channel, participants.iter().map(String::as_str)).await?;
+    Ok((conn, channel))
 }
 
 /// Capped exponential back-off for reconnect loops.
@@ -128,10 +136,7 @@ async fn relay_session(
     settings: &RelaySettings,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let conn = connect(&settings.amqp_url).await?;
-    let channel = conn.create_channel().await?;
-    // Declared on every connect: a broker that lost its state gets it back before we publish.
-    contract::declare_topology(&channel, settings.participants.iter().map(String::as_str)).await?;
+    let (conn, channel) = open(&settings.amqp_url, &settings.participants).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
@@ -331,9 +336,7 @@ async fn consume_session(
     settings: &ConsumerSettings,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let conn = connect(&settings.amqp_url).await?;
-    let channel = conn.create_channel().await?;
-    contract::declare_topology(&channel, settings.participants.iter().map(String::as_str)).await?;
+    let (conn, channel) = open(&settings.amqp_url, &settings.participants).await?;
     channel
         .basic_qos(settings.prefetch, BasicQosOptions::default())
         .await?;
