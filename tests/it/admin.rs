@@ -29,36 +29,6 @@ fn repair(saga_id: &str, reason: &str) -> pb::RepairRequest {
     }
 }
 
-async fn start_with<C>(
-    client: &mut pb::saga_service_client::SagaServiceClient<C>,
-    input: Value,
-) -> String
-where
-    C: tonic::client::GrpcService<tonic::body::Body>,
-    C::Error: Into<tonic::codegen::StdError>,
-    C::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <C::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
-    client
-        .start_saga(pb::StartSagaRequest {
-            definition: "order_fulfillment".into(),
-            input_json: input.to_string(),
-            idempotency_key: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .saga_id
-}
-
-fn operator_actions(saga: &pb::Saga) -> Vec<Value> {
-    saga.history
-        .iter()
-        .filter(|h| h.kind == "operator_action")
-        .map(|h| serde_json::from_str(&h.detail_json).unwrap())
-        .collect()
-}
-
 /// The order saga, but a compensation that fails once needs an operator at once.
 fn impatient_order_saga() -> tempfile::TempDir {
     let text = std::fs::read_to_string(repo_sagas().join("order_fulfillment.toml"))
@@ -75,7 +45,7 @@ async fn every_repair_works_in_the_right_state_is_refused_in_a_wrong_one_and_is_
     let (mut sagas, mut admin) = clients(app.addr, Some(OPERATOR)).await;
 
     // No participants yet: sagas wait on create_order.
-    let waiting = start_with(&mut sagas, json!({})).await;
+    let waiting = start(&mut sagas, json!({})).await;
     let e = admin.retry_step(repair(&waiting, " ")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "a reason is required");
     let e = admin
@@ -203,10 +173,10 @@ async fn redrive_retries_exactly_the_matching_sagas_and_a_dry_run_none() {
     let (mut sagas, mut admin) = clients(app.addr, Some(OPERATOR)).await;
     let mut waiting = Vec::new();
     for _ in 0..5 {
-        waiting.push(start_with(&mut sagas, json!({})).await);
+        waiting.push(start(&mut sagas, json!({})).await);
     }
     // One saga moved on to the payment step by hand: the filter below must not touch it.
-    let other = start_with(&mut sagas, json!({})).await;
+    let other = start(&mut sagas, json!({})).await;
     admin
         .skip_step(pb::SkipStepRequest {
             saga_id: other.clone(),
@@ -318,7 +288,7 @@ async fn a_paused_participant_holds_its_commands_and_resume_delivers_them() {
 
     let mut ids = Vec::new();
     for _ in 0..3 {
-        ids.push(start_with(&mut sagas, json!({})).await);
+        ids.push(start(&mut sagas, json!({})).await);
     }
     // The payment commands wait in the outbox; no saga fails meanwhile.
     let deadline = tokio::time::Instant::now() + WITHIN;
@@ -402,8 +372,7 @@ action = "ping"
 #[tokio::test]
 async fn a_silent_participant_trips_its_circuit_its_commands_wait_and_a_probe_closes_it() {
     use futures::StreamExt as _;
-    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
-    use lapin::types::FieldTable;
+    use lapin::options::BasicAckOptions;
 
     let env = TestEnv::new();
     let dir = definitions_dir(&[("flaky.toml", FLAKY)]);
@@ -473,34 +442,17 @@ async fn a_silent_participant_trips_its_circuit_its_commands_wait_and_a_probe_cl
     );
 
     // The participant comes back: the next probe succeeds, the circuit closes, the saga ends.
-    let conn = lapin::Connection::connect(&env.amqp_url(), lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let mut commands = ch
-        .basic_consume(
-            "saga.participant.remote".into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (_conn, ch) = amqp_channel(&env).await;
+    let mut commands = consume(&ch, "saga.participant.remote").await;
     let answer = async {
         while let Some(Ok(d)) = commands.next().await {
             let body: Value = serde_json::from_slice(&d.data).unwrap();
-            let reply = json!({"command_id": body["command_id"], "outcome": "success"}).to_string();
-            ch.basic_publish(
-                "".into(),
-                "saga.replies".into(),
-                BasicPublishOptions::default(),
-                reply.as_bytes(),
-                Default::default(),
+            reply(
+                &ch,
+                "saga.replies",
+                json!({"command_id": body["command_id"], "outcome": "success"}),
             )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+            .await;
             d.ack(BasicAckOptions::default()).await.unwrap();
         }
     };
@@ -723,7 +675,7 @@ async fn every_service_refuses_missing_bad_and_underprivileged_tokens() {
     }
     // A participant token works on the saga service, not on the admin service.
     let (mut sagas, mut admin) = clients(app.addr, Some(PARTICIPANT)).await;
-    let id = start_with(&mut sagas, json!({})).await;
+    let id = start(&mut sagas, json!({})).await;
     sagas
         .get_saga(pb::GetSagaRequest {
             saga_id: id.clone(),
@@ -785,8 +737,8 @@ async fn a_participant_token_reads_only_the_sagas_it_started() {
     let (mut shop, _) = clients(app.addr, Some("shop-token-0123456789")).await;
     let (mut kiosk, _) = clients(app.addr, Some("kiosk-token-0123456789")).await;
     let (mut ops, _) = clients(app.addr, Some(OPERATOR)).await;
-    let mine = start_with(&mut shop, json!({})).await;
-    let theirs = start_with(&mut kiosk, json!({})).await;
+    let mine = start(&mut shop, json!({})).await;
+    let theirs = start(&mut kiosk, json!({})).await;
 
     let ids = |r: pb::ListSagasResponse| r.sagas.into_iter().map(|s| s.id).collect::<Vec<_>>();
     assert_eq!(

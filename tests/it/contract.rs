@@ -4,34 +4,13 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use lapin::{BasicProperties, Consumer};
 use saga::proto::v1 as pb;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
-
-async fn channel(env: &TestEnv) -> (Connection, Channel) {
-    let conn = Connection::connect(&env.amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    (conn, ch)
-}
-
-async fn consume(ch: &Channel, queue: &str) -> Consumer {
-    ch.basic_consume(
-        queue.into(),
-        "".into(),
-        BasicConsumeOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-}
 
 async fn next(consumer: &mut Consumer) -> lapin::message::Delivery {
     tokio::time::timeout(Duration::from_secs(10), consumer.next())
@@ -54,27 +33,11 @@ fn header(d: &lapin::message::Delivery, name: &str) -> String {
     }
 }
 
-async fn reply(ch: &Channel, to: &str, body: Value) {
-    ch.basic_publish(
-        "".into(),
-        to.into(),
-        BasicPublishOptions::default(),
-        body.to_string().as_bytes(),
-        BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into()),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-}
-
 #[tokio::test]
 async fn a_participant_written_from_the_docs_drives_a_saga_to_completion() {
     let env = TestEnv::new();
     let mut app = spawn_app(env.settings(&repo_sagas())).await;
-    let (_conn, ch) = channel(&env).await;
+    let (_conn, ch) = amqp_channel(&env).await;
     let id = start(
         &mut app.client,
         json!({"order_id": "A-7", "amount_cents": 4200}),
@@ -156,7 +119,7 @@ async fn a_participant_written_from_the_docs_drives_a_saga_to_completion() {
 async fn a_participant_may_answer_over_grpc_and_duplicates_change_nothing() {
     let env = TestEnv::new();
     let mut app = spawn_app(env.settings(&repo_sagas())).await;
-    let (_conn, ch) = channel(&env).await;
+    let (_conn, ch) = amqp_channel(&env).await;
     let id = start(&mut app.client, json!({})).await;
     let mut orders = consume(&ch, "saga.participant.order").await;
     let mut payments = consume(&ch, "saga.participant.payment").await;
@@ -250,7 +213,7 @@ async fn a_participant_may_answer_over_grpc_and_duplicates_change_nothing() {
 async fn malformed_and_unknown_replies_go_to_the_dead_letter_queue_with_the_reason() {
     let env = TestEnv::new();
     let mut app = spawn_app(env.settings(&repo_sagas())).await;
-    let (_conn, ch) = channel(&env).await;
+    let (_conn, ch) = amqp_channel(&env).await;
     // Declared by sagad; wait until it exists by declaring it with the same arguments.
     ch.queue_declare(
         "saga.dead-letter".into(),
@@ -348,7 +311,7 @@ async fn a_silent_participant_times_out_is_retried_and_then_compensated() {
     let env = TestEnv::new();
     let dir = definitions_dir(&[("impatient.toml", IMPATIENT)]);
     let mut app = spawn_app(env.settings(dir.path())).await;
-    let (_conn, ch) = channel(&env).await;
+    let (_conn, ch) = amqp_channel(&env).await;
     let id = app
         .client
         .start_saga(pb::StartSagaRequest {

@@ -234,7 +234,14 @@ pub async fn wait_for_status(
     }
 }
 
-pub async fn start(client: &mut SagaServiceClient<Channel>, input: serde_json::Value) -> String {
+/// Starts an order saga through any client (plain or with a token).
+pub async fn start<C>(client: &mut SagaServiceClient<C>, input: serde_json::Value) -> String
+where
+    C: tonic::client::GrpcService<tonic::body::Body>,
+    C::Error: Into<tonic::codegen::StdError>,
+    C::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <C::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     client
         .start_saga(pb::StartSagaRequest {
             definition: "order_fulfillment".into(),
@@ -245,6 +252,52 @@ pub async fn start(client: &mut SagaServiceClient<Channel>, input: serde_json::V
         .unwrap()
         .into_inner()
         .saga_id
+}
+
+/// The details of the saga's operator_action events.
+pub fn operator_actions(saga: &pb::Saga) -> Vec<serde_json::Value> {
+    saga.history
+        .iter()
+        .filter(|h| h.kind == "operator_action")
+        .map(|h| serde_json::from_str(&h.detail_json).unwrap())
+        .collect()
+}
+
+/// A connection and channel on the test's vhost, for playing a participant by hand.
+pub async fn amqp_channel(env: &TestEnv) -> (lapin::Connection, lapin::Channel) {
+    let conn = lapin::Connection::connect(&env.amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+pub async fn consume(ch: &lapin::Channel, queue: &str) -> lapin::Consumer {
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        lapin::options::BasicConsumeOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Publishes a reply as the contract describes (persistent JSON) and waits for the confirm.
+pub async fn reply(ch: &lapin::Channel, to: &str, body: serde_json::Value) {
+    ch.basic_publish(
+        "".into(),
+        to.into(),
+        lapin::options::BasicPublishOptions::default(),
+        body.to_string().as_bytes(),
+        lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
 }
 
 /// The (step, kind) of each attempt, in the order sent, e.g. ("authorize_payment", "compensation").

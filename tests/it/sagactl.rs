@@ -11,34 +11,17 @@ use saga::proto::v1 as pb;
 use saga::proto::v1::admin_service_client::AdminServiceClient;
 use saga::proto::v1::saga_service_client::SagaServiceClient;
 use serde_json::{Value, json};
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::helpers::*;
 
 const TOKEN: &str = "sagactl-test-operator-token-0123456789";
 
-/// Adds the operator token to the test's own calls.
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-type Authed = InterceptedService<Channel, Bearer>;
-
 struct Harness {
     _env: TestEnv,
     _defs: tempfile::TempDir,
     app: TestApp,
-    sagas: SagaServiceClient<Authed>,
-    admin: AdminServiceClient<Authed>,
+    sagas: SagaServiceClient<AuthChannel>,
+    admin: AdminServiceClient<AuthChannel>,
 }
 
 /// The repository's order_fulfillment, but with hour-long step timeouts: nothing times out or
@@ -58,18 +41,12 @@ async fn harness() -> Harness {
     let mut settings = env.settings(defs.path());
     settings.operator_token = Some(TOKEN.to_owned());
     let app = spawn_app(settings).await;
-    let channel = Channel::from_shared(format!("http://{}", app.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let bearer = Bearer(format!("Bearer {TOKEN}").parse().unwrap());
-    let authed = InterceptedService::new(channel, bearer);
+    let (sagas, admin) = clients(app.addr, Some(TOKEN)).await;
     Harness {
         _env: env,
         _defs: defs,
-        sagas: SagaServiceClient::new(authed.clone()),
-        admin: AdminServiceClient::new(authed),
+        sagas,
+        admin,
         app,
     }
 }
@@ -188,15 +165,6 @@ async fn succeed_current(h: &Harness, id: &str) {
 /// How many attempts of `step` the saga made.
 fn attempts_of(saga: &pb::Saga, step: &str) -> usize {
     saga.attempts.iter().filter(|a| a.step == step).count()
-}
-
-/// The details of the saga's operator_action events.
-fn operator_actions(saga: &pb::Saga) -> Vec<Value> {
-    saga.history
-        .iter()
-        .filter(|e| e.kind == "operator_action")
-        .map(|e| serde_json::from_str(&e.detail_json).unwrap())
-        .collect()
 }
 
 fn ids_in(v: &Value) -> BTreeSet<String> {
