@@ -16,7 +16,6 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
-use sqlx::postgres::PgListener;
 use sqlx::{Connection as _, PgConnection};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -25,7 +24,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use crate::contract::{self, ReplyBody, ReplyOutcome};
 use crate::definition::Registry;
 use crate::engine::Outcome;
-use crate::store::{OUTBOX_CHANNEL, ReplyResult, Store, StoreError, outbox, participants};
+use crate::store::{ReplyResult, Store, StoreError, outbox, participants};
 use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
@@ -88,12 +87,13 @@ pub struct RelaySettings {
     /// Participants whose queues must exist before commands are routed to them.
     pub participants: Vec<String>,
     pub batch_size: i64,
-    /// Fallback when a notification is missed (e.g. the listener reconnecting).
+    /// How often to look for rows nobody woke this relay for (other replicas', a crashed one's).
     pub poll_interval: Duration,
 }
 
-/// Publishes the outbox: woken by `NOTIFY` after each committed transition, with polling as a
-/// fallback. Rows are deleted in the transaction that claimed them, after the broker confirmed
+/// Publishes the outbox: woken in-process after each committed transition (no `NOTIFY`: it
+/// serialises the commits of every notifying transaction, fsync included), with polling for
+/// rows other replicas left behind. Rows are deleted in the transaction that claimed them, after the broker confirmed
 /// every message, so a crash in between re-publishes (at least once, same `message_id`).
 pub async fn run_relay(store: Store, settings: RelaySettings, shutdown: CancellationToken) {
     let connected = &store.metrics().relay_connected;
@@ -140,8 +140,6 @@ async fn relay_session(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let mut listener = PgListener::connect_with(store.pool()).await?;
-    listener.listen(OUTBOX_CHANNEL).await?;
     // A connection of its own: the relay's transactions need no fsync wait (losing one only
     // publishes its rows again, which the contract allows: same message_id, participants
     // de-duplicate), and it never waits for the pool behind the API and the reply consumer.
@@ -173,7 +171,7 @@ async fn relay_session(
                 let _ = conn.close(200, "shutdown".into()).await;
                 return Ok(());
             }
-            n = listener.recv() => { n?; }
+            _ = store.outbox_ready() => {}
             _ = tokio::time::sleep(settings.poll_interval) => { probe = true; }
         }
     }

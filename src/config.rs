@@ -66,7 +66,7 @@ pub struct Settings {
     /// Outbox relays per process, each with its own broker channel, publishing concurrently.
     #[arg(long, global = true, env = "SAGA_RELAY_WORKERS", default_value_t = 4)]
     pub relay_workers: u16,
-    /// How often the relay polls the outbox when no notification arrives.
+    /// How often the relay polls the outbox for rows no commit of this process woke it for.
     #[arg(long, global = true, env = "SAGA_OUTBOX_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub outbox_poll: Duration,
     /// How often due timers (reply deadlines, retry back-offs) are looked for.

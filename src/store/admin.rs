@@ -39,8 +39,9 @@ impl Store {
             .map_err(|refused| StoreError::FailedPrecondition(refused.0))?;
         let mut writes = Writes::default();
         writes.stage(&def, &mut record, t, now)?;
-        writes.flush(&mut tx, now, &self.env()).await?;
+        let flushed = writes.flush(&mut tx, now, self.circuit()).await?;
         tx.commit().await?;
+        self.committed(flushed);
         Ok(())
     }
 
@@ -86,8 +87,9 @@ impl Store {
                 Err(_) => skipped.push(record.id),
             }
         }
-        writes.flush(&mut tx, now, &self.env()).await?;
+        let flushed = writes.flush(&mut tx, now, self.circuit()).await?;
         tx.commit().await?;
+        self.committed(flushed);
         // Sagas that vanished between the match and the lock count as skipped too.
         let vanished: Vec<Uuid> = ids
             .iter()

@@ -1,8 +1,8 @@
 //! The PostgreSQL store: saga rows, attempts, history and the outbox.
 //!
 //! Every transition runs in one transaction: lock the saga row, run the engine, write the new
-//! state, the attempts, the history and the outbox rows, notify the relay, commit. Commands are
-//! never published from here: the outbox relay does that after the commit.
+//! state, the attempts, the history and the outbox rows, commit, then wake the relay. Commands
+//! are never published from here: the outbox relay does that after the commit.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -18,8 +18,8 @@ use crate::definition::{Definition, Registry};
 use crate::engine::{self, Ctx, Event, Kind, Outcome, SagaState, Status, Waiting};
 use crate::metrics::Metrics;
 use std::collections::{HashMap, HashSet};
+use tokio::sync::Notify;
 
-/// The channel the relay listens on; notified by every transaction that fills the outbox.
 /// The columns [`saga_from_row`] reads; a macro so queries stay `&'static str` literals.
 macro_rules! saga_columns {
     () => {
@@ -31,14 +31,12 @@ macro_rules! saga_columns {
 mod admin;
 mod writes;
 pub use admin::StepCount;
-use writes::Writes;
+use writes::{Flushed, Writes};
 pub mod outbox;
 pub mod participants;
 
 pub use outbox::OutboxMessage;
 pub use participants::{Circuit, ParticipantRecord};
-
-pub const OUTBOX_CHANNEL: &str = "saga_outbox";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -165,6 +163,9 @@ pub struct Store {
     pool: PgPool,
     circuit: CircuitSettings,
     metrics: Arc<Metrics>,
+    /// Signalled after every commit that wrote outbox rows: the relays of this process wait on
+    /// it (rows another replica wrote are found by their polling).
+    outbox_ready: Arc<Notify>,
 }
 
 impl Store {
@@ -208,6 +209,7 @@ impl Store {
             pool,
             circuit: CircuitSettings::default(),
             metrics: Arc::new(Metrics::new()),
+            outbox_ready: Arc::new(Notify::new()),
         })
     }
 
@@ -218,6 +220,35 @@ impl Store {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Resolves when outbox rows may be waiting: a permit is kept if no relay is waiting, so a
+    /// commit that lands while every relay is busy is not missed.
+    pub async fn outbox_ready(&self) {
+        self.outbox_ready.notified().await
+    }
+
+    /// Wakes a relay, e.g. when held commands may go out again.
+    pub fn wake_relay(&self) {
+        self.outbox_ready.notify_one();
+    }
+
+    /// What a batch does once its transaction has committed (never before: a rolled-back batch
+    /// must not count nor wake anyone).
+    fn committed(&self, flushed: Flushed) {
+        for (definition, status) in &flushed.lifecycle {
+            self.metrics.saga_event(definition, *status);
+        }
+        for s in &flushed.steps {
+            self.metrics
+                .step_ended(&s.participant, &s.step, &s.kind, s.outcome, s.took);
+        }
+        for participant in &flushed.reclosed {
+            tracing::info!(participant, "circuit closed: the participant answers again");
+        }
+        if flushed.outbox {
+            self.wake_relay();
+        }
     }
 
     /// Messages waiting in the outbox, and how long the oldest has waited.
@@ -298,48 +329,7 @@ impl Store {
         now: OffsetDateTime,
     ) -> Result<(Uuid, bool, Status)> {
         let id = Uuid::now_v7();
-        let mut tx = self.pool.begin().await?;
-        let inserted: Option<Uuid> = sqlx::query_scalar(
-            "INSERT INTO sagas (id, definition, definition_version, status, step, kind, attempt, input, \
-             idempotency_key, created_at, updated_at, traceparent, started_by) \
-             VALUES ($1, $2, $3, 'running', 0, 'action', 0, $4, $5, $6, $6, $7, $8) \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-        )
-        .bind(id)
-        .bind(&def.name)
-        .bind(def.version as i32)
-        .bind(&input)
-        .bind(idempotency_key)
-        .bind(now)
-        .bind(&traceparent)
-        .bind(started_by)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if inserted.is_none() {
-            tx.rollback().await?;
-            let row = sqlx::query(
-                "SELECT id, definition, status, started_by FROM sagas WHERE idempotency_key = $1",
-            )
-            .bind(idempotency_key)
-            .fetch_one(&self.pool)
-            .await?;
-            let existing: Uuid = row.try_get("id")?;
-            let existing_def: String = row.try_get("definition")?;
-            let owner: Option<String> = row.try_get("started_by")?;
-            if owner.as_deref() != started_by {
-                // Another caller's key: say nothing about its saga.
-                return Err(StoreError::InvalidArgument(
-                    "idempotency key already used by another caller".into(),
-                ));
-            }
-            if existing_def != def.name {
-                return Err(StoreError::InvalidArgument(format!(
-                    "idempotency key already used by saga {existing} of definition {existing_def}"
-                )));
-            }
-            return Ok((existing, false, parse_status(&row)?));
-        }
-        let record = SagaRecord {
+        let mut record = SagaRecord {
             id,
             definition: def.name.clone(),
             definition_version: def.version,
@@ -353,13 +343,37 @@ impl Store {
             traceparent,
             started_by: started_by.map(str::to_owned),
         };
-        let mut record = record;
+        // The first transition needs nothing from the database, so the row is inserted in its
+        // state after it, with its writes, in one statement.
         let mut writes = Writes::default();
         let t = engine::apply(def, &record.state, Event::Start, ctx(now));
         let status = writes.stage(def, &mut record, t, now)?;
-        writes.flush(&mut tx, now, &self.env()).await?;
-        tx.commit().await?;
-        Ok((id, true, status))
+        let mut conn = self.pool.acquire().await?;
+        if let Some(flushed) = writes.insert_new(&mut conn, &record, now).await? {
+            self.committed(flushed);
+            return Ok((id, true, status));
+        }
+        let row = sqlx::query(
+            "SELECT id, definition, status, started_by FROM sagas WHERE idempotency_key = $1",
+        )
+        .bind(idempotency_key)
+        .fetch_one(&mut *conn)
+        .await?;
+        let existing: Uuid = row.try_get("id")?;
+        let existing_def: String = row.try_get("definition")?;
+        let owner: Option<String> = row.try_get("started_by")?;
+        if owner.as_deref() != started_by {
+            // Another caller's key: say nothing about its saga.
+            return Err(StoreError::InvalidArgument(
+                "idempotency key already used by another caller".into(),
+            ));
+        }
+        if existing_def != def.name {
+            return Err(StoreError::InvalidArgument(format!(
+                "idempotency key already used by saga {existing} of definition {existing_def}"
+            )));
+        }
+        Ok((existing, false, parse_status(&row)?))
     }
 
     /// Applies a participant's reply. Safe to call any number of times for the same reply.
@@ -449,8 +463,9 @@ impl Store {
             writes.stage(&def, record, t, now)?;
             results.push(ReplyResult::Applied);
         }
-        writes.flush(&mut tx, now, &self.env()).await?;
+        let flushed = writes.flush(&mut tx, now, self.circuit).await?;
         tx.commit().await?;
+        self.committed(flushed);
         Ok(results)
     }
 
@@ -482,8 +497,9 @@ impl Store {
             let t = engine::apply(&def, &record.state, Event::Timer, ctx(now));
             writes.stage(&def, &mut record, t, now)?;
         }
-        writes.flush(&mut tx, now, &self.env()).await?;
+        let flushed = writes.flush(&mut tx, now, self.circuit).await?;
         tx.commit().await?;
+        self.committed(flushed);
         Ok(n)
     }
 
@@ -710,21 +726,6 @@ fn saga_from_row(row: &PgRow) -> Result<SagaRecord> {
         traceparent: row.try_get("traceparent")?,
         started_by: row.try_get("started_by")?,
     })
-}
-
-/// What a transition's writes need besides the transaction.
-struct Env<'a> {
-    circuit: CircuitSettings,
-    metrics: &'a Metrics,
-}
-
-impl Store {
-    fn env(&self) -> Env<'_> {
-        Env {
-            circuit: self.circuit,
-            metrics: &self.metrics,
-        }
-    }
 }
 
 /// The outside world's inputs to one transition: now, a fresh command id, random jitter.

@@ -46,30 +46,6 @@ pub struct ParticipantRecord {
     pub held_commands: u64,
 }
 
-/// Participants that answered healthily: reset their failure count and close their circuit.
-/// Only rows with something to reset are touched, so the hot path takes no participant lock.
-pub(super) async fn record_success(
-    tx: &mut Transaction<'_, Postgres>,
-    names: &[String],
-    now: OffsetDateTime,
-) -> Result<()> {
-    let closed: Vec<Option<String>> = sqlx::query_scalar(
-        "UPDATE participants p SET consecutive_failures = 0, circuit = 'closed', probe_at = NULL, \
-           circuit_changed_at = CASE WHEN p.circuit <> 'closed' THEN $2 ELSE p.circuit_changed_at END \
-         FROM participants old \
-         WHERE p.name = ANY($1) AND old.name = p.name AND (p.consecutive_failures > 0 OR p.circuit <> 'closed') \
-         RETURNING CASE WHEN old.circuit <> 'closed' THEN p.name END",
-    )
-    .bind(names)
-    .bind(now)
-    .fetch_all(&mut **tx)
-    .await?;
-    for participant in closed.into_iter().flatten() {
-        info!(participant, "circuit closed: the participant answers again");
-    }
-    Ok(())
-}
-
 /// A timeout or transient failure: counts towards opening the participant's circuit (or
 /// re-opens it after a failed probe).
 pub(super) async fn record_failure(
@@ -143,11 +119,8 @@ impl Store {
             paused, actor, reason, "participant dispatch changed by an operator"
         );
         if !paused {
-            // Wake the relay: the held commands can go now.
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(super::OUTBOX_CHANNEL)
-                .execute(self.pool())
-                .await?;
+            // The held commands can go now (other replicas' relays find them on their next poll).
+            self.wake_relay();
         }
         self.participants()
             .await?

@@ -5,11 +5,13 @@
 use std::collections::{BTreeSet, HashMap};
 
 use serde_json::{Map, Value, json};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgConnection, Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Env, OUTBOX_CHANNEL, Result, SagaRecord, StoreError, participants};
+use super::{CircuitSettings, Result, SagaRecord, StoreError, participants};
 use crate::contract::{self, CommandBody};
 use crate::definition::Definition;
 use crate::engine::{self, AttemptEnd, Effect, Kind, Outcome, Status, Waiting};
@@ -314,23 +316,140 @@ impl Writes {
         self.ended.push(ended);
     }
 
-    /// Writes everything staged, one statement per table, in the caller's transaction.
+    /// Writes a transition batch in the caller's transaction: one statement for every table
+    /// (a round trip each would cost more than the writes themselves), then one `UPDATE` per
+    /// participant that failed, which is rare. Call [`Store::committed`](super::Store) with the
+    /// result once the transaction has committed.
     pub(super) async fn flush(
         self,
         tx: &mut Transaction<'_, Postgres>,
         now: OffsetDateTime,
-        env: &Env<'_>,
-    ) -> Result<()> {
+        circuit: CircuitSettings,
+    ) -> Result<Flushed> {
+        let mut flushed = Flushed {
+            lifecycle: Vec::new(),
+            steps: Vec::new(),
+            reclosed: BTreeSet::new(),
+            outbox: !self.o_message_id.is_empty(),
+        };
         if self.sagas.is_empty() {
-            return Ok(());
+            return Ok(flushed);
         }
-        if !self.a_command.is_empty() {
-            sqlx::query(
-                "INSERT INTO step_attempts (command_id, saga_id, step_index, step, participant, kind, attempt, sent_at, deadline) \
-                 SELECT c, s, i, st, p, k, a, $9, d \
-                 FROM UNNEST($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[], $7::int[], $8::timestamptz[]) \
-                   AS u(c, s, i, st, p, k, a, d)",
+        let s = &self.sagas;
+        let e = &self.ended;
+        let rows = self
+            .bind_shared(sqlx::query(TRANSITION), now)
+            .bind(e.iter().map(|x| x.command_id).collect::<Vec<_>>())
+            .bind(e.iter().map(|x| x.outcome).collect::<Vec<_>>())
+            .bind(e.iter().map(|x| x.output.clone()).collect::<Vec<_>>())
+            .bind(e.iter().map(|x| x.reason.clone()).collect::<Vec<_>>())
+            .bind(e.iter().map(|x| x.timed_out).collect::<Vec<_>>())
+            .bind(e.iter().map(|x| x.superseded).collect::<Vec<_>>())
+            .bind(e.iter().map(|x| x.healthy).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.id).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.status).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.step).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.kind).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.attempt).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.command_id).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.wake_at).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.error.clone()).collect::<Vec<_>>())
+            .bind(
+                s.iter()
+                    .map(|w| Value::Object(w.new_outputs.clone()))
+                    .collect::<Vec<_>>(),
             )
+            .bind(s.iter().map(|w| w.current_step.clone()).collect::<Vec<_>>())
+            .bind(
+                s.iter()
+                    .map(|w| w.current_participant.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut **tx)
+            .await?;
+        let by_id: HashMap<Uuid, &Ended> = e.iter().map(|x| (x.command_id, x)).collect();
+        for row in rows {
+            let command_id: Uuid = row.try_get("command_id")?;
+            let participant: String = row.try_get("participant")?;
+            if row.try_get("reclosed")? {
+                flushed.reclosed.insert(participant.clone());
+            }
+            let Some(ended) = by_id.get(&command_id) else {
+                continue;
+            };
+            let Some(healthy) = ended.healthy else {
+                continue;
+            };
+            if !healthy {
+                participants::record_failure(tx, &participant, now, circuit).await?;
+            }
+            let sent_at: OffsetDateTime = row.try_get("sent_at")?;
+            flushed.steps.push(StepEnded {
+                participant,
+                step: row.try_get("step")?,
+                kind: row.try_get("kind")?,
+                outcome: if ended.timed_out {
+                    "timeout"
+                } else {
+                    ended.outcome.unwrap_or("none")
+                },
+                took: (now - sent_at).try_into().unwrap_or_default(),
+            });
+        }
+        flushed.lifecycle = self.lifecycle;
+        Ok(flushed)
+    }
+
+    /// Inserts a new saga (staged with its first transition) with everything that transition
+    /// wrote, in one autocommitted statement. `None` if the idempotency key was taken, in which
+    /// case nothing was written.
+    pub(super) async fn insert_new(
+        self,
+        conn: &mut PgConnection,
+        record: &SagaRecord,
+        now: OffsetDateTime,
+    ) -> Result<Option<Flushed>> {
+        let w = self
+            .sagas
+            .first()
+            .ok_or_else(|| StoreError::Corrupt("a new saga without a first transition".into()))?;
+        let inserted = self
+            .bind_shared(sqlx::query(START), now)
+            .bind(record.id)
+            .bind(&record.definition)
+            .bind(record.definition_version as i32)
+            .bind(w.status)
+            .bind(w.step)
+            .bind(w.kind)
+            .bind(w.attempt)
+            .bind(w.command_id)
+            .bind(w.wake_at)
+            .bind(&record.input)
+            .bind(&record.outputs)
+            .bind(&w.error)
+            .bind(&record.idempotency_key)
+            .bind(&w.current_step)
+            .bind(&w.current_participant)
+            .bind(&record.traceparent)
+            .bind(&record.started_by)
+            .fetch_optional(conn)
+            .await?;
+        Ok(inserted.map(|_| Flushed {
+            outbox: !self.o_message_id.is_empty(),
+            lifecycle: self.lifecycle,
+            steps: Vec::new(),
+            reclosed: BTreeSet::new(),
+        }))
+    }
+
+    /// Binds $1 (now) to $19: the new attempts, history entries and outbox rows of
+    /// [`shared_writes!`].
+    fn bind_shared<'q>(
+        &self,
+        q: Query<'q, Postgres, PgArguments>,
+        now: OffsetDateTime,
+    ) -> Query<'q, Postgres, PgArguments> {
+        q.bind(now)
             .bind(&self.a_command)
             .bind(&self.a_saga)
             .bind(&self.a_step_index)
@@ -339,144 +458,105 @@ impl Writes {
             .bind(&self.a_kind)
             .bind(&self.a_attempt)
             .bind(&self.a_deadline)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
-        }
-        if !self.ended.is_empty() {
-            self.flush_ended(tx, now, env).await?;
-        }
-
-        let s = &self.sagas;
-        // Outputs are merged, never rewritten whole.
-        sqlx::query(
-            "UPDATE sagas s SET status = u.status, step = u.step, kind = u.kind, attempt = u.attempt, \
-               command_id = u.command_id, wake_at = u.wake_at, error = u.error, outputs = s.outputs || u.outputs, \
-               updated_at = $12, current_step = u.current_step, current_participant = u.current_participant \
-             FROM UNNEST($1::uuid[], $2::text[], $3::int[], $4::text[], $5::int[], $6::uuid[], $7::timestamptz[], \
-                         $8::text[], $9::jsonb[], $10::text[], $11::text[]) \
-               AS u(id, status, step, kind, attempt, command_id, wake_at, error, outputs, current_step, current_participant) \
-             WHERE s.id = u.id",
-        )
-        .bind(s.iter().map(|w| w.id).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.status).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.step).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.kind).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.attempt).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.command_id).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.wake_at).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.error.clone()).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| Value::Object(w.new_outputs.clone())).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.current_step.clone()).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.current_participant.clone()).collect::<Vec<_>>())
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-
-        if !self.h_saga.is_empty() {
-            // WITH ORDINALITY keeps the entries' order in `seq`.
-            sqlx::query(
-                "INSERT INTO saga_history (saga_id, at, kind, step, command_id, detail) \
-                 SELECT s, $1, k, st, c, d FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::jsonb[]) \
-                 WITH ORDINALITY AS h(s, k, st, c, d, n) ORDER BY n",
-            )
-            .bind(now)
             .bind(&self.h_saga)
             .bind(&self.h_kind)
             .bind(&self.h_step)
             .bind(&self.h_command)
             .bind(&self.h_detail)
-            .execute(&mut **tx)
-            .await?;
-        }
-        if !self.o_message_id.is_empty() {
-            sqlx::query(
-                "INSERT INTO outbox (exchange, routing_key, message_id, properties, body) \
-                 SELECT e, r, m, p, b FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::jsonb[], $5::bytea[]) \
-                 WITH ORDINALITY AS o(e, r, m, p, b, n) ORDER BY n",
-            )
             .bind(&self.o_exchange)
             .bind(&self.o_routing_key)
             .bind(&self.o_message_id)
             .bind(&self.o_properties)
             .bind(&self.o_body)
-            .execute(&mut **tx)
-            .await?;
-            // Delivered at commit: the relay wakes only once the rows are visible.
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(OUTBOX_CHANNEL)
-                .execute(&mut **tx)
-                .await?;
-        }
-        for (definition, status) in &self.lifecycle {
-            env.metrics.saga_event(definition, *status);
-        }
-        Ok(())
-    }
-
-    async fn flush_ended(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        now: OffsetDateTime,
-        env: &Env<'_>,
-    ) -> Result<()> {
-        let e = &self.ended;
-        let rows = sqlx::query(
-            // A late reply fills in its attempt without clearing `timed_out`.
-            "UPDATE step_attempts a SET \
-               replied_at = CASE WHEN u.outcome IS NULL THEN a.replied_at ELSE $7 END, \
-               outcome = COALESCE(u.outcome, a.outcome), output = COALESCE(u.output, a.output), \
-               reason = COALESCE(u.reason, a.reason), \
-               timed_out = a.timed_out OR u.timed_out, superseded = a.superseded OR u.superseded \
-             FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::bool[], $6::bool[]) \
-               AS u(command_id, outcome, output, reason, timed_out, superseded) \
-             WHERE a.command_id = u.command_id AND a.replied_at IS NULL \
-             RETURNING a.command_id, a.participant, a.step, a.kind, a.sent_at",
-        )
-        .bind(e.iter().map(|x| x.command_id).collect::<Vec<_>>())
-        .bind(e.iter().map(|x| x.outcome).collect::<Vec<_>>())
-        .bind(e.iter().map(|x| x.output.clone()).collect::<Vec<_>>())
-        .bind(e.iter().map(|x| x.reason.clone()).collect::<Vec<_>>())
-        .bind(e.iter().map(|x| x.timed_out).collect::<Vec<_>>())
-        .bind(e.iter().map(|x| x.superseded).collect::<Vec<_>>())
-        .bind(now)
-        .fetch_all(&mut **tx)
-        .await?;
-        let by_id: HashMap<Uuid, &Ended> = e.iter().map(|x| (x.command_id, x)).collect();
-        let mut recovered = BTreeSet::new();
-        for row in rows {
-            let command_id: Uuid = row.try_get("command_id")?;
-            let Some(ended) = by_id.get(&command_id) else {
-                continue;
-            };
-            let Some(healthy) = ended.healthy else {
-                continue;
-            };
-            let participant: String = row.try_get("participant")?;
-            let sent_at: OffsetDateTime = row.try_get("sent_at")?;
-            let label = if ended.timed_out {
-                "timeout"
-            } else {
-                ended.outcome.unwrap_or("none")
-            };
-            let took = (now - sent_at).try_into().unwrap_or_default();
-            env.metrics.step_ended(
-                &participant,
-                row.try_get("step")?,
-                row.try_get("kind")?,
-                label,
-                took,
-            );
-            if healthy {
-                recovered.insert(participant);
-            } else {
-                participants::record_failure(tx, &participant, now, env.circuit).await?;
-            }
-        }
-        if !recovered.is_empty() {
-            let names: Vec<String> = recovered.into_iter().collect();
-            participants::record_success(tx, &names, now).await?;
-        }
-        Ok(())
     }
 }
+
+/// What a committed batch still has to do outside the database: metrics, logs, waking the relay.
+pub(super) struct Flushed {
+    pub(super) lifecycle: Vec<(String, Status)>,
+    pub(super) steps: Vec<StepEnded>,
+    /// Participants whose open circuit this batch closed.
+    pub(super) reclosed: BTreeSet<String>,
+    /// Whether outbox rows were written.
+    pub(super) outbox: bool,
+}
+
+pub(super) struct StepEnded {
+    pub(super) participant: String,
+    pub(super) step: String,
+    pub(super) kind: String,
+    pub(super) outcome: &'static str,
+    pub(super) took: std::time::Duration,
+}
+
+/// The writes every statement shares: new attempts, history entries and outbox rows, each
+/// written only if `go` yields a row (for a new saga: only if it was really inserted).
+/// Parameters $1 (now) to $19, see [`Writes::bind_shared`]; each statement adds its own from $20.
+macro_rules! shared_writes {
+    () => {
+        "new_attempts AS ( \
+           INSERT INTO step_attempts (command_id, saga_id, step_index, step, participant, kind, attempt, sent_at, deadline) \
+           SELECT c, s, i, st, p, k, a, $1, d FROM go, \
+             UNNEST($2::uuid[], $3::uuid[], $4::int[], $5::text[], $6::text[], $7::text[], $8::int[], $9::timestamptz[]) \
+             AS u(c, s, i, st, p, k, a, d)), \
+         history AS ( \
+           INSERT INTO saga_history (saga_id, at, kind, step, command_id, detail) \
+           SELECT s, $1, k, st, c, d FROM go, \
+             UNNEST($10::uuid[], $11::text[], $12::text[], $13::uuid[], $14::jsonb[]) \
+             WITH ORDINALITY AS h(s, k, st, c, d, n) ORDER BY n), \
+         outgoing AS ( \
+           INSERT INTO outbox (exchange, routing_key, message_id, properties, body) \
+           SELECT e, r, m, p, b FROM go, \
+             UNNEST($15::text[], $16::text[], $17::uuid[], $18::jsonb[], $19::bytea[]) \
+             WITH ORDINALITY AS o(e, r, m, p, b, n) ORDER BY n) "
+    };
+}
+
+/// A batch of transitions of existing sagas. Ended attempts return their participant (for
+/// metrics and the circuit breaker); a healthy answer closes the participant's circuit, touching
+/// its row only when there is something to reset, so the hot path takes no participant lock.
+/// A late reply fills in its attempt without clearing `timed_out`; outputs are merged into the
+/// stored ones, never rewritten whole.
+const TRANSITION: &str = concat!(
+    "WITH go AS (SELECT), ",
+    shared_writes!(),
+    ", ended AS ( \
+       UPDATE step_attempts a SET \
+         replied_at = CASE WHEN u.outcome IS NULL THEN a.replied_at ELSE $1 END, \
+         outcome = COALESCE(u.outcome, a.outcome), output = COALESCE(u.output, a.output), \
+         reason = COALESCE(u.reason, a.reason), \
+         timed_out = a.timed_out OR u.timed_out, superseded = a.superseded OR u.superseded \
+       FROM UNNEST($20::uuid[], $21::text[], $22::jsonb[], $23::text[], $24::bool[], $25::bool[], $26::bool[]) \
+         AS u(command_id, outcome, output, reason, timed_out, superseded, healthy) \
+       WHERE a.command_id = u.command_id AND a.replied_at IS NULL \
+       RETURNING a.command_id, a.participant, a.step, a.kind, a.sent_at, u.healthy), \
+     recovered AS ( \
+       UPDATE participants p SET consecutive_failures = 0, circuit = 'closed', probe_at = NULL, \
+         circuit_changed_at = CASE WHEN p.circuit <> 'closed' THEN $1 ELSE p.circuit_changed_at END \
+       FROM participants old \
+       WHERE p.name IN (SELECT participant FROM ended WHERE healthy) AND old.name = p.name \
+         AND (p.consecutive_failures > 0 OR p.circuit <> 'closed') \
+       RETURNING p.name, old.circuit <> 'closed' AS reclosed), \
+     moved AS ( \
+       UPDATE sagas s SET status = u.status, step = u.step, kind = u.kind, attempt = u.attempt, \
+         command_id = u.command_id, wake_at = u.wake_at, error = u.error, outputs = s.outputs || u.outputs, \
+         updated_at = $1, current_step = u.current_step, current_participant = u.current_participant \
+       FROM UNNEST($27::uuid[], $28::text[], $29::int[], $30::text[], $31::int[], $32::uuid[], $33::timestamptz[], \
+                   $34::text[], $35::jsonb[], $36::text[], $37::text[]) \
+         AS u(id, status, step, kind, attempt, command_id, wake_at, error, outputs, current_step, current_participant) \
+       WHERE s.id = u.id) \
+     SELECT e.command_id, e.participant, e.step, e.kind, e.sent_at, COALESCE(r.reclosed, false) AS reclosed \
+     FROM ended e LEFT JOIN recovered r ON r.name = e.participant"
+);
+
+/// A new saga row, already in the state of its first transition.
+const START: &str = concat!(
+    "WITH go AS ( \
+       INSERT INTO sagas (id, definition, definition_version, status, step, kind, attempt, command_id, wake_at, \
+         input, outputs, error, idempotency_key, created_at, updated_at, current_step, current_participant, \
+         traceparent, started_by) \
+       VALUES ($20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $1, $1, $33, $34, $35, $36) \
+       ON CONFLICT (idempotency_key) DO NOTHING RETURNING id), ",
+    shared_writes!(),
+    "SELECT id FROM go"
+);
