@@ -45,7 +45,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection as _};
+use sqlx::{ConnectOptions, Connection as _, Row};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
@@ -78,6 +78,48 @@ CREATE TABLE IF NOT EXISTS demo_effects (
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (saga_id, resource)
 );
+-- One command's local transaction in one round trip (the call runs in autocommit, so it is the
+-- transaction): de-duplicate by command id, apply the effect, record the reply. Returns the reply
+-- to send and whether it is a stored one. Two concurrent deliveries of a new command both pass
+-- the first check; the second one's INSERT then fails on the primary key (unique_violation)
+-- and rolls its whole call back, effect included; the caller answers it with the stored reply.
+CREATE OR REPLACE FUNCTION demo_handle(
+    p_command_id uuid, p_saga_id uuid, p_participant text, p_command text, p_kind text,
+    p_attempt int, p_resource text, p_state text, p_compensation boolean,
+    p_compensated text[], p_reply jsonb, p_refusal jsonb)
+RETURNS TABLE (reply jsonb, duplicate boolean) LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_reply jsonb := p_reply;
+    v_before text;
+BEGIN
+    RETURN QUERY UPDATE demo_processed_commands c SET redeliveries = c.redeliveries + 1
+        WHERE c.command_id = p_command_id RETURNING c.reply, true;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    IF p_resource IS NOT NULL AND p_compensation THEN
+        -- A compensation may overtake its action (a retried or abandoned attempt can still be
+        -- queued, and commands are handled concurrently), so it is recorded even when there is
+        -- nothing to undo: the row is a tombstone that makes the late action refuse below.
+        SELECT e.state INTO v_before FROM demo_effects e
+            WHERE e.saga_id = p_saga_id AND e.resource = p_resource FOR UPDATE;
+        INSERT INTO demo_effects (saga_id, resource, state) VALUES (p_saga_id, p_resource, p_state)
+            ON CONFLICT (saga_id, resource) DO UPDATE SET state = EXCLUDED.state, updated_at = now();
+        v_reply := jsonb_set(v_reply, '{output}',
+            jsonb_build_object('undone', COALESCE(v_before <> ALL(p_compensated), false)));
+    ELSIF p_resource IS NOT NULL THEN
+        INSERT INTO demo_effects (saga_id, resource, state) VALUES (p_saga_id, p_resource, p_state)
+            ON CONFLICT (saga_id, resource) DO UPDATE SET state = EXCLUDED.state, updated_at = now()
+            WHERE demo_effects.state <> ALL(p_compensated);
+        IF NOT FOUND THEN
+            v_reply := p_refusal;
+        END IF;
+    END IF;
+    INSERT INTO demo_processed_commands (command_id, saga_id, participant, command, kind, attempt, reply)
+        VALUES (p_command_id, p_saga_id, p_participant, p_command, p_kind, p_attempt, v_reply);
+    RETURN QUERY SELECT v_reply, false;
+END
+$fn$;
 "#;
 
 /// The participants this demo can play.
@@ -662,77 +704,21 @@ impl Handler {
         }
     }
 
-    /// The participant's local transaction: de-duplicate, decide, apply, record.
+    /// The participant's local transaction: de-duplicate, decide, apply, record (the
+    /// `demo_handle` function of [`SCHEMA`], one round trip).
     async fn process(&self, command: &CommandBody) -> anyhow::Result<Processed> {
-        let mut tx = self.pool.begin().await?;
-        if let Some(reply) = stored_reply(&mut tx, command.command_id, true).await? {
-            count_redelivery(&mut tx, command.command_id).await?;
-            tx.commit().await?;
-            return Ok(Processed {
-                reply,
-                duplicate: true,
-            });
-        }
-        let (mut reply, effect) = decide(&self.participant, command, &self.failures, || {
+        let (reply, effect) = decide(&self.participant, command, &self.failures, || {
             rand::random::<f64>()
         });
-        if let Some(effect) = effect {
-            if effect.compensation {
-                // A compensation may overtake its action (a retried or abandoned attempt can
-                // still be queued, and commands are handled concurrently), so it is recorded
-                // even when there is nothing to undo: the row is a tombstone that makes the late
-                // action refuse below.
-                let before: Option<String> = sqlx::query_scalar(
-                    "SELECT state FROM demo_effects WHERE saga_id = $1 AND resource = $2 FOR UPDATE",
-                )
-                .bind(command.saga_id)
-                .bind(effect.resource)
-                .fetch_optional(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO demo_effects (saga_id, resource, state) VALUES ($1, $2, $3)
-                     ON CONFLICT (saga_id, resource)
-                     DO UPDATE SET state = EXCLUDED.state, updated_at = now()",
-                )
-                .bind(command.saga_id)
-                .bind(effect.resource)
-                .bind(effect.state)
-                .execute(&mut *tx)
-                .await?;
-                let undone = before.is_some_and(|s| !COMPENSATED.contains(&s.as_str()));
-                reply.output = json!({ "undone": undone });
-            } else {
-                let applied = sqlx::query(
-                    "INSERT INTO demo_effects (saga_id, resource, state) VALUES ($1, $2, $3)
-                     ON CONFLICT (saga_id, resource)
-                     DO UPDATE SET state = EXCLUDED.state, updated_at = now()
-                     WHERE demo_effects.state <> ALL($4)",
-                )
-                .bind(command.saga_id)
-                .bind(effect.resource)
-                .bind(effect.state)
-                .bind(&COMPENSATED[..])
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    > 0;
-                if !applied {
-                    reply = ReplyBody::failure(
-                        command.command_id,
-                        format!("{} was already compensated for this saga", effect.resource),
-                        false,
-                    );
-                }
-            }
-        }
-        // `FOR UPDATE` above locks nothing when the row is missing, so two concurrent deliveries
-        // of one command can both get here; the primary key makes the second wait for the
-        // first, and then it must answer with the first one's reply, not apply twice.
-        let inserted = sqlx::query(
-            "INSERT INTO demo_processed_commands
-                 (command_id, saga_id, participant, command, kind, attempt, reply)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (command_id) DO NOTHING",
+        let refusal = effect.map(|e| {
+            ReplyBody::failure(
+                command.command_id,
+                format!("{} was already compensated for this saga", e.resource),
+                false,
+            )
+        });
+        let handled = sqlx::query(
+            "SELECT reply, duplicate FROM demo_handle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(command.command_id)
         .bind(command.saga_id)
@@ -740,27 +726,37 @@ impl Handler {
         .bind(&command.command)
         .bind(&command.kind)
         .bind(i32::try_from(command.attempt).unwrap_or(i32::MAX))
+        .bind(effect.map(|e| e.resource))
+        .bind(effect.map(|e| e.state))
+        .bind(effect.is_some_and(|e| e.compensation))
+        .bind(&COMPENSATED[..])
         .bind(serde_json::to_value(&reply)?)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            > 0;
-        if !inserted {
-            tx.rollback().await?;
-            let mut conn = self.pool.acquire().await?;
-            let reply = stored_reply(&mut conn, command.command_id, false)
-                .await?
-                .context("a concurrent delivery recorded this command, yet its reply is missing")?;
-            count_redelivery(&mut conn, command.command_id).await?;
-            return Ok(Processed {
-                reply,
-                duplicate: true,
-            });
-        }
-        tx.commit().await?;
+        .bind(refusal.map(|r| serde_json::to_value(&r)).transpose()?)
+        .fetch_one(&self.pool)
+        .await;
+        let row = match handled {
+            Ok(row) => row,
+            Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("23505") => {
+                // A concurrent delivery of the same command recorded it first.
+                let reply: Value = sqlx::query_scalar(
+                    "UPDATE demo_processed_commands SET redeliveries = redeliveries + 1 \
+                     WHERE command_id = $1 RETURNING reply",
+                )
+                .bind(command.command_id)
+                .fetch_one(&self.pool)
+                .await?;
+                return Ok(Processed {
+                    reply: serde_json::from_value(reply)
+                        .context("a stored reply does not parse")?,
+                    duplicate: true,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let reply: Value = row.try_get("reply")?;
         Ok(Processed {
-            reply,
-            duplicate: false,
+            reply: serde_json::from_value(reply).context("a stored reply does not parse")?,
+            duplicate: row.try_get("duplicate")?,
         })
     }
 
@@ -826,36 +822,6 @@ impl Handler {
         }
         Ok(())
     }
-}
-
-async fn stored_reply(
-    conn: &mut sqlx::PgConnection,
-    command_id: Uuid,
-    lock: bool,
-) -> anyhow::Result<Option<ReplyBody>> {
-    let sql = if lock {
-        "SELECT reply FROM demo_processed_commands WHERE command_id = $1 FOR UPDATE"
-    } else {
-        "SELECT reply FROM demo_processed_commands WHERE command_id = $1"
-    };
-    let stored: Option<Value> = sqlx::query_scalar(sql)
-        .bind(command_id)
-        .fetch_optional(conn)
-        .await?;
-    stored
-        .map(|v| serde_json::from_value(v).context("a stored reply does not parse"))
-        .transpose()
-}
-
-/// Counts a delivery recognised as a duplicate, so tests can report how many the broker made.
-async fn count_redelivery(conn: &mut sqlx::PgConnection, command_id: Uuid) -> anyhow::Result<()> {
-    sqlx::query(
-        "UPDATE demo_processed_commands SET redeliveries = redeliveries + 1 WHERE command_id = $1",
-    )
-    .bind(command_id)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 fn parse_command(delivery: &Delivery) -> Result<CommandBody, String> {

@@ -23,8 +23,51 @@ use tokio::sync::Notify;
 /// The columns [`saga_from_row`] reads; a macro so queries stay `&'static str` literals.
 macro_rules! saga_columns {
     () => {
-        "id, definition, definition_version, status, step, kind, attempt, command_id, wake_at, \
-         input, outputs, error, idempotency_key, created_at, updated_at, current_step, traceparent, started_by"
+        saga_columns_of!("")
+    };
+}
+
+/// The same columns of a table aliased `$t` (e.g. `"s."`).
+macro_rules! saga_columns_of {
+    ($t:literal) => {
+        concat!(
+            $t,
+            "id, ",
+            $t,
+            "definition, ",
+            $t,
+            "definition_version, ",
+            $t,
+            "status, ",
+            $t,
+            "step, ",
+            $t,
+            "kind, ",
+            $t,
+            "attempt, ",
+            $t,
+            "command_id, ",
+            $t,
+            "wake_at, ",
+            $t,
+            "input, ",
+            $t,
+            "outputs, ",
+            $t,
+            "error, ",
+            $t,
+            "idempotency_key, ",
+            $t,
+            "created_at, ",
+            $t,
+            "updated_at, ",
+            $t,
+            "current_step, ",
+            $t,
+            "traceparent, ",
+            $t,
+            "started_by"
+        )
     };
 }
 
@@ -401,38 +444,52 @@ impl Store {
     ) -> Result<Vec<ReplyResult>> {
         let ids: Vec<Uuid> = replies.iter().map(|(id, _)| *id).collect();
         let mut tx = self.pool.begin().await?;
+        // An attempt's saga, step and kind never change, so reading them along with the lock
+        // is exact; whether it was answered can change while we wait for the lock, see below.
         let rows = sqlx::query(concat!(
             "SELECT ",
-            saga_columns!(),
-            " FROM sagas WHERE id IN (SELECT saga_id FROM step_attempts WHERE command_id = ANY($1)) \
-             ORDER BY id FOR UPDATE"
+            saga_columns_of!("s."),
+            ", a.command_id AS reply_to, a.step_index AS reply_step, a.kind AS reply_kind \
+             FROM step_attempts a JOIN sagas s ON s.id = a.saga_id WHERE a.command_id = ANY($1) \
+             ORDER BY s.id FOR UPDATE OF s"
         ))
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
         let mut sagas: HashMap<Uuid, SagaRecord> = HashMap::new();
+        let mut saga_of: HashMap<Uuid, (Uuid, usize, Kind)> = HashMap::new();
         for row in &rows {
             let record = saga_from_row(row)?;
+            let step: i32 = row.try_get("reply_step")?;
+            saga_of.insert(
+                row.try_get("reply_to")?,
+                (
+                    record.id,
+                    step as usize,
+                    parse_kind(row.try_get("reply_kind")?)?,
+                ),
+            );
             sagas.insert(record.id, record);
         }
-        // Attempts only change under their saga's lock, so this read, after the locks, is exact.
-        let mut saga_of: HashMap<Uuid, (Uuid, usize, Kind)> = HashMap::new();
+        // The locked rows are the latest versions: a saga still waiting for a command has not
+        // had it answered. Only replies to other commands (late or duplicate) need the attempt
+        // itself, read now that the locks are held.
+        let awaited = |command_id: &Uuid| {
+            saga_of.get(command_id).is_some_and(|(saga, _, _)| {
+                matches!(sagas[saga].state.waiting, Waiting::Reply { command_id: c, .. } if c == *command_id)
+            })
+        };
+        let others: Vec<Uuid> = saga_of.keys().filter(|c| !awaited(c)).copied().collect();
         let mut answered: HashSet<Uuid> = HashSet::new();
-        for row in sqlx::query(
-            "SELECT command_id, saga_id, step_index, kind, replied_at IS NOT NULL AS answered \
-             FROM step_attempts WHERE command_id = ANY($1)",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?
-        {
-            let command_id: Uuid = row.try_get("command_id")?;
-            let step: i32 = row.try_get("step_index")?;
-            let kind = parse_kind(row.try_get("kind")?)?;
-            saga_of.insert(command_id, (row.try_get("saga_id")?, step as usize, kind));
-            if row.try_get::<bool, _>("answered")? {
-                answered.insert(command_id);
-            }
+        if !others.is_empty() {
+            answered = sqlx::query_scalar(
+                "SELECT command_id FROM step_attempts WHERE command_id = ANY($1) AND replied_at IS NOT NULL",
+            )
+            .bind(&others)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
         }
         let mut writes = Writes::default();
         let mut seen = HashSet::new();
