@@ -64,7 +64,7 @@ pub struct Settings {
     #[arg(long, global = true, env = "SAGA_OUTBOX_BATCH", default_value_t = 256)]
     pub outbox_batch: i64,
     /// Outbox relays per process, each with its own broker channel, publishing concurrently.
-    #[arg(long, global = true, env = "SAGA_RELAY_WORKERS", default_value_t = 4)]
+    #[arg(long, global = true, env = "SAGA_RELAY_WORKERS", default_value_t = 2)]
     pub relay_workers: u16,
     /// How often the relay polls the outbox for rows no commit of this process woke it for.
     #[arg(long, global = true, env = "SAGA_OUTBOX_POLL", default_value = "1s", value_parser = humantime::parse_duration)]
