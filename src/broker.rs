@@ -154,38 +154,44 @@ async fn relay_session(
         .store(true, Ordering::Relaxed);
     // Open circuits are probed on the polling tick (and at start), not on every batch.
     let mut probe = true;
+    let mut more = true;
     loop {
-        while publish_batch(
+        // The transaction is opened before waiting, so its BEGIN round trip is not on the way
+        // out of the next command. It holds no snapshot nor lock until the batch's first
+        // statement; a server that ends idle transactions only makes the relay reconnect.
+        let tx = db.begin().await?;
+        if !more {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    drop(tx);
+                    let _ = channel.close(200, "shutdown".into()).await;
+                    let _ = conn.close(200, "shutdown".into()).await;
+                    return Ok(());
+                }
+                _ = store.outbox_ready() => {}
+                _ = tokio::time::sleep(settings.poll_interval) => { probe = true; }
+            }
+        }
+        let published = publish_batch(
             store,
-            &mut db,
+            tx,
             &channel,
             settings.batch_size,
             std::mem::take(&mut probe),
         )
-        .await?
-            == settings.batch_size as usize
-        {}
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                let _ = channel.close(200, "shutdown".into()).await;
-                let _ = conn.close(200, "shutdown".into()).await;
-                return Ok(());
-            }
-            _ = store.outbox_ready() => {}
-            _ = tokio::time::sleep(settings.poll_interval) => { probe = true; }
-        }
+        .await?;
+        more = published == settings.batch_size as usize;
     }
 }
 
 async fn publish_batch(
     store: &Store,
-    db: &mut PgConnection,
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
     channel: &Channel,
     limit: i64,
     probe: bool,
 ) -> Result<usize, BrokerError> {
     let now = OffsetDateTime::now_utc();
-    let mut tx = db.begin().await?;
     let mut rows = outbox::take(&mut tx, limit).await?;
     let mut probes = Vec::new();
     if probe {
@@ -197,6 +203,7 @@ async fn publish_batch(
         }
     }
     if rows.is_empty() {
+        tx.commit().await?;
         return Ok(0);
     }
     // Publish everything, then wait for the confirms together: one broker round trip per batch.

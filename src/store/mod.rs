@@ -23,51 +23,8 @@ use tokio::sync::Notify;
 /// The columns [`saga_from_row`] reads; a macro so queries stay `&'static str` literals.
 macro_rules! saga_columns {
     () => {
-        saga_columns_of!("")
-    };
-}
-
-/// The same columns of a table aliased `$t` (e.g. `"s."`).
-macro_rules! saga_columns_of {
-    ($t:literal) => {
-        concat!(
-            $t,
-            "id, ",
-            $t,
-            "definition, ",
-            $t,
-            "definition_version, ",
-            $t,
-            "status, ",
-            $t,
-            "step, ",
-            $t,
-            "kind, ",
-            $t,
-            "attempt, ",
-            $t,
-            "command_id, ",
-            $t,
-            "wake_at, ",
-            $t,
-            "input, ",
-            $t,
-            "outputs, ",
-            $t,
-            "error, ",
-            $t,
-            "idempotency_key, ",
-            $t,
-            "created_at, ",
-            $t,
-            "updated_at, ",
-            $t,
-            "current_step, ",
-            $t,
-            "traceparent, ",
-            $t,
-            "started_by"
-        )
+        "id, definition, definition_version, status, step, kind, attempt, command_id, wake_at, \
+         input, outputs, error, idempotency_key, created_at, updated_at, current_step, traceparent, started_by"
     };
 }
 
@@ -446,13 +403,11 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         // An attempt's saga, step and kind never change, so reading them along with the lock
         // is exact; whether it was answered can change while we wait for the lock, see below.
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            saga_columns_of!("s."),
-            ", a.command_id AS reply_to, a.step_index AS reply_step, a.kind AS reply_kind \
+        let rows = sqlx::query(
+            "SELECT s.*, a.command_id AS reply_to, a.step_index AS reply_step, a.kind AS reply_kind \
              FROM step_attempts a JOIN sagas s ON s.id = a.saga_id WHERE a.command_id = ANY($1) \
-             ORDER BY s.id FOR UPDATE OF s"
-        ))
+             ORDER BY s.id FOR UPDATE OF s",
+        )
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
