@@ -93,8 +93,9 @@ pub struct RelaySettings {
 
 /// Publishes the outbox: woken in-process after each committed transition (no `NOTIFY`: it
 /// serialises the commits of every notifying transaction, fsync included), with polling for
-/// rows other replicas left behind. Rows are deleted in the transaction that claimed them, after the broker confirmed
-/// every message, so a crash in between re-publishes (at least once, same `message_id`).
+/// rows other replicas left behind. Rows are deleted in the transaction that claimed them, after
+/// the broker confirmed every message, so a crash in between re-publishes (at least once, same
+/// `message_id`).
 pub async fn run_relay(store: Store, settings: RelaySettings, shutdown: CancellationToken) {
     let connected = &store.metrics().relay_connected;
     reconnecting("outbox relay", connected, &shutdown, || {
