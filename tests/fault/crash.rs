@@ -25,11 +25,7 @@ async fn kill_9_of_sagad_mid_load_loses_nothing_and_does_nothing_twice() {
     endpoints.set(&[&sagad]);
     let fault_end = Instant::now();
 
-    let started = load.finish().await;
-    wait_all_terminal(&pool, started.sagas.len(), RECOVERY_BOUND).await;
-    let recovery = fault_end.elapsed();
-    let mut m = check_invariants(&pool, &started).await;
-    m.recovery = recovery;
+    let m = load.finish_and_check(&pool, fault_end).await;
     m.print("a: kill -9 of sagad, restarted");
 }
 
@@ -51,11 +47,7 @@ async fn kill_9_of_one_of_two_replicas_the_other_finishes_everything() {
     endpoints.set(&[&second]);
     let fault_end = Instant::now();
 
-    let started = load.finish().await;
-    wait_all_terminal(&pool, started.sagas.len(), RECOVERY_BOUND).await;
-    let recovery = fault_end.elapsed();
-    let mut m = check_invariants(&pool, &started).await;
-    m.recovery = recovery;
+    let m = load.finish_and_check(&pool, fault_end).await;
     m.print("b: kill -9 of one of two replicas");
 }
 
@@ -82,11 +74,7 @@ async fn sigterm_mid_load_exits_0_within_the_grace_period_and_loses_nothing() {
     endpoints.set(&[&sagad]);
     let fault_end = Instant::now();
 
-    let started = load.finish().await;
-    wait_all_terminal(&pool, started.sagas.len(), RECOVERY_BOUND).await;
-    let recovery = fault_end.elapsed();
-    let mut m = check_invariants(&pool, &started).await;
-    m.recovery = recovery;
+    let m = load.finish_and_check(&pool, fault_end).await;
     m.print(&format!(
         "SIGTERM of sagad (exited 0 after {took:.2?}), restarted"
     ));

@@ -430,6 +430,17 @@ impl Load {
     pub async fn finish(self) -> Started {
         self.handle.await.expect("the load generator panicked")
     }
+
+    /// Waits for the load to end and every saga to finish, then checks the invariants.
+    /// Recovery is measured from `since` (the end of the fault).
+    pub async fn finish_and_check(self, pool: &PgPool, since: Instant) -> Measures {
+        let started = self.finish().await;
+        wait_all_terminal(pool, started.sagas.len(), RECOVERY_BOUND).await;
+        let recovery = since.elapsed();
+        let mut m = check_invariants(pool, &started).await;
+        m.recovery = recovery;
+        m
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -77,11 +77,7 @@ async fn a_participant_down_longer_than_the_step_timeout() {
     let _payment = DemoProcess::spawn(&env, "payment-2-restarted", &payment_args);
     let fault_end = Instant::now();
 
-    let started = load.finish().await;
-    wait_all_terminal(&pool, started.sagas.len(), RECOVERY_BOUND).await;
-    let recovery = fault_end.elapsed();
-    let mut m = check_invariants(&pool, &started).await;
-    m.recovery = recovery;
+    let m = load.finish_and_check(&pool, fault_end).await;
     m.print("e: payment participant down 4s (step timeout 500ms)");
     assert!(m.timeouts > 0, "the outage must have made steps time out");
 }
@@ -98,11 +94,7 @@ async fn participants_sending_every_reply_twice() {
     let load = Load::start(&endpoints, SAGAS);
     let fault_start = Instant::now();
 
-    let started = load.finish().await;
-    wait_all_terminal(&pool, started.sagas.len(), RECOVERY_BOUND).await;
-    let recovery = fault_start.elapsed();
-    let mut m = check_invariants(&pool, &started).await;
-    m.recovery = recovery;
+    let m = load.finish_and_check(&pool, fault_start).await;
     m.print(&format!(
         "f: every reply sent twice ({} duplicate replies; recovery = whole run)",
         m.processed

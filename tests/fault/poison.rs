@@ -114,11 +114,7 @@ async fn a_flood_of_malformed_replies_is_dead_lettered_and_good_sagas_finish() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    let started = load.finish().await;
-    wait_all_terminal(&pool, started.sagas.len(), RECOVERY_BOUND).await;
-    let recovery = fault_start.elapsed();
-    let mut m = check_invariants(&pool, &started).await;
-    m.recovery = recovery;
+    let m = load.finish_and_check(&pool, fault_start).await;
 
     // Every bad reply, and nothing else, reaches the dead-letter queue, with the reason.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -204,11 +204,7 @@ async fn outage(server: Server, down: Duration, scenario: &str) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let started = load.finish().await;
-    wait_all_terminal(&pool, started.sagas.len(), RECOVERY_BOUND).await;
-    let recovery = fault_end.elapsed();
-    let mut m = check_invariants(&pool, &started).await;
-    m.recovery = recovery;
+    let m = load.finish_and_check(&pool, fault_end).await;
     m.print(scenario);
 }
 
