@@ -717,41 +717,33 @@ impl Handler {
                 false,
             )
         });
-        let handled = sqlx::query(
-            "SELECT reply, duplicate FROM demo_handle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(command.command_id)
-        .bind(command.saga_id)
-        .bind(&self.participant)
-        .bind(&command.command)
-        .bind(&command.kind)
-        .bind(i32::try_from(command.attempt).unwrap_or(i32::MAX))
-        .bind(effect.map(|e| e.resource))
-        .bind(effect.map(|e| e.state))
-        .bind(effect.is_some_and(|e| e.compensation))
-        .bind(&COMPENSATED[..])
-        .bind(serde_json::to_value(&reply)?)
-        .bind(refusal.map(|r| serde_json::to_value(&r)).transpose()?)
-        .fetch_one(&self.pool)
-        .await;
-        let row = match handled {
-            Ok(row) => row,
+        let reply = serde_json::to_value(&reply)?;
+        let refusal = refusal.map(|r| serde_json::to_value(&r)).transpose()?;
+        let call = || {
+            sqlx::query(
+                "SELECT reply, duplicate FROM demo_handle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(command.command_id)
+            .bind(command.saga_id)
+            .bind(&self.participant)
+            .bind(&command.command)
+            .bind(&command.kind)
+            .bind(i32::try_from(command.attempt).unwrap_or(i32::MAX))
+            .bind(effect.map(|e| e.resource))
+            .bind(effect.map(|e| e.state))
+            .bind(effect.is_some_and(|e| e.compensation))
+            .bind(&COMPENSATED[..])
+            .bind(&reply)
+            .bind(&refusal)
+            .fetch_one(&self.pool)
+        };
+        let row = match call().await {
+            // A concurrent delivery of the same command recorded it first (and has committed:
+            // the primary key made us wait for it), so a second call finds its reply.
             Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("23505") => {
-                // A concurrent delivery of the same command recorded it first.
-                let reply: Value = sqlx::query_scalar(
-                    "UPDATE demo_processed_commands SET redeliveries = redeliveries + 1 \
-                     WHERE command_id = $1 RETURNING reply",
-                )
-                .bind(command.command_id)
-                .fetch_one(&self.pool)
-                .await?;
-                return Ok(Processed {
-                    reply: serde_json::from_value(reply)
-                        .context("a stored reply does not parse")?,
-                    duplicate: true,
-                });
+                call().await?
             }
-            Err(e) => return Err(e.into()),
+            other => other?,
         };
         let reply: Value = row.try_get("reply")?;
         Ok(Processed {

@@ -386,3 +386,74 @@ async fn demo_participants_follow_the_contract() {
     db.close().await;
     connection.close(200, "done".into()).await.ok();
 }
+
+/// What the demo relies on for two concurrent deliveries of one new command: the second call of
+/// `demo_handle` waits for the first one's commit, then fails on the primary key with nothing
+/// applied, and calling it again answers with the first delivery's reply.
+#[tokio::test]
+async fn a_command_delivered_twice_at_once_is_applied_once_and_answered_alike() {
+    let env = TestEnv::new();
+    let db = PgPool::connect(&env.database_url()).await.unwrap();
+    sqlx::raw_sql(demo::SCHEMA).execute(&db).await.unwrap();
+    let (saga, command) = (Uuid::now_v7(), Uuid::now_v7());
+    let call = move |reply: Value| {
+        sqlx::query_as::<_, (Value, bool)>(
+            "SELECT reply, duplicate FROM demo_handle($1, $2, 'payment', 'authorize_payment', \
+             'action', 1, 'payment', 'authorized', false, ARRAY['cancelled', 'refunded'], $3, NULL)",
+        )
+        .bind(command)
+        .bind(saga)
+        .bind(reply)
+    };
+    let first = json!({"command_id": command, "outcome": "success", "output": {"n": 1}});
+    let second = json!({"command_id": command, "outcome": "success", "output": {"n": 2}});
+
+    let mut a = db.begin().await.unwrap();
+    let (reply, duplicate) = call(first.clone()).fetch_one(&mut *a).await.unwrap();
+    assert_eq!((reply, duplicate), (first.clone(), false));
+    let racing = tokio::spawn({
+        let db = db.clone();
+        let second = second.clone();
+        async move { call(second).fetch_one(&db).await }
+    });
+    // Commit only once the second call is really blocked behind the first.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+               AND query LIKE '%demo_handle%'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second call never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    a.commit().await.unwrap();
+    let err = racing.await.unwrap().unwrap_err();
+    assert_eq!(
+        err.as_database_error().and_then(|d| d.code()).as_deref(),
+        Some("23505"),
+        "{err}"
+    );
+    let (reply, duplicate) = call(second).fetch_one(&db).await.unwrap();
+    assert_eq!((reply, duplicate), (first, true));
+    let (rows, redeliveries, effects): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), sum(redeliveries), \
+           (SELECT count(*) FROM demo_effects WHERE saga_id = $2) \
+         FROM demo_processed_commands WHERE command_id = $1",
+    )
+    .bind(command)
+    .bind(saga)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!((rows, redeliveries, effects), (1, 1, 1));
+}
