@@ -35,7 +35,7 @@ pub enum BrokerError {
     Store(#[from] StoreError),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("the broker ended the consumer")]
+    #[error("the broker connection or the consumer ended")]
     ConsumerEnded,
     #[error("broker refused message {0}")]
     Nacked(String),
@@ -366,15 +366,40 @@ async fn consume_session(
         .store(true, Ordering::Relaxed);
 
     let stopped = shutdown.clone();
+    let mut lost = None;
     let handled = consumer
         .take_until(async move { stopped.cancelled().await })
+        // A delivery error means the channel or its connection is gone: stop there.
+        .scan((), |(), delivery| {
+            std::future::ready(match delivery {
+                Ok(delivery) => Some(delivery),
+                Err(e) => {
+                    lost = Some(e);
+                    None
+                }
+            })
+        })
         // Whatever has arrived, up to a batch, is applied in one transaction; a few batches
         // run at once so one slow commit does not stall the queue.
         .ready_chunks(REPLY_BATCH)
         .for_each_concurrent(CONCURRENT_BATCHES, |batch| {
             handle_batch(store, registry, &channel, batch)
         });
-    handled.await;
+    // A lost connection does not always end the stream, nor the acks waiting on it (seen when
+    // RabbitMQ stops mid-load: the session hung and never reconnected), so it is watched too.
+    // Batches still running are then dropped: a transaction not committed rolls back, and every
+    // unacked reply comes back after the reconnect, where a committed one is a duplicate.
+    let connection_lost = async {
+        while conn.status().connected() && channel.status().connected() {
+            tokio::time::sleep(CONNECTION_CHECK).await;
+        }
+    };
+    tokio::select! {
+        _ = handled => {}
+        _ = connection_lost => {
+            return Err(BrokerError::ConsumerEnded);
+        }
+    }
     if shutdown.is_cancelled() {
         // Unacked replies go back to the queue when the channel closes.
         let _ = channel
@@ -384,8 +409,11 @@ async fn consume_session(
         let _ = conn.close(200, "shutdown".into()).await;
         return Ok(());
     }
-    Err(BrokerError::ConsumerEnded)
+    Err(lost.map_or(BrokerError::ConsumerEnded, BrokerError::Amqp))
 }
+
+/// How often the reply consumer checks that its connection is still there.
+const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 
 /// A reply taken off the queue, with the span of its processing.
 struct Incoming {
@@ -425,17 +453,10 @@ async fn handle_batch(
     store: &Store,
     registry: &Registry,
     channel: &Channel,
-    deliveries: Vec<Result<lapin::message::Delivery, lapin::Error>>,
+    deliveries: Vec<lapin::message::Delivery>,
 ) {
     let mut valid: Vec<(Incoming, ReplyBody)> = Vec::new();
     for delivery in deliveries {
-        let delivery = match delivery {
-            Ok(d) => d,
-            Err(e) => {
-                warn!(error = %e, "reply delivery error");
-                continue;
-            }
-        };
         let span = reply_span(&delivery);
         match ReplyBody::parse(&delivery.data) {
             Ok(reply) => {
