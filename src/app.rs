@@ -222,7 +222,9 @@ impl Application {
 
 async fn declare_topology(amqp_url: &str, participants: &[String]) -> Result<(), String> {
     let attempt = async {
-        let (conn, _) = broker::open(amqp_url, participants).await?;
+        let (conn, channel) = broker::open(amqp_url, participants).await?;
+        // Closed in order: a dropped lapin channel closes itself, racing the connection close.
+        channel.close(200, "topology declared".into()).await?;
         conn.close(200, "topology declared".into()).await
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), attempt).await {
