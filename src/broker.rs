@@ -144,10 +144,13 @@ async fn relay_session(
     // A connection of its own: the relay's transactions need no fsync wait (losing one only
     // publishes its rows again, which the contract allows: same message_id, participants
     // de-duplicate), and it never waits for the pool behind the API and the reply consumer.
-    let mut db = PgConnection::connect_with(&store.pool().connect_options()).await?;
-    sqlx::query("SET synchronous_commit = off")
-        .execute(&mut db)
-        .await?;
+    // It keeps the pool's planner settings (see `Store::connect`), which matter most here:
+    // the outbox only churns, growing with dead rows until autovacuum comes by, so a
+    // sequential-scan claim would read every dead page on every batch.
+    let options = (*store.pool().connect_options())
+        .clone()
+        .options([("synchronous_commit", "off")]);
+    let mut db = PgConnection::connect_with(&options).await?;
     info!("outbox relay connected");
     store
         .metrics()

@@ -87,8 +87,9 @@ pub async fn restart_deadlines(
         "WITH moved AS ( \
            UPDATE step_attempts SET deadline = $2 + (deadline - sent_at), sent_at = $2 \
            WHERE command_id = ANY($1) AND replied_at IS NULL AND NOT timed_out AND NOT superseded \
-           RETURNING command_id, deadline) \
-         UPDATE sagas s SET wake_at = moved.deadline FROM moved WHERE s.command_id = moved.command_id",
+           RETURNING saga_id, command_id, deadline) \
+         UPDATE sagas s SET wake_at = moved.deadline FROM moved \
+         WHERE s.id = moved.saga_id AND s.command_id = moved.command_id",
     )
     .bind(command_ids)
     .bind(now)
