@@ -106,12 +106,18 @@ impl Store {
         &self,
         definition: Option<&str>,
     ) -> Result<(Vec<(Status, u64)>, Vec<StepCount>)> {
+        // The one place sagad reads a whole table on purpose: let PostgreSQL scan it, which
+        // the pool's connections otherwise avoid (see `Store::connect`).
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("SET LOCAL enable_seqscan = on")
+            .execute(&mut *tx)
+            .await?;
         let by_status = sqlx::query(
             "SELECT status, count(*) AS n FROM sagas WHERE ($1::text IS NULL OR definition = $1) \
              GROUP BY status ORDER BY status",
         )
         .bind(definition)
-        .fetch_all(self.pool())
+        .fetch_all(&mut *tx)
         .await?
         .iter()
         .map(|r| Ok((parse_status(r)?, r.try_get::<i64, _>("n")?.max(0) as u64)))
@@ -124,7 +130,7 @@ impl Store {
              ORDER BY definition, current_step, status",
         )
         .bind(definition)
-        .fetch_all(self.pool())
+        .fetch_all(&mut *tx)
         .await?
         .iter()
         .map(|r| {
@@ -138,6 +144,7 @@ impl Store {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+        tx.commit().await?;
         Ok((by_status, by_step))
     }
 }
