@@ -210,9 +210,12 @@ async fn publish_batch(
         tx.commit().await?;
         return Ok(0);
     }
-    // Publish everything, then wait for the confirms together: one broker round trip per batch.
-    let mut confirms = Vec::with_capacity(rows.len());
-    for row in &rows {
+    // Hand every message to the connection at once (each publish only resolves once lapin's
+    // I/O thread has written it, so awaiting them one by one costs a thread round trip per
+    // message), then wait for the confirms together: one broker round trip per batch. The
+    // frames keep the rows' order: each publish queues its frames when first polled, and
+    // `try_join_all` polls them in order.
+    let publishes = rows.iter().map(|row| {
         // One producer span per message, child of the call that started the saga; its context
         // travels in the `traceparent` header so the participant's work joins the trace.
         let span = tracing::info_span!(
@@ -232,7 +235,7 @@ async fn publish_batch(
             &row.properties,
             telemetry::traceparent(&span),
         );
-        let confirm = channel
+        channel
             .basic_publish(
                 row.exchange.as_str().into(),
                 row.routing_key.as_str().into(),
@@ -241,12 +244,11 @@ async fn publish_batch(
                 properties,
             )
             .instrument(span)
-            .await?;
-        confirms.push((row.message_id, confirm));
-    }
-    for (message_id, confirm) in confirms {
+    });
+    let confirms = futures::future::try_join_all(publishes).await?;
+    for (row, confirm) in rows.iter().zip(confirms) {
         if !confirm.await?.is_ack() {
-            return Err(BrokerError::Nacked(message_id.to_string()));
+            return Err(BrokerError::Nacked(row.message_id.to_string()));
         }
     }
     let published = rows.len();
@@ -485,9 +487,14 @@ async fn handle_batch(
         .await
     {
         Ok(results) => {
-            for ((incoming, reply), result) in valid.into_iter().zip(results) {
-                settle(store, channel, incoming, reply.command_id, result).await;
-            }
+            // Acked together, for the same reason the relay publishes together.
+            let settled = valid
+                .into_iter()
+                .zip(results)
+                .map(|((incoming, reply), result)| {
+                    settle(store, channel, incoming, reply.command_id, result)
+                });
+            futures::future::join_all(settled).await;
         }
         Err(StoreError::Corrupt(_)) if valid.len() > 1 => {
             for (incoming, reply) in valid {
