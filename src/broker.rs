@@ -16,7 +16,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
-use sqlx::{Connection as _, PgConnection};
+use sqlx::Connection as _;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
@@ -144,13 +144,13 @@ async fn relay_session(
     // A connection of its own: the relay's transactions need no fsync wait (losing one only
     // publishes its rows again, which the contract allows: same message_id, participants
     // de-duplicate), and it never waits for the pool behind the API and the reply consumer.
-    // It keeps the pool's planner settings (see `Store::connect`), which matter most here:
+    // It keeps the pool's planner settings (see `session_settings`), which matter most here:
     // the outbox only churns, growing with dead rows until autovacuum comes by, so a
     // sequential-scan claim would read every dead page on every batch.
-    let options = (*store.pool().connect_options())
-        .clone()
-        .options([("synchronous_commit", "off")]);
-    let mut db = PgConnection::connect_with(&options).await?;
+    let mut db = store.dedicated_connection().await?;
+    sqlx::query("SET synchronous_commit = off")
+        .execute(&mut db)
+        .await?;
     info!("outbox relay connected");
     store
         .metrics()

@@ -168,6 +168,22 @@ pub struct Store {
     outbox_ready: Arc<Notify>,
 }
 
+/// Applied to every connection sagad opens. Every statement sagad runs on a busy table is
+/// written for an index, and PostgreSQL would not always agree: a connection caches a generic
+/// plan after a statement's fifth run, and on a database younger than autovacuum's first
+/// `ANALYZE` that plan is a sequential scan, kept for the connection's life while the tables
+/// grow (measured in the bench: 5M rows of `sagas` read by 3,000 such scans in one 15 s run).
+/// Disabling sequential scans makes the index plan win whatever the statistics; a statement
+/// with no index path still scans, at a penalised cost, which would in turn make plans look
+/// expensive enough to JIT-compile (≈100 ms each), hence `jit`. Set by statements rather than
+/// as startup options, which connection poolers such as PgBouncer refuse by default.
+async fn session_settings(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::raw_sql("SET enable_seqscan = off; SET jit = off")
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
 impl Store {
     /// Connects, creating the database first if the server does not have it yet, so a fresh
     /// machine needs no set-up step.
@@ -200,18 +216,10 @@ impl Store {
             }
             conn.close().await?;
         }
-        // Every statement sagad runs on a busy table is written for an index. PostgreSQL
-        // would not always agree: a connection caches a generic plan after a statement's fifth
-        // run, and on a database younger than autovacuum's first ANALYZE that plan is a
-        // sequential scan, kept for the connection's life while the tables grow (measured in
-        // the bench: 5M rows of `sagas` read by 3,000 such scans in one 15 s run). Disabling
-        // sequential scans makes the index plan win whatever the statistics; a statement with
-        // no index path still scans, just at a penalised cost. That penalty would in turn
-        // make every plan look expensive enough to JIT-compile (≈100 ms each), hence `jit`.
-        let options = options.options([("enable_seqscan", "off"), ("jit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            .after_connect(|conn, _| Box::pin(session_settings(conn)))
             .connect_with(options)
             .await?;
         Ok(Store {
@@ -220,6 +228,13 @@ impl Store {
             metrics: Arc::new(Metrics::new()),
             outbox_ready: Arc::new(Notify::new()),
         })
+    }
+
+    /// A connection outside the pool, with the pool's session settings.
+    pub async fn dedicated_connection(&self) -> Result<PgConnection> {
+        let mut conn = PgConnection::connect_with(&self.pool.connect_options()).await?;
+        session_settings(&mut conn).await?;
+        Ok(conn)
     }
 
     pub fn with_circuit(mut self, circuit: CircuitSettings) -> Store {

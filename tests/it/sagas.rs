@@ -317,3 +317,55 @@ async fn sagas_in_flight_survive_a_restart_of_sagad() {
     demo.stop().await;
     app.stop().await;
 }
+
+/// A brand-new database has no statistics, and the plans a connection caches then would scan
+/// whole tables for the rest of its life. sagad's connections, pooled or the relay's own, must
+/// plan the reply batch's saga update on the primary key even on empty tables.
+#[tokio::test]
+async fn sagad_connections_plan_on_indexes_even_before_any_statistics() {
+    use sqlx::Connection as _;
+
+    let env = TestEnv::new();
+    let store = saga::store::Store::connect(&env.database_url(), 2)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+
+    let mut pooled = store.pool().acquire().await.unwrap();
+    let mut dedicated = store.dedicated_connection().await.unwrap();
+    for conn in [&mut *pooled, &mut dedicated] {
+        let plan = cached_plan_of_saga_update(conn).await;
+        assert!(plan.contains("Index Scan using sagas_pkey"), "{plan}");
+        assert!(!plan.contains("Seq Scan on sagas"), "{plan}");
+        let jit: String = sqlx::query_scalar("SHOW jit")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(jit, "off");
+    }
+
+    // Without the settings the same table gets the plan guarded against above, so those
+    // assertions do say something about sagad's connections.
+    let mut plain = sqlx::PgConnection::connect(&env.database_url())
+        .await
+        .unwrap();
+    let plan = cached_plan_of_saga_update(&mut plain).await;
+    assert!(plan.contains("Seq Scan on sagas"), "{plan}");
+}
+
+/// The generic plan (the one a connection caches) of the reply batch's saga update.
+async fn cached_plan_of_saga_update(conn: &mut sqlx::PgConnection) -> String {
+    sqlx::raw_sql(
+        "SET plan_cache_mode = force_generic_plan; \
+         PREPARE saga_update (uuid[], text[]) AS UPDATE sagas s SET status = u.status \
+           FROM UNNEST($1, $2) AS u(id, status) WHERE s.id = u.id",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar("EXPLAIN EXECUTE saga_update (NULL, NULL)")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    plan.join("\n")
+}
