@@ -552,9 +552,16 @@ async fn consume(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut in_flight = JoinSet::new();
+    // A lost connection does not always end the consumer stream either.
+    let mut check = tokio::time::interval(CONNECTION_CHECK);
     let result = loop {
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
+            _ = check.tick() => {
+                if !channel.status().connected() {
+                    break Err(anyhow::anyhow!("the channel of {} is closed", handler.participant));
+                }
+            }
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Err(e) = done {
                     error!(participant = %handler.participant, error = %e, "command task failed");
@@ -582,14 +589,35 @@ async fn consume(
     {
         warn!(participant = %handler.participant, error = %e, "cancelling the consumer");
     }
-    // Let in-flight commands finish: each either acks (reply sent) or nacks.
-    while let Some(done) = in_flight.join_next().await {
-        if let Err(e) = done {
-            error!(participant = %handler.participant, error = %e, "command task failed");
+    // Let in-flight commands finish: each either acks (reply sent) or nacks. Not once the
+    // connection is gone, though: a publish or an ack on a dead connection may never resolve
+    // (seen when RabbitMQ stops mid-load: the session hung and never reconnected). Those tasks
+    // are dropped; the broker requeues their commands, and a command whose transaction did
+    // commit is answered from its stored reply when it comes back.
+    let drained = async {
+        while let Some(done) = in_flight.join_next().await {
+            if let Err(e) = done {
+                error!(participant = %handler.participant, error = %e, "command task failed");
+            }
+        }
+    };
+    let connection_lost = async {
+        while channel.status().connected() && handler.publisher.status().connected() {
+            tokio::time::sleep(CONNECTION_CHECK).await;
+        }
+    };
+    tokio::select! {
+        _ = drained => {}
+        _ = connection_lost => {
+            warn!(participant = %handler.participant, dropped = in_flight.len(), "connection lost with commands in flight");
+            in_flight.abort_all();
         }
     }
     result
 }
+
+/// How often a consumer checks that its connection is still there.
+const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 struct Handler {
