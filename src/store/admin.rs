@@ -107,7 +107,7 @@ impl Store {
         definition: Option<&str>,
     ) -> Result<(Vec<(Status, u64)>, Vec<StepCount>)> {
         // The one place sagad reads a whole table on purpose: let PostgreSQL scan it, which
-        // the pool's connections otherwise avoid (see `Store::connect`).
+        // sagad's connections otherwise avoid (see `session_settings`).
         let mut tx = self.pool().begin().await?;
         sqlx::query("SET LOCAL enable_seqscan = on")
             .execute(&mut *tx)
