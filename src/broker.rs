@@ -390,15 +390,11 @@ async fn consume_session(
         .for_each_concurrent(CONCURRENT_BATCHES, |batch| {
             handle_batch(store, registry, &channel, batch)
         });
-    // A lost connection does not always end the stream, nor the acks waiting on it (seen when
-    // RabbitMQ stops mid-load: the session hung and never reconnected), so it is watched too.
-    // Batches still running are then dropped: a transaction not committed rolls back, and every
-    // unacked reply comes back after the reconnect, where a committed one is a duplicate.
-    let connection_lost = async {
-        while conn.status().connected() && channel.status().connected() {
-            tokio::time::sleep(CONNECTION_CHECK).await;
-        }
-    };
+    // The connection is watched too (see `disconnected`). Batches still running are then
+    // dropped: a transaction not committed rolls back, and every unacked reply comes back after
+    // the reconnect, where a committed one is a duplicate.
+    let connection_lost =
+        disconnected(|| conn.status().connected() && channel.status().connected());
     tokio::select! {
         _ = handled => {}
         _ = connection_lost => {
@@ -417,7 +413,16 @@ async fn consume_session(
     Err(lost.map_or(BrokerError::ConsumerEnded, BrokerError::Amqp))
 }
 
-/// How often the reply consumer checks that its connection is still there.
+/// Resolves once `connected` turns false, checked every [`CONNECTION_CHECK`]. A lost
+/// connection does not always end lapin's consumer streams, nor the publishes and acks waiting
+/// on it (seen when RabbitMQ stops mid-load: sessions hung and never reconnected), so whatever
+/// waits on the broker also waits on this.
+pub async fn disconnected(connected: impl Fn() -> bool) {
+    while connected() {
+        tokio::time::sleep(CONNECTION_CHECK).await;
+    }
+}
+
 const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 
 /// A reply taken off the queue, with the span of its processing.

@@ -51,6 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
 use uuid::Uuid;
 
+use crate::broker;
 use crate::contract::{self, CommandBody, ReplyBody, ReplyOutcome};
 use crate::telemetry;
 
@@ -552,15 +553,13 @@ async fn consume(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut in_flight = JoinSet::new();
-    // A lost connection does not always end the consumer stream either.
-    let mut check = tokio::time::interval(CONNECTION_CHECK);
+    let closed = broker::disconnected(|| channel.status().connected());
+    tokio::pin!(closed);
     let result = loop {
         tokio::select! {
             _ = stop.cancelled() => break Ok(()),
-            _ = check.tick() => {
-                if !channel.status().connected() {
-                    break Err(anyhow::anyhow!("the channel of {} is closed", handler.participant));
-                }
+            _ = &mut closed => {
+                break Err(anyhow::anyhow!("the channel of {} is closed", handler.participant));
             }
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Err(e) = done {
@@ -590,8 +589,7 @@ async fn consume(
         warn!(participant = %handler.participant, error = %e, "cancelling the consumer");
     }
     // Let in-flight commands finish: each either acks (reply sent) or nacks. Not once the
-    // connection is gone, though: a publish or an ack on a dead connection may never resolve
-    // (seen when RabbitMQ stops mid-load: the session hung and never reconnected). Those tasks
+    // connection is gone, though, as their publish or ack may then never resolve: those tasks
     // are dropped; the broker requeues their commands, and a command whose transaction did
     // commit is answered from its stored reply when it comes back.
     let drained = async {
@@ -601,11 +599,9 @@ async fn consume(
             }
         }
     };
-    let connection_lost = async {
-        while channel.status().connected() && handler.publisher.status().connected() {
-            tokio::time::sleep(CONNECTION_CHECK).await;
-        }
-    };
+    let connection_lost = broker::disconnected(|| {
+        channel.status().connected() && handler.publisher.status().connected()
+    });
     tokio::select! {
         _ = drained => {}
         _ = connection_lost => {
@@ -615,9 +611,6 @@ async fn consume(
     }
     result
 }
-
-/// How often a consumer checks that its connection is still there.
-const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 
 #[derive(Clone)]
 struct Handler {
