@@ -46,7 +46,11 @@ impl Telemetry {
         let provider = provider(service, exporter, false);
         let filter =
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-        let fmt = tracing_subscriber::fmt::layer().with_target(false);
+        // Colour codes only for a terminal: in a log file or a collector they are noise (and
+        // formatting them costs CPU on every line).
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
         let fmt = if json {
             fmt.json()
                 .flatten_event(true)
