@@ -458,7 +458,8 @@ fn reply_span(delivery: &lapin::message::Delivery) -> tracing::Span {
 
 /// Applies every reply that arrived together in one database transaction, then acks each one.
 /// Malformed and unknown replies are dead-lettered one by one; if the batch hits a saga that
-/// cannot be read, its replies are retried one at a time so the others still go through.
+/// cannot be read or a value the database refuses, its replies are retried one at a time so
+/// the others still go through.
 async fn handle_batch(
     store: &Store,
     registry: &Registry,
@@ -501,7 +502,10 @@ async fn handle_batch(
                 });
             futures::future::join_all(settled).await;
         }
-        Err(StoreError::Corrupt(_)) if valid.len() > 1 => {
+        // A saga that cannot be read, or a value the database refuses: one at a time, so the
+        // other replies still go through and the culprit is dead-lettered, not redelivered
+        // for ever.
+        Err(e) if matches!(e, StoreError::Corrupt(_)) || e.refused_value().is_some() => {
             for (incoming, reply) in valid {
                 let result = store
                     .apply_reply(
@@ -566,7 +570,8 @@ async fn settle(
     .await
 }
 
-/// A reply that failed on its own: dead-lettered if its saga is unreadable, else requeued.
+/// A reply that failed on its own: dead-lettered if its saga is unreadable or the database
+/// refuses its values, else requeued.
 async fn give_back(
     store: &Store,
     channel: &Channel,
@@ -576,7 +581,16 @@ async fn give_back(
 ) {
     let Incoming { delivery, span } = incoming;
     async {
-        if let StoreError::Corrupt(e) = e {
+        if let Some(refused) = e.refused_value() {
+            warn!(%command_id, error = %refused, "reply the database cannot store");
+            dead_letter(
+                store,
+                channel,
+                delivery,
+                &format!("the database cannot store a value of this reply: {refused}"),
+            )
+            .await
+        } else if let StoreError::Corrupt(e) = e {
             error!(%command_id, error = %e, "reply for a corrupt saga");
             dead_letter(
                 store,

@@ -48,6 +48,11 @@ impl SagaApi {
 
 /// The single mapping from store errors to gRPC statuses.
 pub fn status_of(e: StoreError) -> Status {
+    if let Some(refused) = e.refused_value() {
+        return Status::invalid_argument(format!(
+            "the database cannot store a value of this request: {refused}"
+        ));
+    }
     match e {
         StoreError::NotFound(m) => Status::not_found(m),
         StoreError::InvalidArgument(m) => Status::invalid_argument(m),
@@ -194,7 +199,6 @@ impl pb::saga_service_server::SagaService for SagaApi {
                 key,
                 crate::telemetry::traceparent(&tracing::Span::current()),
                 started_by.as_deref(),
-                OffsetDateTime::now_utc(),
             )
             .await
             .map_err(status_of)?;

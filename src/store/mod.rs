@@ -29,6 +29,7 @@ macro_rules! saga_columns {
 }
 
 mod admin;
+mod starts;
 mod writes;
 pub use admin::StepCount;
 use writes::{Flushed, Writes};
@@ -60,6 +61,20 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+impl StoreError {
+    /// The database refused a value it was given (SQLSTATE class 22, "data exception": say, a
+    /// `\u0000` in a JSON string, which `jsonb` cannot hold): sending the same value again will
+    /// never succeed, so it is the sender's error, not an outage. The message names the problem.
+    pub fn refused_value(&self) -> Option<String> {
+        let StoreError::Database(sqlx::Error::Database(e)) = self else {
+            return None;
+        };
+        e.code()
+            .is_some_and(|code| code.starts_with("22"))
+            .then(|| e.message().to_string())
+    }
+}
 
 /// A saga as stored, with what the API shows.
 #[derive(Debug, Clone)]
@@ -162,10 +177,38 @@ impl Default for CircuitSettings {
 pub struct Store {
     pool: PgPool,
     circuit: CircuitSettings,
+    signals: Signals,
+    /// New sagas go to the writer that inserts them in groups (see [`starts`]).
+    starts: tokio::sync::mpsc::Sender<starts::NewSaga>,
+}
+
+/// What a committed transaction tells the rest of the process.
+#[derive(Clone)]
+struct Signals {
     metrics: Arc<Metrics>,
     /// Signalled after every commit that wrote outbox rows: the relays of this process wait on
     /// it (rows another replica wrote are found by their polling).
     outbox_ready: Arc<Notify>,
+}
+
+impl Signals {
+    /// What a batch does once its transaction has committed (never before: a rolled-back batch
+    /// must not count nor wake anyone).
+    fn committed(&self, flushed: Flushed) {
+        for (definition, status) in &flushed.lifecycle {
+            self.metrics.saga_event(definition, *status);
+        }
+        for s in &flushed.steps {
+            self.metrics
+                .step_ended(&s.participant, &s.step, &s.kind, s.outcome, s.took);
+        }
+        for participant in &flushed.reclosed {
+            tracing::info!(participant, "circuit closed: the participant answers again");
+        }
+        if flushed.outbox {
+            self.outbox_ready.notify_one();
+        }
+    }
 }
 
 /// Applied to every connection sagad opens. Every statement sagad runs on a busy table is
@@ -222,11 +265,15 @@ impl Store {
             .after_connect(|conn, _| Box::pin(session_settings(conn)))
             .connect_with(options)
             .await?;
-        Ok(Store {
-            pool,
-            circuit: CircuitSettings::default(),
+        let signals = Signals {
             metrics: Arc::new(Metrics::new()),
             outbox_ready: Arc::new(Notify::new()),
+        };
+        Ok(Store {
+            starts: starts::spawn_writer(pool.clone(), signals.clone()),
+            pool,
+            circuit: CircuitSettings::default(),
+            signals,
         })
     }
 
@@ -243,36 +290,22 @@ impl Store {
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+        &self.signals.metrics
     }
 
     /// Resolves when outbox rows may be waiting: a permit is kept if no relay is waiting, so a
     /// commit that lands while every relay is busy is not missed.
     pub async fn outbox_ready(&self) {
-        self.outbox_ready.notified().await
+        self.signals.outbox_ready.notified().await
     }
 
     /// Wakes a relay, e.g. when held commands may go out again.
     pub fn wake_relay(&self) {
-        self.outbox_ready.notify_one();
+        self.signals.outbox_ready.notify_one();
     }
 
-    /// What a batch does once its transaction has committed (never before: a rolled-back batch
-    /// must not count nor wake anyone).
     fn committed(&self, flushed: Flushed) {
-        for (definition, status) in &flushed.lifecycle {
-            self.metrics.saga_event(definition, *status);
-        }
-        for s in &flushed.steps {
-            self.metrics
-                .step_ended(&s.participant, &s.step, &s.kind, s.outcome, s.took);
-        }
-        for participant in &flushed.reclosed {
-            tracing::info!(participant, "circuit closed: the participant answers again");
-        }
-        if flushed.outbox {
-            self.wake_relay();
-        }
+        self.signals.committed(flushed)
     }
 
     /// Messages waiting in the outbox, and how long the oldest has waited.
@@ -343,17 +376,19 @@ impl Store {
     }
 
     /// Starts a saga, or returns the one an earlier call with the same idempotency key started.
+    /// Returns once the saga is committed; concurrent calls share one statement and one commit.
     pub async fn start_saga(
         &self,
-        def: &Definition,
+        def: &Arc<Definition>,
         input: Value,
         idempotency_key: Option<&str>,
         traceparent: Option<String>,
         started_by: Option<&str>,
-        now: OffsetDateTime,
     ) -> Result<(Uuid, bool, Status)> {
         let id = Uuid::now_v7();
-        let mut record = SagaRecord {
+        // Its times are those of the group it is written with.
+        let now = OffsetDateTime::now_utc();
+        let record = SagaRecord {
             id,
             definition: def.name.clone(),
             definition_version: def.version,
@@ -367,21 +402,26 @@ impl Store {
             traceparent,
             started_by: started_by.map(str::to_owned),
         };
-        // The first transition needs nothing from the database, so the row is inserted in its
-        // state after it, with its writes, in one statement.
-        let mut writes = Writes::default();
-        let t = engine::apply(def, &record.state, Event::Start, ctx(now));
-        let status = writes.stage(def, &mut record, t, now)?;
-        let mut conn = self.pool.acquire().await?;
-        if let Some(flushed) = writes.insert_new(&mut conn, &record, now).await? {
-            self.committed(flushed);
+        let (done, written) = tokio::sync::oneshot::channel();
+        let new = starts::NewSaga {
+            def: def.clone(),
+            record,
+            done,
+        };
+        // Either side gone means the process is stopping.
+        self.starts
+            .send(new)
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let (inserted, status) = written.await.map_err(|_| sqlx::Error::PoolClosed)??;
+        if inserted {
             return Ok((id, true, status));
         }
         let row = sqlx::query(
             "SELECT id, definition, status, started_by FROM sagas WHERE idempotency_key = $1",
         )
         .bind(idempotency_key)
-        .fetch_one(&mut *conn)
+        .fetch_one(&self.pool)
         .await?;
         let existing: Uuid = row.try_get("id")?;
         let existing_def: String = row.try_get("definition")?;

@@ -3,12 +3,12 @@
 //! (data-modifying CTEs, one per table), so a batch costs one round trip however large it is:
 //! PostgreSQL's cost here is per statement far more than per row.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde_json::{Map, Value, json};
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -59,6 +59,7 @@ pub(super) struct Writes {
     a_deadline: Vec<OffsetDateTime>,
     ended: Vec<Ended>,
     // Outbox rows.
+    o_saga: Vec<Uuid>,
     o_exchange: Vec<&'static str>,
     o_routing_key: Vec<String>,
     o_message_id: Vec<Uuid>,
@@ -70,8 +71,8 @@ pub(super) struct Writes {
     h_step: Vec<Option<String>>,
     h_command: Vec<Option<Uuid>>,
     h_detail: Vec<Value>,
-    /// (definition, status) of lifecycle events, for metrics.
-    lifecycle: Vec<(String, Status)>,
+    /// (saga, definition, status) of lifecycle events, for metrics.
+    lifecycle: Vec<(Uuid, String, Status)>,
 }
 
 impl Writes {
@@ -209,6 +210,7 @@ impl Writes {
             },
         });
         self.outbox(
+            record.id,
             contract::COMMANDS_EXCHANGE,
             step.participant.clone(),
             cmd.command_id,
@@ -246,8 +248,9 @@ impl Writes {
             "parent": record.traceparent,
             "headers": { contract::H_SAGA_ID: record.id.to_string(), contract::H_DEFINITION: def.name },
         });
-        self.lifecycle.push((def.name.clone(), status));
+        self.lifecycle.push((record.id, def.name.clone(), status));
         self.outbox(
+            record.id,
             contract::EVENTS_EXCHANGE,
             format!("{}.{event}", def.name),
             body.event_id,
@@ -258,6 +261,7 @@ impl Writes {
 
     fn outbox(
         &mut self,
+        saga_id: Uuid,
         exchange: &'static str,
         routing_key: String,
         message_id: Uuid,
@@ -265,6 +269,7 @@ impl Writes {
         body: &impl serde::Serialize,
     ) -> Result<()> {
         let bytes = serde_json::to_vec(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.o_saga.push(saga_id);
         self.o_exchange.push(exchange);
         self.o_routing_key.push(routing_key);
         self.o_message_id.push(message_id);
@@ -397,53 +402,99 @@ impl Writes {
                 took: (now - sent_at).try_into().unwrap_or_default(),
             });
         }
-        flushed.lifecycle = self.lifecycle;
+        flushed.lifecycle = self.lifecycle.into_iter().map(|(_, d, s)| (d, s)).collect();
         Ok(flushed)
     }
 
-    /// Inserts a new saga (staged with its first transition) with everything that transition
-    /// wrote, in one autocommitted statement. `None` if the idempotency key was taken, in which
-    /// case nothing was written.
+    /// Inserts new sagas (`records`, each staged here with its first transition, in the same
+    /// order) with everything those transitions wrote, in one autocommitted statement. Returns
+    /// the ids inserted: a saga whose idempotency key was taken (by an earlier saga, or by one
+    /// before it in `records`) is not, and nothing of it is written.
     pub(super) async fn insert_new(
         self,
-        conn: &mut PgConnection,
-        record: &SagaRecord,
+        pool: &sqlx::PgPool,
+        records: &[SagaRecord],
         now: OffsetDateTime,
-    ) -> Result<Option<Flushed>> {
-        let w = self
-            .sagas
-            .first()
-            .ok_or_else(|| StoreError::Corrupt("a new saga without a first transition".into()))?;
-        let inserted = self
+    ) -> Result<(HashSet<Uuid>, Flushed)> {
+        if records.len() != self.sagas.len()
+            || records.iter().zip(&self.sagas).any(|(r, w)| r.id != w.id)
+        {
+            return Err(StoreError::Corrupt("new sagas staged out of order".into()));
+        }
+        let s = &self.sagas;
+        let rows = self
             .bind_shared(sqlx::query(START), now)
-            .bind(record.id)
-            .bind(&record.definition)
-            .bind(record.definition_version as i32)
-            .bind(w.status)
-            .bind(w.step)
-            .bind(w.kind)
-            .bind(w.attempt)
-            .bind(w.command_id)
-            .bind(w.wake_at)
-            .bind(&record.input)
-            .bind(&record.outputs)
-            .bind(&w.error)
-            .bind(&record.idempotency_key)
-            .bind(&w.current_step)
-            .bind(&w.current_participant)
-            .bind(&record.traceparent)
-            .bind(&record.started_by)
-            .fetch_optional(conn)
+            .bind(s.iter().map(|w| w.id).collect::<Vec<_>>())
+            .bind(
+                records
+                    .iter()
+                    .map(|r| r.definition.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                records
+                    .iter()
+                    .map(|r| r.definition_version as i32)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(s.iter().map(|w| w.status).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.step).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.kind).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.attempt).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.command_id).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.wake_at).collect::<Vec<_>>())
+            .bind(records.iter().map(|r| &r.input).collect::<Vec<_>>())
+            .bind(records.iter().map(|r| &r.outputs).collect::<Vec<_>>())
+            .bind(s.iter().map(|w| w.error.as_deref()).collect::<Vec<_>>())
+            .bind(
+                records
+                    .iter()
+                    .map(|r| r.idempotency_key.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                s.iter()
+                    .map(|w| w.current_step.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                s.iter()
+                    .map(|w| w.current_participant.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                records
+                    .iter()
+                    .map(|r| r.traceparent.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                records
+                    .iter()
+                    .map(|r| r.started_by.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(pool)
             .await?;
-        Ok(inserted.map(|_| Flushed {
-            outbox: !self.o_message_id.is_empty(),
-            lifecycle: self.lifecycle,
+        let inserted = rows
+            .iter()
+            .map(|row| row.try_get::<Uuid, _>("id"))
+            .collect::<Result<HashSet<_>, _>>()?;
+        let flushed = Flushed {
+            outbox: self.o_saga.iter().any(|id| inserted.contains(id)),
+            lifecycle: self
+                .lifecycle
+                .into_iter()
+                .filter(|(id, _, _)| inserted.contains(id))
+                .map(|(_, d, s)| (d, s))
+                .collect(),
             steps: Vec::new(),
             reclosed: BTreeSet::new(),
-        }))
+        };
+        Ok((inserted, flushed))
     }
 
-    /// Binds $1 (now) to $19: the new attempts, history entries and outbox rows of
+    /// Binds $1 (now) to $20: the new attempts, history entries and outbox rows of
     /// [`shared_writes!`].
     fn bind_shared<'q>(
         &self,
@@ -464,6 +515,7 @@ impl Writes {
             .bind(&self.h_step)
             .bind(&self.h_command)
             .bind(&self.h_detail)
+            .bind(&self.o_saga)
             .bind(&self.o_exchange)
             .bind(&self.o_routing_key)
             .bind(&self.o_message_id)
@@ -491,25 +543,28 @@ pub(super) struct StepEnded {
 }
 
 /// The writes every statement shares: new attempts, history entries and outbox rows, each
-/// written only if `go` yields a row (for a new saga: only if it was really inserted).
-/// Parameters $1 (now) to $19, see [`Writes::bind_shared`]; each statement adds its own from $20.
+/// filtered by `$only` (a condition on their saga `s`: for new sagas, that it was really
+/// inserted). Parameters $1 (now) to $20, see [`Writes::bind_shared`]; each statement adds its
+/// own from $21.
 macro_rules! shared_writes {
-    () => {
-        "new_attempts AS ( \
-           INSERT INTO step_attempts (command_id, saga_id, step_index, step, participant, kind, attempt, sent_at, deadline) \
-           SELECT c, s, i, st, p, k, a, $1, d FROM go, \
-             UNNEST($2::uuid[], $3::uuid[], $4::int[], $5::text[], $6::text[], $7::text[], $8::int[], $9::timestamptz[]) \
-             AS u(c, s, i, st, p, k, a, d)), \
-         history AS ( \
-           INSERT INTO saga_history (saga_id, at, kind, step, command_id, detail) \
-           SELECT s, $1, k, st, c, d FROM go, \
-             UNNEST($10::uuid[], $11::text[], $12::text[], $13::uuid[], $14::jsonb[]) \
-             WITH ORDINALITY AS h(s, k, st, c, d, n) ORDER BY n), \
-         outgoing AS ( \
-           INSERT INTO outbox (exchange, routing_key, message_id, properties, body) \
-           SELECT e, r, m, p, b FROM go, \
-             UNNEST($15::text[], $16::text[], $17::uuid[], $18::jsonb[], $19::bytea[]) \
-             WITH ORDINALITY AS o(e, r, m, p, b, n) ORDER BY n) "
+    ($only:literal) => {
+        concat!(
+            "new_attempts AS ( \
+               INSERT INTO step_attempts (command_id, saga_id, step_index, step, participant, kind, attempt, sent_at, deadline) \
+               SELECT c, s, i, st, p, k, a, $1, d FROM \
+                 UNNEST($2::uuid[], $3::uuid[], $4::int[], $5::text[], $6::text[], $7::text[], $8::int[], $9::timestamptz[]) \
+                 AS u(c, s, i, st, p, k, a, d) ", $only, "), \
+             history AS ( \
+               INSERT INTO saga_history (saga_id, at, kind, step, command_id, detail) \
+               SELECT s, $1, k, st, c, d FROM \
+                 UNNEST($10::uuid[], $11::text[], $12::text[], $13::uuid[], $14::jsonb[]) \
+                 WITH ORDINALITY AS h(s, k, st, c, d, n) ", $only, " ORDER BY n), \
+             outgoing AS ( \
+               INSERT INTO outbox (exchange, routing_key, message_id, properties, body) \
+               SELECT e, r, m, p, b FROM \
+                 UNNEST($15::uuid[], $16::text[], $17::text[], $18::uuid[], $19::jsonb[], $20::bytea[]) \
+                 WITH ORDINALITY AS o(s, e, r, m, p, b, n) ", $only, " ORDER BY n) "
+        )
     };
 }
 
@@ -519,15 +574,15 @@ macro_rules! shared_writes {
 /// A late reply fills in its attempt without clearing `timed_out`; outputs are merged into the
 /// stored ones, never rewritten whole.
 const TRANSITION: &str = concat!(
-    "WITH go AS (SELECT), ",
-    shared_writes!(),
+    "WITH ",
+    shared_writes!(""),
     ", ended AS ( \
        UPDATE step_attempts a SET \
          replied_at = CASE WHEN u.outcome IS NULL THEN a.replied_at ELSE $1 END, \
          outcome = COALESCE(u.outcome, a.outcome), output = COALESCE(u.output, a.output), \
          reason = COALESCE(u.reason, a.reason), \
          timed_out = a.timed_out OR u.timed_out, superseded = a.superseded OR u.superseded \
-       FROM UNNEST($20::uuid[], $21::text[], $22::jsonb[], $23::text[], $24::bool[], $25::bool[], $26::bool[]) \
+       FROM UNNEST($21::uuid[], $22::text[], $23::jsonb[], $24::text[], $25::bool[], $26::bool[], $27::bool[]) \
          AS u(command_id, outcome, output, reason, timed_out, superseded, healthy) \
        WHERE a.command_id = u.command_id AND a.replied_at IS NULL \
        RETURNING a.command_id, a.participant, a.step, a.kind, a.sent_at, u.healthy), \
@@ -542,22 +597,27 @@ const TRANSITION: &str = concat!(
        UPDATE sagas s SET status = u.status, step = u.step, kind = u.kind, attempt = u.attempt, \
          command_id = u.command_id, wake_at = u.wake_at, error = u.error, outputs = s.outputs || u.outputs, \
          updated_at = $1, current_step = u.current_step, current_participant = u.current_participant \
-       FROM UNNEST($27::uuid[], $28::text[], $29::int[], $30::text[], $31::int[], $32::uuid[], $33::timestamptz[], \
-                   $34::text[], $35::jsonb[], $36::text[], $37::text[]) \
+       FROM UNNEST($28::uuid[], $29::text[], $30::int[], $31::text[], $32::int[], $33::uuid[], $34::timestamptz[], \
+                   $35::text[], $36::jsonb[], $37::text[], $38::text[]) \
          AS u(id, status, step, kind, attempt, command_id, wake_at, error, outputs, current_step, current_participant) \
        WHERE s.id = u.id) \
      SELECT e.command_id, e.participant, e.step, e.kind, e.sent_at, COALESCE(r.reclosed, false) AS reclosed \
      FROM ended e LEFT JOIN recovered r ON r.name = e.participant"
 );
 
-/// A new saga row, already in the state of its first transition.
+/// New saga rows, already in the state of their first transition. `ON CONFLICT DO NOTHING` also
+/// skips a row whose key an earlier row of the same statement took.
 const START: &str = concat!(
     "WITH go AS ( \
        INSERT INTO sagas (id, definition, definition_version, status, step, kind, attempt, command_id, wake_at, \
          input, outputs, error, idempotency_key, created_at, updated_at, current_step, current_participant, \
          traceparent, started_by) \
-       VALUES ($20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $1, $1, $33, $34, $35, $36) \
+       SELECT id, def, ver, st, step, kind, att, cmd, wake, inp, outp, err, ikey, $1, $1, cstep, cpart, tp, sby \
+       FROM UNNEST($21::uuid[], $22::text[], $23::int[], $24::text[], $25::int[], $26::text[], $27::int[], \
+                   $28::uuid[], $29::timestamptz[], $30::jsonb[], $31::jsonb[], $32::text[], $33::text[], \
+                   $34::text[], $35::text[], $36::text[], $37::text[]) \
+         AS u(id, def, ver, st, step, kind, att, cmd, wake, inp, outp, err, ikey, cstep, cpart, tp, sby) \
        ON CONFLICT (idempotency_key) DO NOTHING RETURNING id), ",
-    shared_writes!(),
+    shared_writes!("WHERE s IN (SELECT id FROM go)"),
     "SELECT id FROM go"
 );

@@ -65,6 +65,71 @@ async fn the_same_idempotency_key_gives_one_saga() {
     app.stop().await;
 }
 
+/// Concurrent starts share statements: each call still gets its own answer, whatever the others
+/// in its statement were (new, repeated keys, a value the database refuses).
+#[tokio::test]
+async fn concurrent_starts_each_get_their_own_answer() {
+    let env = TestEnv::new();
+    let app = spawn_app(env.settings(&repo_sagas())).await;
+    let request = |key: String, input: String| pb::StartSagaRequest {
+        definition: "order_fulfillment".into(),
+        input_json: input,
+        idempotency_key: key,
+    };
+    let mut requests = Vec::new();
+    for i in 0..24 {
+        // Keys k-0 … k-7 three times each, and sagas without a key.
+        requests.push(request(format!("k-{}", i % 8), json!({"i": i}).to_string()));
+        requests.push(request(String::new(), json!({"i": i}).to_string()));
+    }
+    // `jsonb` cannot hold a NUL character: refused, alone.
+    requests.insert(20, request(String::new(), r#"{"note": "a\u0000b"}"#.into()));
+    let answers = futures::future::join_all(requests.iter().cloned().map(|r| {
+        let mut c = app.client.clone();
+        async move { c.start_saga(r).await }
+    }))
+    .await;
+
+    let mut by_key: std::collections::HashMap<String, Vec<pb::StartSagaResponse>> =
+        Default::default();
+    for (req, answer) in requests.iter().zip(answers) {
+        if req.input_json.contains("\\u0000") {
+            let e = answer.expect_err("an input jsonb cannot hold is refused");
+            assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+            assert!(e.message().contains("cannot store"), "{}", e.message());
+            continue;
+        }
+        let answer = answer.unwrap().into_inner();
+        if req.idempotency_key.is_empty() {
+            assert!(answer.created);
+        }
+        by_key
+            .entry(req.idempotency_key.clone())
+            .or_default()
+            .push(answer);
+    }
+    for (key, answers) in by_key.iter().filter(|(k, _)| !k.is_empty()) {
+        assert_eq!(answers.len(), 3);
+        assert_eq!(answers.iter().filter(|a| a.created).count(), 1, "{key}");
+        assert!(
+            answers.iter().all(|a| a.saga_id == answers[0].saga_id),
+            "{key}"
+        );
+    }
+    let pool = env.pool().await;
+    let (sagas, keyed, attempts, started): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM sagas), (SELECT count(DISTINCT idempotency_key) FROM sagas), \
+         (SELECT count(*) FROM step_attempts), \
+         (SELECT count(*) FROM saga_history WHERE kind = 'saga_started')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    // 24 without a key, 8 keys; one first command and one `started` entry each.
+    assert_eq!((sagas, keyed, attempts, started), (32, 8, 32, 32));
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn invalid_requests_get_a_status_that_says_what_is_wrong() {
     let env = TestEnv::new();

@@ -285,6 +285,78 @@ async fn malformed_and_unknown_replies_go_to_the_dead_letter_queue_with_the_reas
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_reply_the_database_cannot_store_is_dead_lettered_and_the_saga_goes_on() {
+    let env = TestEnv::new();
+    let mut app = spawn_app(env.settings(&repo_sagas())).await;
+    let (_conn, ch) = amqp_channel(&env).await;
+    ch.queue_declare(
+        "saga.dead-letter".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut dead = consume(&ch, "saga.dead-letter").await;
+    let mut orders = consume(&ch, "saga.participant.order").await;
+    let id = start(&mut app.client, json!({"order_id": "A-9"})).await;
+    let command = next(&mut orders).await;
+    let command_id = command
+        .properties
+        .message_id()
+        .as_ref()
+        .unwrap()
+        .to_string();
+
+    // Valid JSON, but `jsonb` cannot hold a NUL character. Sent back to back with a good
+    // reply to the same command, so both may be applied in one batch: the bad one must not
+    // hold the good one back, nor come back for ever.
+    let bad = format!(
+        r#"{{"command_id": "{command_id}", "outcome": "success", "output": {{"note": "a\u0000b"}}}}"#
+    );
+    ch.basic_publish(
+        "".into(),
+        "saga.replies".into(),
+        BasicPublishOptions::default(),
+        bad.as_bytes(),
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    reply(
+        &ch,
+        "saga.replies",
+        json!({"command_id": command_id, "outcome": "success", "output": {"order": "created"}}),
+    )
+    .await;
+
+    let d = next(&mut dead).await;
+    assert_eq!(d.data, bad.as_bytes());
+    let reason = header(&d, "x-saga-error");
+    assert!(reason.contains("cannot store"), "{reason}");
+    // The good reply moved the saga on: the payment step's command went out.
+    let mut payments = consume(&ch, "saga.participant.payment").await;
+    let next_command = next(&mut payments).await;
+    assert_eq!(header(&next_command, "saga-id"), id);
+    let saga = app
+        .client
+        .get_saga(pb::GetSagaRequest { saga_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(saga.attempts[0].outcome, pb::Outcome::Success as i32);
+    assert_eq!(
+        serde_json::from_str::<Value>(&saga.attempts[0].output_json).unwrap(),
+        json!({"order": "created"})
+    );
+    app.stop().await;
+}
+
 const IMPATIENT: &str = r#"
 name = "impatient"
 version = 1

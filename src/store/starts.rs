@@ -1,0 +1,99 @@
+//! New sagas are written in groups: the `StartSaga` calls waiting at one moment are inserted by
+//! one statement and one durable commit (group commit), instead of a statement and an fsync
+//! each. A call waits at most for the group being written when it arrives; alone, it is
+//! written at once.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::writes::Writes;
+use super::{Result, SagaRecord, Signals, ctx};
+use crate::definition::Definition;
+use crate::engine::{self, Event, Status};
+
+/// Most sagas written by one statement.
+const MAX_GROUP: usize = 64;
+/// Groups written at once, so that one slow commit does not hold back the calls behind it.
+const CONCURRENT_GROUPS: usize = 2;
+
+pub(super) struct NewSaga {
+    pub(super) def: Arc<Definition>,
+    /// In its initial state; its times are set to the group's.
+    pub(super) record: SagaRecord,
+    /// Whether it was inserted (not: its idempotency key was taken), and its status.
+    pub(super) done: oneshot::Sender<Result<(bool, Status)>>,
+}
+
+/// Starts the writer; it stops when every sender is gone.
+pub(super) fn spawn_writer(pool: PgPool, signals: Signals) -> mpsc::Sender<NewSaga> {
+    let (tx, rx) = mpsc::channel(MAX_GROUP * CONCURRENT_GROUPS);
+    tokio::spawn(async move {
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+            .ready_chunks(MAX_GROUP)
+            .for_each_concurrent(CONCURRENT_GROUPS, |group| {
+                write_group(&pool, &signals, group)
+            })
+            .await
+    });
+    tx
+}
+
+/// One statement for the whole group; if it fails, each saga is written alone, so that one
+/// the database refuses (say, an input with a `\u0000` that `jsonb` rejects) fails only its
+/// own call.
+async fn write_group(pool: &PgPool, signals: &Signals, group: Vec<NewSaga>) {
+    if group.len() > 1 {
+        match insert(pool, signals, &group).await {
+            Ok(results) => {
+                for (new, result) in group.into_iter().zip(results) {
+                    // A caller that went away finds its saga by its idempotency key.
+                    let _ = new.done.send(Ok(result));
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, count = group.len(), "new sagas not written together; writing them one by one");
+            }
+        }
+    }
+    for new in group {
+        let result = insert(pool, signals, std::slice::from_ref(&new))
+            .await
+            .map(|mut results| results.remove(0));
+        let _ = new.done.send(result);
+    }
+}
+
+/// Runs each saga's first transition (it needs nothing from the database) and inserts the rows
+/// in their state after it, with everything the transitions wrote.
+async fn insert(
+    pool: &PgPool,
+    signals: &Signals,
+    group: &[NewSaga],
+) -> Result<Vec<(bool, Status)>> {
+    let now = OffsetDateTime::now_utc();
+    let mut writes = Writes::default();
+    let mut records = Vec::with_capacity(group.len());
+    let mut statuses = Vec::with_capacity(group.len());
+    for new in group {
+        let mut record = new.record.clone();
+        record.created_at = now;
+        record.updated_at = now;
+        let t = engine::apply(&new.def, &record.state, Event::Start, ctx(now));
+        statuses.push(writes.stage(&new.def, &mut record, t, now)?);
+        records.push(record);
+    }
+    let (inserted, flushed): (HashSet<Uuid>, _) = writes.insert_new(pool, &records, now).await?;
+    signals.committed(flushed);
+    Ok(records
+        .iter()
+        .zip(statuses)
+        .map(|(r, status)| (inserted.contains(&r.id), status))
+        .collect())
+}
