@@ -3,14 +3,12 @@
 //! each. A call waits at most for the group being written when it arrives; alone, it is
 //! written at once.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures::StreamExt;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
-use uuid::Uuid;
 
 use super::writes::Writes;
 use super::{Result, SagaRecord, Signals, ctx};
@@ -89,7 +87,7 @@ async fn insert(
         statuses.push(writes.stage(&new.def, &mut record, t, now)?);
         records.push(record);
     }
-    let (inserted, flushed): (HashSet<Uuid>, _) = writes.insert_new(pool, &records, now).await?;
+    let (inserted, flushed) = writes.insert_new(pool, &records, now).await?;
     signals.committed(flushed);
     Ok(records
         .iter()

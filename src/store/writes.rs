@@ -343,7 +343,7 @@ impl Writes {
         }
         let s = &self.sagas;
         let e = &self.ended;
-        let rows = self
+        let ends = self
             .bind_shared(sqlx::query(TRANSITION), now)
             .bind(e.iter().map(|x| x.command_id).collect::<Vec<_>>())
             .bind(e.iter().map(|x| x.outcome).collect::<Vec<_>>())
@@ -351,24 +351,11 @@ impl Writes {
             .bind(e.iter().map(|x| x.reason.clone()).collect::<Vec<_>>())
             .bind(e.iter().map(|x| x.timed_out).collect::<Vec<_>>())
             .bind(e.iter().map(|x| x.superseded).collect::<Vec<_>>())
-            .bind(e.iter().map(|x| x.healthy).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.id).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.status).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.step).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.kind).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.attempt).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.command_id).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.wake_at).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.error.clone()).collect::<Vec<_>>())
+            .bind(e.iter().map(|x| x.healthy).collect::<Vec<_>>());
+        let rows = bind_states(ends, s)
             .bind(
                 s.iter()
                     .map(|w| Value::Object(w.new_outputs.clone()))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(s.iter().map(|w| w.current_step.clone()).collect::<Vec<_>>())
-            .bind(
-                s.iter()
-                    .map(|w| w.current_participant.clone())
                     .collect::<Vec<_>>(),
             )
             .fetch_all(&mut **tx)
@@ -422,9 +409,7 @@ impl Writes {
             return Err(StoreError::Corrupt("new sagas staged out of order".into()));
         }
         let s = &self.sagas;
-        let rows = self
-            .bind_shared(sqlx::query(START), now)
-            .bind(s.iter().map(|w| w.id).collect::<Vec<_>>())
+        let rows = bind_states(self.bind_shared(sqlx::query(START), now), s)
             .bind(
                 records
                     .iter()
@@ -437,29 +422,12 @@ impl Writes {
                     .map(|r| r.definition_version as i32)
                     .collect::<Vec<_>>(),
             )
-            .bind(s.iter().map(|w| w.status).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.step).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.kind).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.attempt).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.command_id).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.wake_at).collect::<Vec<_>>())
             .bind(records.iter().map(|r| &r.input).collect::<Vec<_>>())
             .bind(records.iter().map(|r| &r.outputs).collect::<Vec<_>>())
-            .bind(s.iter().map(|w| w.error.as_deref()).collect::<Vec<_>>())
             .bind(
                 records
                     .iter()
                     .map(|r| r.idempotency_key.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                s.iter()
-                    .map(|w| w.current_step.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                s.iter()
-                    .map(|w| w.current_participant.as_deref())
                     .collect::<Vec<_>>(),
             )
             .bind(
@@ -522,6 +490,29 @@ impl Writes {
             .bind(&self.o_properties)
             .bind(&self.o_body)
     }
+}
+
+/// Binds the next ten parameters: the new state of each saga (id, status, step, kind, attempt,
+/// command_id, wake_at, error, current_step, current_participant), which both the transition
+/// and the start statement write.
+fn bind_states<'q>(
+    q: Query<'q, Postgres, PgArguments>,
+    s: &[SagaWrite],
+) -> Query<'q, Postgres, PgArguments> {
+    q.bind(s.iter().map(|w| w.id).collect::<Vec<_>>())
+        .bind(s.iter().map(|w| w.status).collect::<Vec<_>>())
+        .bind(s.iter().map(|w| w.step).collect::<Vec<_>>())
+        .bind(s.iter().map(|w| w.kind).collect::<Vec<_>>())
+        .bind(s.iter().map(|w| w.attempt).collect::<Vec<_>>())
+        .bind(s.iter().map(|w| w.command_id).collect::<Vec<_>>())
+        .bind(s.iter().map(|w| w.wake_at).collect::<Vec<_>>())
+        .bind(s.iter().map(|w| w.error.clone()).collect::<Vec<_>>())
+        .bind(s.iter().map(|w| w.current_step.clone()).collect::<Vec<_>>())
+        .bind(
+            s.iter()
+                .map(|w| w.current_participant.clone())
+                .collect::<Vec<_>>(),
+        )
 }
 
 /// What a committed batch still has to do outside the database: metrics, logs, waking the relay.
@@ -598,8 +589,8 @@ const TRANSITION: &str = concat!(
          command_id = u.command_id, wake_at = u.wake_at, error = u.error, outputs = s.outputs || u.outputs, \
          updated_at = $1, current_step = u.current_step, current_participant = u.current_participant \
        FROM UNNEST($28::uuid[], $29::text[], $30::int[], $31::text[], $32::int[], $33::uuid[], $34::timestamptz[], \
-                   $35::text[], $36::jsonb[], $37::text[], $38::text[]) \
-         AS u(id, status, step, kind, attempt, command_id, wake_at, error, outputs, current_step, current_participant) \
+                   $35::text[], $36::text[], $37::text[], $38::jsonb[]) \
+         AS u(id, status, step, kind, attempt, command_id, wake_at, error, current_step, current_participant, outputs) \
        WHERE s.id = u.id) \
      SELECT e.command_id, e.participant, e.step, e.kind, e.sent_at, COALESCE(r.reclosed, false) AS reclosed \
      FROM ended e LEFT JOIN recovered r ON r.name = e.participant"
@@ -613,10 +604,10 @@ const START: &str = concat!(
          input, outputs, error, idempotency_key, created_at, updated_at, current_step, current_participant, \
          traceparent, started_by) \
        SELECT id, def, ver, st, step, kind, att, cmd, wake, inp, outp, err, ikey, $1, $1, cstep, cpart, tp, sby \
-       FROM UNNEST($21::uuid[], $22::text[], $23::int[], $24::text[], $25::int[], $26::text[], $27::int[], \
-                   $28::uuid[], $29::timestamptz[], $30::jsonb[], $31::jsonb[], $32::text[], $33::text[], \
-                   $34::text[], $35::text[], $36::text[], $37::text[]) \
-         AS u(id, def, ver, st, step, kind, att, cmd, wake, inp, outp, err, ikey, cstep, cpart, tp, sby) \
+       FROM UNNEST($21::uuid[], $22::text[], $23::int[], $24::text[], $25::int[], $26::uuid[], $27::timestamptz[], \
+                   $28::text[], $29::text[], $30::text[], $31::text[], $32::int[], $33::jsonb[], $34::jsonb[], \
+                   $35::text[], $36::text[], $37::text[]) \
+         AS u(id, st, step, kind, att, cmd, wake, err, cstep, cpart, def, ver, inp, outp, ikey, tp, sby) \
        ON CONFLICT (idempotency_key) DO NOTHING RETURNING id), ",
     shared_writes!("WHERE s IN (SELECT id FROM go)"),
     "SELECT id FROM go"

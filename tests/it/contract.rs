@@ -33,6 +33,22 @@ fn header(d: &lapin::message::Delivery, name: &str) -> String {
     }
 }
 
+/// A consumer of the dead-letter queue. sagad declares it; declaring it here with the same
+/// arguments makes sure it exists before the test consumes.
+async fn dead_letters(ch: &lapin::Channel) -> Consumer {
+    ch.queue_declare(
+        "saga.dead-letter".into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    consume(ch, "saga.dead-letter").await
+}
+
 #[tokio::test]
 async fn a_participant_written_from_the_docs_drives_a_saga_to_completion() {
     let env = TestEnv::new();
@@ -214,18 +230,7 @@ async fn malformed_and_unknown_replies_go_to_the_dead_letter_queue_with_the_reas
     let env = TestEnv::new();
     let mut app = spawn_app(env.settings(&repo_sagas())).await;
     let (_conn, ch) = amqp_channel(&env).await;
-    // Declared by sagad; wait until it exists by declaring it with the same arguments.
-    ch.queue_declare(
-        "saga.dead-letter".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let mut dead = consume(&ch, "saga.dead-letter").await;
+    let mut dead = dead_letters(&ch).await;
 
     let unknown = uuid::Uuid::now_v7();
     let bad: Vec<(Vec<u8>, &str)> = vec![
@@ -290,17 +295,7 @@ async fn a_reply_the_database_cannot_store_is_dead_lettered_and_the_saga_goes_on
     let env = TestEnv::new();
     let mut app = spawn_app(env.settings(&repo_sagas())).await;
     let (_conn, ch) = amqp_channel(&env).await;
-    ch.queue_declare(
-        "saga.dead-letter".into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let mut dead = consume(&ch, "saga.dead-letter").await;
+    let mut dead = dead_letters(&ch).await;
     let mut orders = consume(&ch, "saga.participant.order").await;
     let id = start(&mut app.client, json!({"order_id": "A-9"})).await;
     let command = next(&mut orders).await;
