@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -22,6 +21,7 @@ use crate::definition::{self, DefinitionError, Registry};
 use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::saga_service_server::SagaServiceServer;
 use crate::store::{CircuitSettings, Store, StoreError};
+use crate::supervisor::{Policy, Readiness, Supervisor};
 use crate::telemetry;
 use crate::timers;
 
@@ -53,7 +53,8 @@ pub struct Application {
     metrics_addr: SocketAddr,
     store: Store,
     registry: Arc<Registry>,
-    tasks: JoinSet<()>,
+    tasks: Supervisor,
+    readiness: Readiness,
     shutdown: CancellationToken,
     grace: std::time::Duration,
 }
@@ -127,13 +128,36 @@ impl Application {
                 source,
             })?;
 
-        let mut tasks = JoinSet::new();
-        tasks.spawn(crate::metrics::serve_http(
-            metrics_listener,
-            store.clone(),
-            store.metrics().clone(),
+        let mut tasks = Supervisor::new(
+            Policy {
+                window: settings.task_failure_window,
+                ..Policy::default()
+            },
             shutdown.clone(),
-        ));
+        );
+        let readiness = tasks.readiness();
+        tasks.spawn("start writer", {
+            let (store, shutdown) = (store.clone(), shutdown.clone());
+            move || store.start_writer(shutdown.clone())
+        });
+        let metrics_listener = Rebind::new(metrics_listener, metrics_addr);
+        tasks.spawn("metrics endpoint", {
+            let (store, readiness, shutdown) = (store.clone(), readiness.clone(), shutdown.clone());
+            move || {
+                let (listener, store, readiness, shutdown) = (
+                    metrics_listener.clone(),
+                    store.clone(),
+                    readiness.clone(),
+                    shutdown.clone(),
+                );
+                async move {
+                    let listener = listener.get().await?;
+                    let metrics = store.metrics().clone();
+                    crate::metrics::serve_http(listener, store, metrics, readiness, shutdown).await;
+                    Ok::<(), std::io::Error>(())
+                }
+            }
+        });
         info!(amqp = %redact_url(&settings.amqp_url), "starting outbox relay and reply consumer");
         let relay = RelaySettings {
             amqp_url: settings.amqp_url.clone(),
@@ -142,37 +166,60 @@ impl Application {
             poll_interval: settings.outbox_poll,
         };
         // Several relays overlap their confirm round trips; SKIP LOCKED shares the rows out.
-        for _ in 0..settings.relay_workers.max(1) {
-            tasks.spawn(broker::run_relay(
-                store.clone(),
-                relay.clone(),
-                shutdown.clone(),
-            ));
+        for i in 0..settings.relay_workers.max(1) {
+            let (store, relay, shutdown) = (store.clone(), relay.clone(), shutdown.clone());
+            tasks.spawn(&format!("outbox relay {i}"), move || {
+                broker::run_relay(store.clone(), relay.clone(), shutdown.clone())
+            });
         }
-        tasks.spawn(broker::run_reply_consumer(
-            store.clone(),
-            registry.clone(),
-            ConsumerSettings {
-                amqp_url: settings.amqp_url.clone(),
-                participants,
-                prefetch: settings.reply_prefetch,
-            },
-            shutdown.clone(),
-        ));
-        tasks.spawn(timers::run_sweeper(
-            store.clone(),
-            registry.clone(),
-            settings.timer_poll,
-            shutdown.clone(),
-        ));
-        tasks.spawn(serve(
-            listener,
-            tls,
-            tokens,
-            store.clone(),
-            registry.clone(),
-            shutdown.clone(),
-        ));
+        let consumer = ConsumerSettings {
+            amqp_url: settings.amqp_url.clone(),
+            participants,
+            prefetch: settings.reply_prefetch,
+        };
+        tasks.spawn("reply consumer", {
+            let (store, registry, shutdown) = (store.clone(), registry.clone(), shutdown.clone());
+            move || {
+                broker::run_reply_consumer(
+                    store.clone(),
+                    registry.clone(),
+                    consumer.clone(),
+                    shutdown.clone(),
+                )
+            }
+        });
+        tasks.spawn("timer sweeper", {
+            let (store, registry, shutdown) = (store.clone(), registry.clone(), shutdown.clone());
+            let poll = settings.timer_poll;
+            move || timers::run_sweeper(store.clone(), registry.clone(), poll, shutdown.clone())
+        });
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        tasks.spawn("gRPC health", {
+            let (store, readiness, shutdown) = (store.clone(), readiness.clone(), shutdown.clone());
+            move || {
+                report_health(
+                    health_reporter.clone(),
+                    store.clone(),
+                    readiness.clone(),
+                    shutdown.clone(),
+                )
+            }
+        });
+        let listener = Rebind::new(listener, addr);
+        tasks.spawn("gRPC server", {
+            let (store, registry, shutdown) = (store.clone(), registry.clone(), shutdown.clone());
+            move || {
+                serve(
+                    listener.clone(),
+                    tls.clone(),
+                    tokens.clone(),
+                    health.clone(),
+                    store.clone(),
+                    registry.clone(),
+                    shutdown.clone(),
+                )
+            }
+        });
         info!(%addr, "sagad listening");
         Ok(Application {
             addr,
@@ -180,6 +227,7 @@ impl Application {
             store,
             registry,
             tasks,
+            readiness,
             shutdown,
             grace: settings.shutdown_grace,
         })
@@ -202,15 +250,17 @@ impl Application {
         &self.registry
     }
 
+    /// The supervised tasks' health, as `/readyz` and gRPC health report it.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
     /// Runs until the shutdown token is cancelled, then waits (at most the grace period) for
     /// the tasks to finish their in-flight work.
     pub async fn run_until_stopped(mut self) {
         self.shutdown.cancelled().await;
         info!("shutting down");
-        let drained = tokio::time::timeout(self.grace, async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let drained = tokio::time::timeout(self.grace, self.tasks.join_all()).await;
         if drained.is_err() {
             warn!(grace = ?self.grace, "tasks still running after the grace period; aborting them");
             self.tasks.abort_all();
@@ -330,21 +380,45 @@ fn grpc_span(req: &tonic::codegen::http::Request<()>) -> tracing::Span {
     span
 }
 
-/// Keeps the gRPC health status in step with the database: every call needs it, so the
-/// services are NOT_SERVING while it does not answer (probes then route around this replica).
+/// A listener bound at start-up (so the port is known, and taken, before anything runs) that a
+/// restarted server binds again on the same address.
+#[derive(Clone)]
+struct Rebind {
+    first: Arc<std::sync::Mutex<Option<TcpListener>>>,
+    addr: SocketAddr,
+}
+
+impl Rebind {
+    fn new(listener: TcpListener, addr: SocketAddr) -> Rebind {
+        Rebind {
+            first: Arc::new(std::sync::Mutex::new(Some(listener))),
+            addr,
+        }
+    }
+
+    async fn get(&self) -> std::io::Result<TcpListener> {
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match first {
+            Some(l) => Ok(l),
+            None => TcpListener::bind(self.addr).await,
+        }
+    }
+}
+
+/// Keeps the gRPC health status in step with the database and the supervised tasks: every call
+/// needs the database, and a dead task means this replica is not doing its work, so the
+/// services are NOT_SERVING meanwhile (probes then route around this replica).
 async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     store: Store,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) {
     let mut serving = None;
     loop {
-        let ok = tokio::time::timeout(
-            std::time::Duration::from_secs(2),
-            sqlx::query("SELECT 1").execute(store.pool()),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
+        let database = store.ping(std::time::Duration::from_secs(2)).await;
+        let problems = readiness.problems();
+        let ok = database && problems.is_empty();
         if serving != Some(ok) {
             let status = if ok {
                 tonic_health::ServingStatus::Serving
@@ -359,31 +433,33 @@ async fn report_health(
                 .set_service_status("saga.v1.AdminService", status)
                 .await;
             if serving.is_some() {
-                warn!(serving = ok, "gRPC health changed with the database");
+                let tasks: Vec<&str> = problems.iter().map(|(n, _)| n.as_str()).collect();
+                warn!(serving = ok, database, ?tasks, "gRPC health changed");
             }
             serving = Some(ok);
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
         }
     }
 }
 
 async fn serve(
-    listener: TcpListener,
+    listener: Rebind,
     tls: Option<ServerTlsConfig>,
     tokens: Arc<Tokens>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     store: Store,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
-) {
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    tokio::spawn(report_health(
-        health_reporter,
-        store.clone(),
-        shutdown.clone(),
-    ));
+) -> Result<(), String> {
+    let listener = listener
+        .get()
+        .await
+        .map_err(|e| format!("cannot listen: {e}"))?;
     let reflection = match tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -401,17 +477,12 @@ async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
-        builder = match builder.tls_config(tls) {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(error = %e, "invalid TLS configuration");
-                shutdown.cancel();
-                return;
-            }
-        };
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| format!("invalid TLS configuration: {e}"))?;
     }
     // Health and reflection stay open, so stock probes and tools work without a token.
-    let result = builder
+    builder
         .trace_fn(grpc_span)
         .add_service(health)
         .add_optional_service(reflection)
@@ -423,13 +494,7 @@ async fn serve(
             admin,
             Authenticator::new(tokens, Scope::Operator),
         ))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            shutdown.clone().cancelled_owned(),
-        )
-        .await;
-    if let Err(e) = result {
-        warn!(error = %e, "gRPC server stopped with an error");
-        shutdown.cancel();
-    }
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await
+        .map_err(|e| format!("gRPC server stopped: {e}"))
 }

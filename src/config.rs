@@ -116,6 +116,10 @@ pub struct Settings {
     /// How long shutdown waits for in-flight work before giving up.
     #[arg(long, global = true, env = "SAGA_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// A background task that failed three times within this window is crash-looping: sagad
+    /// reports not ready until the task has run this long without failing.
+    #[arg(long, global = true, env = "SAGA_TASK_FAILURE_WINDOW", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub task_failure_window: Duration,
 }
 
 impl Settings {

@@ -6,6 +6,7 @@
 //! - [`broker`]: RabbitMQ: the outbox relay and the reply consumer.
 //! - [`contract`]: the AMQP wire contract shared with participants.
 //! - [`timers`]: the sweeper that fires reply deadlines and retry back-offs.
+//! - [`supervisor`]: restarts failed long-lived tasks and reports them in readiness.
 //! - [`api`]: the gRPC service; [`proto`]: its generated code.
 //! - [`app`]: start-up and shutdown; [`config`]: settings; [`telemetry`]: logs and traces.
 //! - [`demo`]: demo participants (order, payment, delivery) that follow the contract.
@@ -22,5 +23,6 @@ pub mod engine;
 pub mod metrics;
 pub mod proto;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;
 pub mod timers;

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::Status;
 use crate::store::{Circuit, Store};
+use crate::supervisor::{Readiness, TaskState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SagaLabels {
@@ -192,21 +193,27 @@ impl Metrics {
 struct HttpState {
     store: Store,
     metrics: Arc<Metrics>,
+    readiness: Readiness,
 }
 
-/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (the database answers and
-/// both broker connections are up) until `shutdown`.
+/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (the database answers, both
+/// broker connections are up and every supervised task runs) until `shutdown`.
 pub async fn serve_http(
     listener: TcpListener,
     store: Store,
     metrics: Arc<Metrics>,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) {
     let app = Router::new()
         .route("/metrics", get(scrape))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(HttpState { store, metrics });
+        .with_state(HttpState {
+            store,
+            metrics,
+            readiness,
+        });
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -234,16 +241,34 @@ async fn scrape(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn ready(State(s): State<HttpState>) -> impl IntoResponse {
-    let database = tokio::time::timeout(
-        Duration::from_secs(2),
-        sqlx::query("SELECT 1").execute(s.store.pool()),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
+    let database = s.store.ping(Duration::from_secs(2)).await;
     let relay = s.metrics.relay_connected.load(Ordering::Relaxed);
     let consumer = s.metrics.consumer_connected.load(Ordering::Relaxed);
-    let ready = database && relay && consumer;
-    let body = json!({"ready": ready, "database": database, "broker_publisher": relay, "broker_consumer": consumer});
+    let mut tasks = serde_json::Map::new();
+    let mut failing = Vec::new();
+    for (name, state, restarts) in s.readiness.tasks() {
+        let (state, cause) = match state {
+            TaskState::Running => ("running", None),
+            TaskState::Down { cause } => ("down", Some(cause)),
+            TaskState::CrashLooping { cause } => ("crash-looping", Some(cause)),
+        };
+        if cause.is_some() {
+            failing.push(name.clone());
+        }
+        tasks.insert(
+            name,
+            json!({"state": state, "restarts": restarts, "last_error": cause}),
+        );
+    }
+    let ready = database && relay && consumer && failing.is_empty();
+    let body = json!({
+        "ready": ready,
+        "database": database,
+        "broker_publisher": relay,
+        "broker_consumer": consumer,
+        "failing_tasks": failing,
+        "tasks": tasks,
+    });
     let code = if ready {
         StatusCode::OK
     } else {

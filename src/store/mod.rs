@@ -180,6 +180,7 @@ pub struct Store {
     signals: Signals,
     /// New sagas go to the writer that inserts them in groups (see [`starts`]).
     starts: tokio::sync::mpsc::Sender<starts::NewSaga>,
+    start_queue: starts::Queue,
 }
 
 /// What a committed transaction tells the rest of the process.
@@ -269,8 +270,10 @@ impl Store {
             metrics: Arc::new(Metrics::new()),
             outbox_ready: Arc::new(Notify::new()),
         };
+        let (starts, start_queue) = starts::queue();
         Ok(Store {
-            starts: starts::spawn_writer(pool.clone(), signals.clone()),
+            starts,
+            start_queue,
             pool,
             circuit: CircuitSettings::default(),
             signals,
@@ -287,6 +290,26 @@ impl Store {
     pub fn with_circuit(mut self, circuit: CircuitSettings) -> Store {
         self.circuit = circuit;
         self
+    }
+
+    /// Whether the database answers within `within`.
+    pub async fn ping(&self, within: Duration) -> bool {
+        tokio::time::timeout(within, sqlx::query("SELECT 1").execute(&self.pool))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The task that writes new sagas (see [`starts`]); `start_saga` waits until it runs.
+    pub fn start_writer(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> impl Future<Output = ()> + Send + use<> {
+        starts::run_writer(
+            self.pool.clone(),
+            self.signals.clone(),
+            self.start_queue.clone(),
+            shutdown,
+        )
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -3,12 +3,14 @@
 //! each. A call waits at most for the group being written when it arrives; alone, it is
 //! written at once.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use futures::StreamExt;
 use sqlx::PgPool;
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::writes::Writes;
 use super::{Result, SagaRecord, Signals, ctx};
@@ -28,18 +30,39 @@ pub(super) struct NewSaga {
     pub(super) done: oneshot::Sender<Result<(bool, Status)>>,
 }
 
-/// Starts the writer; it stops when every sender is gone.
-pub(super) fn spawn_writer(pool: PgPool, signals: Signals) -> mpsc::Sender<NewSaga> {
+/// The queue of new sagas: the senders are the API's, the receiver is shared by the runs of the
+/// writer task, so a writer that died (a panic while writing a group fails only that group's
+/// calls) is started again by its supervisor on the same queue.
+pub(super) fn queue() -> (mpsc::Sender<NewSaga>, Queue) {
     let (tx, rx) = mpsc::channel(MAX_GROUP * CONCURRENT_GROUPS);
-    tokio::spawn(async move {
-        tokio_stream::wrappers::ReceiverStream::new(rx)
-            .ready_chunks(MAX_GROUP)
-            .for_each_concurrent(CONCURRENT_GROUPS, |group| {
-                write_group(&pool, &signals, group)
-            })
-            .await
-    });
-    tx
+    (tx, Arc::new(Mutex::new(rx)))
+}
+
+pub(super) type Queue = Arc<Mutex<mpsc::Receiver<NewSaga>>>;
+
+/// Writes new sagas until `shutdown`, then those already queued, then ends.
+pub(super) async fn run_writer(
+    pool: PgPool,
+    signals: Signals,
+    queue: Queue,
+    shutdown: CancellationToken,
+) {
+    let mut rx = queue.lock().await;
+    let mut stopping = std::pin::pin!(shutdown.cancelled_owned());
+    let mut closed = false;
+    futures::stream::poll_fn(|cx| {
+        // A closed queue still yields what it holds, then ends.
+        if !closed && stopping.as_mut().poll(cx).is_ready() {
+            rx.close();
+            closed = true;
+        }
+        rx.poll_recv(cx)
+    })
+    .ready_chunks(MAX_GROUP)
+    .for_each_concurrent(CONCURRENT_GROUPS, |group| {
+        write_group(&pool, &signals, group)
+    })
+    .await
 }
 
 /// One statement for the whole group; if it fails, each saga is written alone, so that one

@@ -133,6 +133,7 @@ pub struct TestApp {
     pub metrics_addr: std::net::SocketAddr,
     pub addr: std::net::SocketAddr,
     pub client: SagaServiceClient<Channel>,
+    pub readiness: saga::supervisor::Readiness,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<()>>,
 }
@@ -161,6 +162,7 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
         .expect("sagad starts");
     let addr = app.local_addr();
     let metrics_addr = app.metrics_addr();
+    let readiness = app.readiness();
     let handle = tokio::spawn(app.run_until_stopped());
     let client = SagaServiceClient::connect(format!("http://{addr}"))
         .await
@@ -169,6 +171,7 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
         addr,
         metrics_addr,
         client,
+        readiness,
         shutdown,
         handle: Some(handle),
     }
