@@ -382,3 +382,86 @@ async fn out_of_range_definitions_are_refused_at_start_up() {
         "{err}"
     );
 }
+
+/// Runs the real binary; one that does not exit (it accepted what it should refuse) fails the
+/// test instead of hanging it.
+async fn sagad(env: &TestEnv, args: &[&str]) -> (bool, String) {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sagad"))
+        .args(args)
+        .env("SAGA_DATABASE_URL", env.database_url())
+        .env("SAGA_AMQP_URL", env.amqp_url())
+        .env("SAGA_LISTEN", "127.0.0.1:0")
+        .env("SAGA_METRICS_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(WITHIN, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("sagad {args:?} is still running: it should have refused"))
+        .unwrap();
+    // Both streams: an error must appear once in all of the output, not once in each.
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Out-of-range flags refuse to start, naming the flag, and the error is printed once.
+#[tokio::test]
+async fn out_of_range_settings_refuse_to_start_with_one_clear_error() {
+    let env = TestEnv::new();
+    let mut settings = env.settings(&repo_sagas());
+    settings.outbox_batch = 0;
+    let err = Application::build(settings, CancellationToken::new())
+        .await
+        .err()
+        .expect("--outbox-batch 0 must be refused");
+    assert!(err.to_string().contains("--outbox-batch"), "{err}");
+
+    let sagas = repo_sagas();
+    let sagas = sagas.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["--definitions", sagas, "--outbox-batch", "0"],
+            "--outbox-batch",
+        ),
+        (
+            vec!["--definitions", sagas, "--timer-poll", "0s"],
+            "--timer-poll",
+        ),
+        (
+            vec!["--definitions", sagas, "--db-max-connections", "0"],
+            "--db-max-connections",
+        ),
+        (
+            vec![
+                "--definitions",
+                sagas,
+                "--amqp-url",
+                "amqp://guest:guest@host:notaport/",
+            ],
+            "--amqp-url",
+        ),
+        (
+            vec!["--database-url", "mysql://root@127.0.0.1/saga", "migrate"],
+            "--database-url",
+        ),
+    ] {
+        let (ok, out) = sagad(&env, &args).await;
+        assert!(!ok, "{args:?} must fail: {out}");
+        assert_eq!(out.matches(needle).count(), 1, "{args:?}: {out}");
+    }
+
+    // `check` of an empty directory fails like `serve` does.
+    let empty = definitions_dir(&[]);
+    let (ok, out) = sagad(
+        &env,
+        &["--definitions", empty.path().to_str().unwrap(), "check"],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert_eq!(out.matches("no saga definitions found").count(), 1, "{out}");
+    let (ok, out) = sagad(&env, &["--definitions", sagas, "check"]).await;
+    assert!(ok, "{out}");
+}
