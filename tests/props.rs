@@ -494,3 +494,71 @@ fn the_near_valid_generator_reaches_the_range_checks() {
         .count();
     assert!(accepted >= 10, "only {accepted} of 256 accepted");
 }
+
+fn issue_definition(timeout: Duration, backoff: Duration) -> Definition {
+    Definition {
+        name: "d".into(),
+        version: 1,
+        description: String::new(),
+        steps: vec![Step {
+            name: "s".into(),
+            participant: "p".into(),
+            action: "a".into(),
+            compensation: None,
+            timeout,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: backoff,
+                max_backoff: backoff,
+                multiplier: 2.0,
+            },
+        }],
+        pivot: 0,
+        compensation_max_attempts: 1,
+    }
+}
+
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The values of the original reports: a step timeout of 8000 years overflowed the deadline of
+/// the first command; a back-off of 20000 years overflowed the retry time after a timeout and
+/// after a retryable failure. Both now saturate at `NEVER`.
+#[test]
+fn absurd_timeouts_and_back_offs_saturate_at_never() {
+    let ctx = |n| Ctx {
+        now: T0,
+        next_command_id: Uuid::from_u128(n),
+        jitter: 0.5,
+    };
+    let def = issue_definition(8000 * YEAR, Duration::from_millis(1));
+    let t = engine::apply(&def, &SagaState::new(), Event::Start, ctx(1));
+    assert_eq!(t.state.wake_at(), Some(engine::NEVER));
+
+    let def = issue_definition(Duration::from_millis(1), 20000 * YEAR);
+    let started = engine::apply(&def, &SagaState::new(), Event::Start, ctx(1)).state;
+    let mut later = ctx(2);
+    later.now = T0 + time::Duration::seconds(1);
+    let timed_out = engine::apply(&def, &started, Event::Timer, later);
+    assert_eq!(timed_out.state.wake_at(), Some(engine::NEVER));
+    let failed = engine::apply(
+        &def,
+        &started,
+        Event::Reply {
+            command_id: Uuid::from_u128(1),
+            outcome: Outcome::Failure {
+                reason: "busy".into(),
+                retryable: true,
+            },
+            answers: None,
+        },
+        ctx(3),
+    );
+    assert_eq!(failed.state.wake_at(), Some(engine::NEVER));
+
+    // Stored as whole milliseconds without wrapping, and read back the same.
+    let def = issue_definition(Duration::MAX, Duration::MAX);
+    let body = serde_json::to_value(&def).unwrap();
+    assert_eq!(body["steps"][0]["timeout"], json!(u64::MAX));
+    let back: Definition = serde_json::from_value(body).unwrap();
+    assert_eq!(back.steps[0].timeout, Duration::from_millis(u64::MAX));
+}
