@@ -410,6 +410,21 @@ impl Registry {
     pub fn all(&self) -> impl Iterator<Item = &Arc<Definition>> {
         self.by_key.values()
     }
+
+    /// The names new sagas can start on, sorted.
+    pub fn startable_names(&self) -> impl Iterator<Item = &str> {
+        self.startable.keys().map(String::as_str)
+    }
+
+    /// Whether `name` is known only from the database: sagas still run on it, none start.
+    pub fn is_retired(&self, name: &str) -> bool {
+        !self.startable.contains_key(name)
+            && self
+                .by_key
+                .range((name.to_string(), 0)..=(name.to_string(), u32::MAX))
+                .next()
+                .is_some()
+    }
 }
 
 struct Ctx<'a> {
@@ -925,5 +940,7 @@ action = "do_c"
         r.insert_retired(d);
         assert!(r.latest("gone").is_none());
         assert!(r.get("gone", 10).is_some());
+        assert!(r.is_retired("gone") && !r.is_retired("s") && !r.is_retired("never"));
+        assert_eq!(r.startable_names().collect::<Vec<_>>(), ["s"]);
     }
 }

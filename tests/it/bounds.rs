@@ -297,6 +297,23 @@ async fn a_version_no_longer_shipped_is_retired_and_its_running_sagas_still_fini
     assert_eq!(attempts(&done_v1).len(), 1);
     answer.abort();
     app.stop().await;
+
+    // No file of it at all: no new saga starts on it, and the refusal says why.
+    let other = definitions_dir(&[("other.toml", &simple_toml("other", 1, "p"))]);
+    let mut app = spawn_app(env.settings(other.path())).await;
+    let err = app
+        .client
+        .start_saga(pb::StartSagaRequest {
+            definition: "versioned".into(),
+            input_json: "{}".into(),
+            idempotency_key: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(err.message().contains("retired"), "{err:?}");
+    assert!(err.message().ends_with("known: other"), "{err:?}");
+    app.stop().await;
 }
 
 /// `stuck_for` too long to subtract from now is INVALID_ARGUMENT, not a handler panic.
@@ -327,7 +344,18 @@ async fn an_absurd_stuck_for_is_an_invalid_argument() {
         .map(|_| ())
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
-    // The server is still serving after both.
+    // Request times out of the clock's range are refused the same way.
+    for seconds in [i64::MAX, i64::MIN] {
+        let err = sagas
+            .list_sagas(pb::ListSagasRequest {
+                created_after: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    }
+    // The server is still serving after all of these.
     let ok = sagas
         .list_sagas(pb::ListSagasRequest {
             stuck_for: Some(prost_types::Duration {
