@@ -602,7 +602,7 @@ impl Machine<'_> {
                     HistoryKind::StepTimedOut,
                     Some(step),
                     Some(command_id),
-                    json!({"kind": self.state.kind.as_str(), "timeout_ms": timeout.as_millis() as u64}),
+                    json!({"kind": self.state.kind.as_str(), "timeout_ms": millis(timeout)}),
                 );
                 let reason = format!(
                     "{} of step {} got no reply within {}",
@@ -688,7 +688,7 @@ impl Machine<'_> {
             json!({
                 "kind": self.state.kind.as_str(),
                 "next_attempt": next_attempt,
-                "delay_ms": delay.as_millis() as u64,
+                "delay_ms": millis(delay),
                 "reason": reason,
             }),
         );
@@ -776,6 +776,11 @@ pub fn later(now: OffsetDateTime, delay: std::time::Duration) -> OffsetDateTime 
         .ok()
         .and_then(|d| now.checked_add(d))
         .map_or(NEVER, |t| t.min(NEVER))
+}
+
+/// Whole milliseconds for the history, saturating where `as` would wrap.
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Whether the state can be interpreted against this definition at all. A definition read back

@@ -555,6 +555,23 @@ fn absurd_timeouts_and_back_offs_saturate_at_never() {
     );
     assert_eq!(failed.state.wake_at(), Some(engine::NEVER));
 
+    // The history reports such delays saturated, not wrapped.
+    let def = issue_definition(Duration::from_millis(1), Duration::MAX);
+    let started = engine::apply(&def, &SagaState::new(), Event::Start, ctx(1)).state;
+    let mut at_deadline = ctx(2);
+    at_deadline.jitter = 1.0;
+    at_deadline.now = T0 + time::Duration::seconds(1);
+    let retried = engine::apply(&def, &started, Event::Timer, at_deadline);
+    let delays: Vec<_> = retried
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::History { detail, .. } => detail.get("delay_ms").cloned(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delays, [json!(u64::MAX)]);
+
     // Stored as whole milliseconds without wrapping, and read back the same.
     let def = issue_definition(Duration::MAX, Duration::MAX);
     let body = serde_json::to_value(&def).unwrap();
