@@ -16,7 +16,7 @@ use crate::api::SagaApi;
 use crate::api::admin::AdminApi;
 use crate::api::auth::{Authenticator, Scope, Secret, Tokens};
 use crate::broker::{self, ConsumerSettings, RelaySettings};
-use crate::config::{Settings, redact_url};
+use crate::config::{Settings, SettingsError, redact_url};
 use crate::definition::{self, DefinitionError, Registry};
 use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::saga_service_server::SagaServiceServer;
@@ -31,6 +31,8 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    #[error("invalid setting {0}")]
+    Settings(#[from] SettingsError),
     #[error("invalid saga definition: {0}")]
     Definition(#[from] DefinitionError),
     #[error("no saga definitions found in {0}")]
@@ -67,6 +69,7 @@ impl Application {
         settings: Settings,
         shutdown: CancellationToken,
     ) -> Result<Application, StartupError> {
+        settings.validate()?;
         let defs = definition::load_dir(&settings.definitions)?;
         if defs.is_empty() {
             return Err(StartupError::NoDefinitions(

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// Everything `sagad` can be told. Connection URLs may carry passwords: log them only through
@@ -134,6 +135,181 @@ impl Settings {
     }
 }
 
+/// A setting out of its range, named as the operator wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{flag} ({env}): {message}")]
+pub struct SettingsError {
+    pub flag: &'static str,
+    pub env: &'static str,
+    pub message: String,
+}
+
+/// Bounds of the poll intervals: a zero interval would spin, hours would leave work undone.
+const POLL_RANGE: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(3600));
+
+impl Settings {
+    /// Checks every setting's range, so that `sagad` refuses to start with one clear message
+    /// instead of spinning on a zero interval or failing later on a bad URL.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        self.validate_database()?;
+        check_amqp_url(&self.amqp_url)?;
+        let between = |flag, env, value: u64, min: u64, max: u64| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(SettingsError {
+                    flag,
+                    env,
+                    message: format!("{value} is out of range: must be between {min} and {max}"),
+                })
+            }
+        };
+        between(
+            "--reply-prefetch",
+            "SAGA_REPLY_PREFETCH",
+            u64::from(self.reply_prefetch),
+            1,
+            u64::from(u16::MAX),
+        )?;
+        if !(1..=10_000).contains(&self.outbox_batch) {
+            return Err(SettingsError {
+                flag: "--outbox-batch",
+                env: "SAGA_OUTBOX_BATCH",
+                message: format!(
+                    "{} is out of range: must be between 1 and 10000",
+                    self.outbox_batch
+                ),
+            });
+        }
+        between(
+            "--relay-workers",
+            "SAGA_RELAY_WORKERS",
+            u64::from(self.relay_workers),
+            1,
+            64,
+        )?;
+        between(
+            "--circuit-failures",
+            "SAGA_CIRCUIT_FAILURES",
+            u64::from(self.circuit_failures),
+            1,
+            1_000_000,
+        )?;
+        duration_between(
+            "--outbox-poll",
+            "SAGA_OUTBOX_POLL",
+            self.outbox_poll,
+            POLL_RANGE,
+        )?;
+        duration_between(
+            "--timer-poll",
+            "SAGA_TIMER_POLL",
+            self.timer_poll,
+            POLL_RANGE,
+        )?;
+        duration_between(
+            "--circuit-cooldown",
+            "SAGA_CIRCUIT_COOLDOWN",
+            self.circuit_cooldown,
+            (Duration::from_millis(1), Duration::from_secs(24 * 3600)),
+        )?;
+        duration_between(
+            "--shutdown-grace",
+            "SAGA_SHUTDOWN_GRACE",
+            self.shutdown_grace,
+            (Duration::from_millis(1), Duration::from_secs(3600)),
+        )?;
+        Ok(())
+    }
+
+    /// The settings `sagad migrate` uses: the database URL and the pool size.
+    pub fn validate_database(&self) -> Result<(), SettingsError> {
+        let err = |flag, env, message: String| SettingsError { flag, env, message };
+        let shown = redact_url(&self.database_url);
+        match url::Url::parse(&self.database_url) {
+            Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") => {}
+            Ok(u) => {
+                return Err(err(
+                    "--database-url",
+                    "SAGA_DATABASE_URL",
+                    format!(
+                        "{shown}: scheme `{}` is not PostgreSQL (postgres://user@host:port/database)",
+                        u.scheme()
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(err(
+                    "--database-url",
+                    "SAGA_DATABASE_URL",
+                    format!("{shown}: {e} (postgres://user@host:port/database)"),
+                ));
+            }
+        }
+        if let Err(e) = sqlx::postgres::PgConnectOptions::from_str(&self.database_url) {
+            return Err(err(
+                "--database-url",
+                "SAGA_DATABASE_URL",
+                format!("{shown}: {e}"),
+            ));
+        }
+        if !(1..=1000).contains(&self.db_max_connections) {
+            return Err(err(
+                "--db-max-connections",
+                "SAGA_DB_MAX_CONNECTIONS",
+                format!(
+                    "{} is out of range: must be between 1 and 1000",
+                    self.db_max_connections
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn duration_between(
+    flag: &'static str,
+    env: &'static str,
+    value: Duration,
+    (min, max): (Duration, Duration),
+) -> Result<(), SettingsError> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(SettingsError {
+        flag,
+        env,
+        message: format!(
+            "{} is out of range: must be between {} and {}",
+            humantime::format_duration(value),
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ),
+    })
+}
+
+fn check_amqp_url(url: &str) -> Result<(), SettingsError> {
+    let err = |message: String| SettingsError {
+        flag: "--amqp-url",
+        env: "SAGA_AMQP_URL",
+        message,
+    };
+    let shown = redact_url(url);
+    let form = "amqp://user:password@host:port/vhost";
+    let parsed = url::Url::parse(url).map_err(|e| err(format!("{shown}: {e} ({form})")))?;
+    if !matches!(parsed.scheme(), "amqp" | "amqps") {
+        return Err(err(format!(
+            "{shown}: scheme `{}` is not AMQP ({form})",
+            parsed.scheme()
+        )));
+    }
+    // The broker client's own parser has the last word (ports, vhost, query options); its
+    // messages may quote the whole URL, password included, so only ours is shown.
+    lapin::uri::AMQPUri::from_str(url)
+        .map(drop)
+        .map_err(|_| err(format!("{shown}: not a valid AMQP URL ({form})")))
+}
+
 /// The URL with its password replaced, for logs.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -161,5 +337,96 @@ mod tests {
             "postgres://postgres@127.0.0.1/saga"
         );
         assert!(!redact_url("not a url s3cret").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(Settings::defaults().validate(), Ok(()));
+    }
+
+    #[test]
+    fn every_out_of_range_setting_is_refused_with_its_flag() {
+        type Change = Box<dyn Fn(&mut Settings)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("--outbox-batch", Box::new(|s| s.outbox_batch = 0)),
+            ("--outbox-batch", Box::new(|s| s.outbox_batch = -5)),
+            ("--outbox-batch", Box::new(|s| s.outbox_batch = 1_000_000)),
+            (
+                "--db-max-connections",
+                Box::new(|s| s.db_max_connections = 0),
+            ),
+            (
+                "--db-max-connections",
+                Box::new(|s| s.db_max_connections = 100_000),
+            ),
+            ("--reply-prefetch", Box::new(|s| s.reply_prefetch = 0)),
+            ("--relay-workers", Box::new(|s| s.relay_workers = 0)),
+            ("--relay-workers", Box::new(|s| s.relay_workers = 1000)),
+            ("--circuit-failures", Box::new(|s| s.circuit_failures = 0)),
+            (
+                "--outbox-poll",
+                Box::new(|s| s.outbox_poll = Duration::ZERO),
+            ),
+            (
+                "--outbox-poll",
+                Box::new(|s| s.outbox_poll = Duration::from_secs(86_400)),
+            ),
+            ("--timer-poll", Box::new(|s| s.timer_poll = Duration::ZERO)),
+            ("--timer-poll", Box::new(|s| s.timer_poll = Duration::MAX)),
+            (
+                "--circuit-cooldown",
+                Box::new(|s| s.circuit_cooldown = Duration::ZERO),
+            ),
+            (
+                "--shutdown-grace",
+                Box::new(|s| s.shutdown_grace = Duration::ZERO),
+            ),
+            (
+                "--shutdown-grace",
+                Box::new(|s| s.shutdown_grace = Duration::from_secs(1 << 40)),
+            ),
+            (
+                "--database-url",
+                Box::new(|s| s.database_url = "mysql://root:s3cret@db/saga".into()),
+            ),
+            (
+                "--database-url",
+                Box::new(|s| s.database_url = "127.0.0.1:5432/saga".into()),
+            ),
+            (
+                "--database-url",
+                Box::new(|s| s.database_url = "postgres://h:notaport/saga".into()),
+            ),
+            ("--amqp-url", Box::new(|s| s.amqp_url = "not a url".into())),
+            (
+                "--amqp-url",
+                Box::new(|s| s.amqp_url = "http://guest:s3cret@h/".into()),
+            ),
+            (
+                "--amqp-url",
+                Box::new(|s| s.amqp_url = "amqp://guest:s3cret@h:99999/%2f".into()),
+            ),
+        ];
+        for (flag, set) in cases {
+            let mut s = Settings::defaults();
+            set(&mut s);
+            let e = s.validate().expect_err(flag);
+            assert_eq!(e.flag, flag, "{e}");
+            let shown = e.to_string();
+            assert!(shown.starts_with(flag), "{shown}");
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn migrate_checks_only_the_database_settings() {
+        let mut s = Settings::defaults();
+        s.amqp_url = "not a url".into();
+        assert_eq!(s.validate_database(), Ok(()));
+        s.db_max_connections = 0;
+        assert_eq!(
+            s.validate_database().map_err(|e| e.flag),
+            Err("--db-max-connections")
+        );
     }
 }

@@ -55,9 +55,21 @@ impl RetryPolicy {
     pub fn backoff(&self, next_attempt: u32, jitter: f64) -> Duration {
         let exp = next_attempt.saturating_sub(2).min(64) as i32;
         let base = self.initial_backoff.as_secs_f64() * self.multiplier.powi(exp);
-        let capped = base.min(self.max_backoff.as_secs_f64());
-        let jitter = jitter.clamp(0.0, 1.0);
-        Duration::from_secs_f64(capped / 2.0 + capped / 2.0 * jitter)
+        let max = self.max_backoff.as_secs_f64();
+        // A definition that did not go through validation (built in code, or stored by an
+        // older loader) may have a NaN or negative multiplier: fall back to the cap.
+        let capped = if base.is_finite() && base >= 0.0 {
+            base.min(max)
+        } else {
+            max
+        };
+        let jitter = if jitter.is_finite() {
+            jitter.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
+        Duration::try_from_secs_f64(capped / 2.0 + capped / 2.0 * jitter)
+            .unwrap_or(self.max_backoff)
     }
 }
 
@@ -77,7 +89,8 @@ mod millis {
     use std::time::Duration;
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
+        // Saturates: `as` would wrap a duration built in code beyond u64 milliseconds.
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -164,18 +177,31 @@ struct RawStep {
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_COMPENSATION_MAX_ATTEMPTS: u32 = 10;
 
+/// Bounds of a step timeout. Durations are stored in whole milliseconds; beyond a week a
+/// participant that never answers is a saga nobody will look at again.
+pub const TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(1), Duration::from_secs(7 * 24 * 3600));
+/// Bounds of a retry back-off (initial and maximum).
+pub const BACKOFF_RANGE: (Duration, Duration) =
+    (Duration::from_millis(1), Duration::from_secs(24 * 3600));
+/// Bounds of `retry.max_attempts` and `compensation.max_attempts`.
+pub const MAX_ATTEMPTS: u32 = 1000;
+/// Bounds of `retry.multiplier`.
+pub const MULTIPLIER_RANGE: (f64, f64) = (1.0, 10.0);
+/// Longest name (definition, step, participant, command).
+pub const MAX_NAME_LEN: usize = 128;
+
+const NAME_RULE: &str = "must be 1 to 128 of the characters A-Z, a-z, 0-9, '_' and '-' (it becomes \
+     part of an AMQP routing key or queue name, where '.', '*', '#' and spaces have a meaning)";
+
 /// Parses and validates one definition file's text. `file` is only used in errors.
 pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
     let ctx = Ctx { file, text };
     let raw: RawDefinition = toml::from_str(text).map_err(|e| ctx.toml_error(&e))?;
 
     let name = raw.name.get_ref().trim().to_string();
-    if !is_identifier(&name) {
-        return Err(ctx.err(
-            &raw.name,
-            "name",
-            "must be a non-empty identifier of letters, digits, '_', '-' or '.'",
-        ));
+    if !is_name(&name) {
+        return Err(ctx.err(&raw.name, "name", NAME_RULE));
     }
     let version = *raw.version.get_ref();
     if !(1..=i64::from(i32::MAX)).contains(&version) {
@@ -184,7 +210,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
 
     let defaults = raw.defaults.unwrap_or_default();
     let default_timeout = match &defaults.timeout {
-        Some(t) => ctx.duration(t, "defaults.timeout")?,
+        Some(t) => ctx.duration(t, "defaults.timeout", TIMEOUT_RANGE)?,
         None => DEFAULT_TIMEOUT,
     };
     let base_retry = RetryPolicy {
@@ -198,7 +224,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
         None => base_retry,
     };
     let compensation_max_attempts = match &raw.compensation {
-        Some(c) => ctx.positive(&c.max_attempts, "compensation.max_attempts")?,
+        Some(c) => ctx.attempts(&c.max_attempts, "compensation.max_attempts")?,
         None => DEFAULT_COMPENSATION_MAX_ATTEMPTS,
     };
 
@@ -220,8 +246,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
     for (i, rs) in raw_steps.get_ref().iter().enumerate() {
         let field = |f: &str| format!("steps[{i}].{f}");
         let step_name = rs.name.get_ref().trim().to_string();
-        if !is_identifier(&step_name) {
-            return Err(ctx.err(&rs.name, &field("name"), "must be a non-empty identifier"));
+        if !is_name(&step_name) {
+            return Err(ctx.err(&rs.name, &field("name"), NAME_RULE));
         }
         if !seen.insert(step_name.clone()) {
             return Err(ctx.err(
@@ -231,14 +257,14 @@ pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
             ));
         }
         for (value, f) in [(&rs.participant, "participant"), (&rs.action, "action")] {
-            if !is_identifier(value.get_ref().trim()) {
-                return Err(ctx.err(value, &field(f), "must be a non-empty identifier"));
+            if !is_name(value.get_ref().trim()) {
+                return Err(ctx.err(value, &field(f), NAME_RULE));
             }
         }
         if let Some(c) = &rs.compensation
-            && !is_identifier(c.get_ref().trim())
+            && !is_name(c.get_ref().trim())
         {
-            return Err(ctx.err(c, &field("compensation"), "must be a non-empty identifier"));
+            return Err(ctx.err(c, &field("compensation"), NAME_RULE));
         }
         if let Some(p) = &rs.pivot
             && *p.get_ref()
@@ -253,7 +279,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
             pivot = Some((i, p));
         }
         let timeout = match &rs.timeout {
-            Some(t) => ctx.duration(t, &field("timeout"))?,
+            Some(t) => ctx.duration(t, &field("timeout"), TIMEOUT_RANGE)?,
             None => default_timeout,
         };
         let retry = match &rs.retry {
@@ -340,31 +366,64 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Definition>, DefinitionError> {
 }
 
 /// The loaded definitions, every version, shared by the API and the engine driver.
+///
+/// Versions come in two kinds: those new sagas may start on (the definition files of this
+/// start), and retired ones read back from the database, kept only so that the sagas started on
+/// them can finish.
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
     by_key: BTreeMap<(String, u32), Arc<Definition>>,
+    /// Per name, the newest version new sagas start on.
+    startable: BTreeMap<String, u32>,
 }
 
 impl Registry {
+    /// Adds a version new sagas may start on (the newest such version wins).
     pub fn insert(&mut self, def: Definition) {
+        let newest = self
+            .startable
+            .entry(def.name.clone())
+            .or_insert(def.version);
+        *newest = (*newest).max(def.version);
         self.by_key
             .insert((def.name.clone(), def.version), Arc::new(def));
+    }
+
+    /// Adds a version only for the sagas already running on it. A version also passed to
+    /// [`Registry::insert`] stays startable.
+    pub fn insert_retired(&mut self, def: Definition) {
+        self.by_key
+            .entry((def.name.clone(), def.version))
+            .or_insert_with(|| Arc::new(def));
     }
 
     pub fn get(&self, name: &str, version: u32) -> Option<Arc<Definition>> {
         self.by_key.get(&(name.to_string(), version)).cloned()
     }
 
-    /// The newest version: what new sagas start on.
+    /// The newest startable version: what new sagas start on.
     pub fn latest(&self, name: &str) -> Option<Arc<Definition>> {
-        self.by_key
-            .range((name.to_string(), 0)..=(name.to_string(), u32::MAX))
-            .next_back()
-            .map(|(_, d)| d.clone())
+        let version = self.startable.get(name)?;
+        self.get(name, *version)
     }
 
     pub fn all(&self) -> impl Iterator<Item = &Arc<Definition>> {
         self.by_key.values()
+    }
+
+    /// The names new sagas can start on, sorted.
+    pub fn startable_names(&self) -> impl Iterator<Item = &str> {
+        self.startable.keys().map(String::as_str)
+    }
+
+    /// Whether `name` is known only from the database: sagas still run on it, none start.
+    pub fn is_retired(&self, name: &str) -> bool {
+        !self.startable.contains_key(name)
+            && self
+                .by_key
+                .range((name.to_string(), 0)..=(name.to_string(), u32::MAX))
+                .next()
+                .is_some()
     }
 }
 
@@ -408,7 +467,12 @@ impl Ctx<'_> {
         }
     }
 
-    fn duration(&self, value: &Spanned<String>, field: &str) -> Result<Duration, DefinitionError> {
+    fn duration(
+        &self,
+        value: &Spanned<String>,
+        field: &str,
+        (min, max): (Duration, Duration),
+    ) -> Result<Duration, DefinitionError> {
         let d = humantime::parse_duration(value.get_ref().trim()).map_err(|e| {
             self.err(
                 value,
@@ -419,16 +483,57 @@ impl Ctx<'_> {
                 ),
             )
         })?;
-        if d.is_zero() {
-            return Err(self.err(value, field, "must be longer than zero"));
+        let range = || {
+            format!(
+                "between {} and {}",
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            )
+        };
+        if d < min {
+            return Err(self.err(
+                value,
+                field,
+                &format!(
+                    "`{}` is too short: must be at least {}",
+                    value.get_ref(),
+                    range()
+                ),
+            ));
+        }
+        if d > max {
+            return Err(self.err(
+                value,
+                field,
+                &format!(
+                    "`{}` is too long: must be at most {}",
+                    value.get_ref(),
+                    range()
+                ),
+            ));
+        }
+        // Stored in whole milliseconds: a finer value would silently change.
+        if d.subsec_nanos() % 1_000_000 != 0 {
+            return Err(self.err(
+                value,
+                field,
+                &format!(
+                    "`{}` must be a whole number of milliseconds",
+                    value.get_ref()
+                ),
+            ));
         }
         Ok(d)
     }
 
-    fn positive(&self, value: &Spanned<i64>, field: &str) -> Result<u32, DefinitionError> {
+    fn attempts(&self, value: &Spanned<i64>, field: &str) -> Result<u32, DefinitionError> {
         match u32::try_from(*value.get_ref()) {
-            Ok(n) if n > 0 => Ok(n),
-            _ => Err(self.err(value, field, "must be a positive integer")),
+            Ok(n) if (1..=MAX_ATTEMPTS).contains(&n) => Ok(n),
+            _ => Err(self.err(
+                value,
+                field,
+                &format!("must be a positive integer, at most {MAX_ATTEMPTS}"),
+            )),
         }
     }
 
@@ -440,20 +545,24 @@ impl Ctx<'_> {
     ) -> Result<RetryPolicy, DefinitionError> {
         let mut policy = base.clone();
         if let Some(n) = &raw.max_attempts {
-            policy.max_attempts = self.positive(n, &format!("{field}.max_attempts"))?;
+            policy.max_attempts = self.attempts(n, &format!("{field}.max_attempts"))?;
         }
         if let Some(d) = &raw.initial_backoff {
-            policy.initial_backoff = self.duration(d, &format!("{field}.initial_backoff"))?;
+            policy.initial_backoff =
+                self.duration(d, &format!("{field}.initial_backoff"), BACKOFF_RANGE)?;
         }
         if let Some(d) = &raw.max_backoff {
-            policy.max_backoff = self.duration(d, &format!("{field}.max_backoff"))?;
+            policy.max_backoff =
+                self.duration(d, &format!("{field}.max_backoff"), BACKOFF_RANGE)?;
         }
         if let Some(m) = &raw.multiplier {
-            if !(1.0..=10.0).contains(m.get_ref()) {
+            let (lo, hi) = MULTIPLIER_RANGE;
+            // `contains` is false for NaN, and the infinities are outside the range.
+            if !(lo..=hi).contains(m.get_ref()) {
                 return Err(self.err(
                     m,
                     &format!("{field}.multiplier"),
-                    "must be between 1.0 and 10.0",
+                    &format!("must be a number between {lo:.1} and {hi:.1}"),
                 ));
             }
             policy.multiplier = *m.get_ref();
@@ -475,11 +584,13 @@ impl Ctx<'_> {
     }
 }
 
-fn is_identifier(s: &str) -> bool {
+/// A name that is safe inside AMQP routing keys and queue names (`saga.participant.<p>`,
+/// `<definition>.<event>`): no '.', '*', '#' or whitespace, which topic bindings interpret.
+pub fn is_name(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 128
+        && s.len() <= MAX_NAME_LEN
         && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
 }
 
 fn backticked(message: &str) -> Option<String> {
@@ -491,7 +602,12 @@ fn backticked(message: &str) -> Option<String> {
 fn key_of_line(line: &str) -> Option<String> {
     let (key, _) = line.split_once('=')?;
     let key = key.trim();
-    is_identifier(key).then(|| key.to_string())
+    // Dotted keys (`retry.max_attempts = 3`) are keys too.
+    let is_key = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    is_key.then(|| key.to_string())
 }
 
 fn line_of_key(text: &str, key: &str) -> usize {
@@ -679,6 +795,110 @@ action = "do_c"
     }
 
     #[test]
+    fn out_of_range_numbers_durations_and_names_are_refused() {
+        let timeout = |v: &str| GOOD.replace("timeout = \"5s\"", &format!("timeout = \"{v}\""));
+        rejects(&timeout("8000y"), 6, "defaults.timeout", "at most");
+        rejects(&timeout("8d"), 6, "defaults.timeout", "at most");
+        rejects(&timeout("500us"), 6, "defaults.timeout", "at least");
+        rejects(
+            &timeout("1ms 500us"),
+            6,
+            "defaults.timeout",
+            "whole number of milliseconds",
+        );
+        assert!(parse_str(&timeout("7days")).is_ok());
+        assert!(parse_str(&timeout("1ms")).is_ok());
+        let retry = |v: &str| GOOD.replace("max_attempts = 5", v);
+        rejects(
+            &retry("initial_backoff = \"20000y\", max_backoff = \"20000y\""),
+            20,
+            "steps[1].retry.initial_backoff",
+            "at most",
+        );
+        rejects(
+            &retry("max_backoff = \"25h\""),
+            20,
+            "steps[1].retry.max_backoff",
+            "at most",
+        );
+        rejects(
+            &retry("max_attempts = 1001"),
+            20,
+            "steps[1].retry.max_attempts",
+            "at most 1000",
+        );
+        for m in ["nan", "inf", "-inf", "0.5", "11.0"] {
+            rejects(
+                &retry(&format!("multiplier = {m}")),
+                20,
+                "steps[1].retry.multiplier",
+                "between 1.0 and 10.0",
+            );
+        }
+        rejects(
+            &GOOD.replace(
+                "version = 2",
+                "version = 2\n[compensation]\nmax_attempts = 100000",
+            ),
+            5,
+            "compensation.max_attempts",
+            "at most 1000",
+        );
+        for bad in ["p.q", "p*", "p#", "p q", "p/q", "é"] {
+            rejects(
+                &GOOD.replace("participant = \"q\"", &format!("participant = \"{bad}\"")),
+                16,
+                "steps[1].participant",
+                "routing key",
+            );
+        }
+        rejects(
+            &GOOD.replace("name = \"s\"", "name = \"s.v1\""),
+            2,
+            "name",
+            "routing key",
+        );
+        rejects(
+            &GOOD.replace("name = \"a\"", "name = \"a b\""),
+            9,
+            "steps[0].name",
+            "routing key",
+        );
+        rejects(
+            &GOOD.replace("\"do_a\"", "\"do.a\""),
+            11,
+            "steps[0].action",
+            "routing key",
+        );
+        rejects(
+            &GOOD.replace("\"undo_a\"", "\"undo#a\""),
+            12,
+            "steps[0].compensation",
+            "routing key",
+        );
+    }
+
+    #[test]
+    fn backoff_never_panics_on_values_validation_would_refuse() {
+        let p = RetryPolicy {
+            max_attempts: u32::MAX,
+            initial_backoff: Duration::MAX,
+            max_backoff: Duration::MAX,
+            multiplier: f64::NAN,
+        };
+        assert_eq!(p.backoff(u32::MAX, 1.0), Duration::MAX);
+        assert!(p.backoff(2, f64::NAN) < Duration::MAX);
+        let p = RetryPolicy {
+            multiplier: -3.0,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            ..p
+        };
+        assert_eq!(p.backoff(3, 1.0), Duration::from_secs(1));
+        assert_eq!(p.backoff(3, f64::NAN), Duration::from_millis(750));
+    }
+
+    #[test]
     fn backoff_grows_exponentially_is_capped_and_jittered() {
         let p = RetryPolicy {
             max_attempts: 10,
@@ -703,5 +923,24 @@ action = "do_c"
         assert_eq!(r.latest("s").unwrap().version, 10);
         assert_eq!(r.get("s", 2).unwrap().version, 2);
         assert!(r.latest("t").is_none());
+    }
+
+    #[test]
+    fn retired_versions_serve_running_sagas_but_never_new_ones() {
+        let mut r = Registry::default();
+        let mut d = parse_str(GOOD).unwrap();
+        let v2 = d.clone();
+        d.version = 10;
+        r.insert_retired(d.clone());
+        r.insert(v2.clone());
+        r.insert_retired(v2);
+        assert_eq!(r.latest("s").unwrap().version, 2);
+        assert_eq!(r.get("s", 10).unwrap().version, 10);
+        d.name = "gone".into();
+        r.insert_retired(d);
+        assert!(r.latest("gone").is_none());
+        assert!(r.get("gone", 10).is_some());
+        assert!(r.is_retired("gone") && !r.is_retired("s") && !r.is_retired("never"));
+        assert_eq!(r.startable_names().collect::<Vec<_>>(), ["s"]);
     }
 }

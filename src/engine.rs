@@ -273,6 +273,12 @@ impl Transition {
 /// is not due, anything after the saga ended) leave the state unchanged; a late reply to an
 /// attempt that already ended is only recorded in the history.
 pub fn apply(def: &Definition, state: &SagaState, event: Event, ctx: Ctx) -> Transition {
+    if !fits(def, state) {
+        return Transition {
+            state: state.clone(),
+            effects: Vec::new(),
+        };
+    }
     let mut m = Machine {
         def,
         state: state.clone(),
@@ -339,6 +345,12 @@ pub fn repair(
     by: &Operator,
     ctx: Ctx,
 ) -> Result<Transition, Refused> {
+    if !fits(def, state) {
+        return Err(Refused(format!(
+            "the saga's step {} does not exist in {} version {}",
+            state.step, def.name, def.version
+        )));
+    }
     let mut m = Machine {
         def,
         state: state.clone(),
@@ -378,7 +390,7 @@ pub fn repair(
             }
             m.history(HistoryKind::OperatorAction, Some(step), None, detail);
             abandon(&mut m);
-            m.send(step, state.kind, state.attempt + 1);
+            m.send(step, state.kind, state.attempt.saturating_add(1));
         }
         Repair::Skip { output } => {
             m.history(HistoryKind::OperatorAction, Some(step), None, detail);
@@ -590,7 +602,7 @@ impl Machine<'_> {
                     HistoryKind::StepTimedOut,
                     Some(step),
                     Some(command_id),
-                    json!({"kind": self.state.kind.as_str(), "timeout_ms": timeout.as_millis() as u64}),
+                    json!({"kind": self.state.kind.as_str(), "timeout_ms": millis(timeout)}),
                 );
                 let reason = format!(
                     "{} of step {} got no reply within {}",
@@ -606,7 +618,8 @@ impl Machine<'_> {
                 }
             }
             Waiting::Retry { at } if at <= now => {
-                self.send(self.state.step, self.state.kind, self.state.attempt + 1);
+                let next = self.state.attempt.saturating_add(1);
+                self.send(self.state.step, self.state.kind, next);
             }
             _ => {}
         }
@@ -664,8 +677,9 @@ impl Machine<'_> {
 
     fn retry_later(&mut self, reason: &str) {
         let step = &self.def.steps[self.state.step];
-        let delay = step.retry.backoff(self.state.attempt + 1, self.ctx.jitter);
-        let at = self.ctx.now + delay;
+        let next_attempt = self.state.attempt.saturating_add(1);
+        let delay = step.retry.backoff(next_attempt, self.ctx.jitter);
+        let at = later(self.ctx.now, delay);
         self.state.waiting = Waiting::Retry { at };
         self.history(
             HistoryKind::RetryScheduled,
@@ -673,8 +687,8 @@ impl Machine<'_> {
             None,
             json!({
                 "kind": self.state.kind.as_str(),
-                "next_attempt": self.state.attempt + 1,
-                "delay_ms": delay.as_millis() as u64,
+                "next_attempt": next_attempt,
+                "delay_ms": millis(delay),
                 "reason": reason,
             }),
         );
@@ -696,7 +710,7 @@ impl Machine<'_> {
 
     fn send(&mut self, step: usize, kind: Kind, attempt: u32) {
         let command_id = self.ctx.next_command_id;
-        let deadline = self.ctx.now + self.def.steps[step].timeout;
+        let deadline = later(self.ctx.now, self.def.steps[step].timeout);
         self.state.step = step;
         self.state.kind = kind;
         self.state.attempt = attempt;
@@ -749,6 +763,31 @@ impl Machine<'_> {
             detail,
         });
     }
+}
+
+/// The latest time a timer is ever set to. Definitions stored by older, laxer loaders (or built
+/// in code) may carry durations of thousands of years; such a timer simply never fires instead
+/// of overflowing the clock arithmetic, and the year stays within what PostgreSQL stores.
+pub const NEVER: OffsetDateTime = time::macros::datetime!(9999-12-31 23:59:59 UTC);
+
+/// `now + delay`, saturating at [`NEVER`].
+pub fn later(now: OffsetDateTime, delay: std::time::Duration) -> OffsetDateTime {
+    time::Duration::try_from(delay)
+        .ok()
+        .and_then(|d| now.checked_add(d))
+        .map_or(NEVER, |t| t.min(NEVER))
+}
+
+/// Whole milliseconds for the history, saturating where `as` would wrap.
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether the state can be interpreted against this definition at all. A definition read back
+/// from the database is not re-validated, and a state may point past its steps if the two were
+/// ever out of step: then nothing is applied rather than indexing out of bounds.
+fn fits(def: &Definition, state: &SagaState) -> bool {
+    !def.steps.is_empty() && def.pivot < def.steps.len() && state.step < def.steps.len()
 }
 
 fn outcome_detail(outcome: &Outcome) -> Value {

@@ -9,6 +9,9 @@ use crate::engine::{self, Kind};
 use crate::proto::v1 as pb;
 use crate::store::{self, ListFilter};
 
+/// Longest `stuck_for` accepted: far beyond any saga's age, and far from the ends of the clock.
+pub const MAX_STUCK_FOR: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.unix_timestamp(),
@@ -76,7 +79,21 @@ pub fn filter_from_pb(req: &pb::ListSagasRequest) -> Result<ListFilter, Status> 
         Some(d) => {
             let d = Duration::try_from(*d)
                 .map_err(|_| Status::invalid_argument("stuck_for must be a positive duration"))?;
-            Some(OffsetDateTime::now_utc() - d)
+            let too_long = || {
+                Status::invalid_argument(format!(
+                    "stuck_for must be at most {}",
+                    humantime::format_duration(MAX_STUCK_FOR)
+                ))
+            };
+            if d > MAX_STUCK_FOR {
+                return Err(too_long());
+            }
+            let d = time::Duration::try_from(d).map_err(|_| too_long())?;
+            Some(
+                OffsetDateTime::now_utc()
+                    .checked_sub(d)
+                    .ok_or_else(too_long)?,
+            )
         }
     };
     Ok(ListFilter {

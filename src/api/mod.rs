@@ -164,15 +164,14 @@ impl pb::saga_service_server::SagaService for SagaApi {
             return Err(Status::invalid_argument("definition is required"));
         }
         let def = self.registry.latest(name).ok_or_else(|| {
-            let known: Vec<_> = self
-                .registry
-                .all()
-                .map(|d| d.name.as_str())
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            let known: Vec<_> = self.registry.startable_names().collect();
+            let why = if self.registry.is_retired(name) {
+                "is retired (no file of it was loaded at start-up; its running sagas still finish)"
+            } else {
+                "does not exist"
+            };
             Status::not_found(format!(
-                "no saga definition named {name:?}; known: {}",
+                "saga definition {name:?} {why}; known: {}",
                 known.join(", ")
             ))
         })?;

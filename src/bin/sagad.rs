@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use saga::app::Application;
+use saga::app::{Application, StartupError};
 use saga::config::{Settings, redact_url};
 use saga::definition;
 use saga::store::Store;
@@ -59,6 +59,7 @@ async fn main() -> ExitCode {
                 app.run_until_stopped().await;
             }
             Command::Migrate => {
+                settings.validate_database()?;
                 tracing::info!(database = %redact_url(&settings.database_url), "migrating");
                 let store = Store::connect(&settings.database_url, 1).await?;
                 store.migrate().await?;
@@ -66,6 +67,13 @@ async fn main() -> ExitCode {
             }
             Command::Check => {
                 let defs = definition::load_dir(&settings.definitions)?;
+                // `serve` would refuse an empty directory: so does the check that precedes it.
+                if defs.is_empty() {
+                    return Err(StartupError::NoDefinitions(
+                        settings.definitions.display().to_string(),
+                    )
+                    .into());
+                }
                 for d in defs {
                     println!(
                         "{} v{}: {} steps, pivot {}",
@@ -84,9 +92,26 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("sagad: {e:#}");
+            // Once, on stderr: the log lines go to stdout, and the same error in both read as
+            // two failures.
+            eprintln!("sagad: {}", render(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: most errors here quote their source in their own
+/// message, which `{:#}` would then repeat.
+fn render(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }

@@ -385,7 +385,12 @@ impl Store {
                 )));
             }
         }
+        // Every stored version stays usable for the sagas running on it, but only the files of
+        // this start say what new sagas start on: a version no longer shipped is retired.
         let mut registry = Registry::default();
+        for def in defs {
+            registry.insert(def.clone());
+        }
         for row in sqlx::query("SELECT body FROM saga_definitions")
             .fetch_all(&self.pool)
             .await?
@@ -393,7 +398,7 @@ impl Store {
             let body: Value = row.try_get("body")?;
             let def: Definition = serde_json::from_value(body)
                 .map_err(|e| StoreError::Corrupt(format!("stored definition: {e}")))?;
-            registry.insert(def);
+            registry.insert_retired(def);
         }
         Ok(registry)
     }

@@ -85,7 +85,7 @@ pub async fn restart_deadlines(
     }
     sqlx::query(
         "WITH moved AS ( \
-           UPDATE step_attempts SET deadline = $2 + (deadline - sent_at), sent_at = $2 \
+           UPDATE step_attempts SET deadline = LEAST($2 + (deadline - sent_at), $3), sent_at = $2 \
            WHERE command_id = ANY($1) AND replied_at IS NULL AND NOT timed_out AND NOT superseded \
            RETURNING saga_id, command_id, deadline) \
          UPDATE sagas s SET wake_at = moved.deadline FROM moved \
@@ -93,6 +93,8 @@ pub async fn restart_deadlines(
     )
     .bind(command_ids)
     .bind(now)
+    // A deadline already at the engine's ceiling must not be pushed past what it reads back.
+    .bind(crate::engine::NEVER)
     .execute(&mut **tx)
     .await?;
     Ok(())
