@@ -404,7 +404,8 @@ impl Store {
     }
 
     /// Starts a saga, or returns the one an earlier call with the same idempotency key started.
-    /// Returns once the saga is committed; concurrent calls share one statement and one commit.
+    /// Returns once the saga is committed; concurrent calls share one statement and one commit,
+    /// written by the [`start_writer`](Store::start_writer) task, which must be running.
     pub async fn start_saga(
         &self,
         def: &Arc<Definition>,

@@ -103,6 +103,8 @@ async fn a_stored_definition_with_an_absurd_timeout_does_not_break_later_starts(
     let env = TestEnv::new();
     let store = Store::connect(&env.database_url(), 2).await.unwrap();
     store.migrate().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn(store.start_writer(stop.clone()));
     let absurd = one_step("absurd", "p", 8000 * YEAR, Duration::from_millis(10));
     let normal = one_step(
         "normal",
@@ -124,6 +126,8 @@ async fn a_stored_definition_with_an_absurd_timeout_does_not_break_later_starts(
         .await
         .expect("later starts still work");
     assert!(created);
+    stop.cancel();
+    writer.await.unwrap();
 }
 
 /// Back-offs of 20000 years in a stored definition: the first timeout (timer sweeper) and the
@@ -133,6 +137,8 @@ async fn absurd_stored_back_offs_break_neither_the_sweeper_nor_the_reply_consume
     let env = TestEnv::new();
     let store = Store::connect(&env.database_url(), 2).await.unwrap();
     store.migrate().await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn(store.start_writer(stop.clone()));
     // Times out at once, then would wait 20000 years.
     let timing_out = one_step("timing_out", "p", Duration::from_millis(1), 20000 * YEAR);
     // Waits for its reply, then would wait 20000 years.
@@ -149,6 +155,8 @@ async fn absurd_stored_back_offs_break_neither_the_sweeper_nor_the_reply_consume
         .start_saga(&Arc::new(failing), json!({}), None, None, None)
         .await
         .unwrap();
+    stop.cancel();
+    writer.await.unwrap();
     drop(store);
 
     // Only a sane definition is shipped now; the stored ones stay usable for their sagas.
