@@ -6,7 +6,7 @@
 //! - [`broker`]: RabbitMQ: the outbox relay and the reply consumer.
 //! - [`contract`]: the AMQP wire contract shared with participants.
 //! - [`timers`]: the sweeper that fires reply deadlines and retry back-offs.
-//! - [`api`]: the gRPC service; [`proto`]: its generated code.
+//! - [`api`]: the gRPC service; [`proto`]: its generated code; [`codec`]: its protobuf codec.
 //! - [`app`]: start-up and shutdown; [`config`]: settings; [`telemetry`]: logs and traces.
 //! - [`demo`]: demo participants (order, payment, delivery) that follow the contract.
 //! - [`cli`]: `sagactl`'s formatting and checks (pure, unit-tested).
@@ -14,6 +14,7 @@ pub mod api;
 pub mod app;
 pub mod broker;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod contract;
 pub mod definition;

@@ -255,7 +255,7 @@ async fn malformed_and_unknown_replies_go_to_the_dead_letter_queue_with_the_reas
             json!({"command_id": unknown, "outcome": "failure"})
                 .to_string()
                 .into_bytes(),
-            "non-empty `reason`",
+            "unknown command id",
         ),
     ];
     for (body, _) in &bad {

@@ -6,5 +6,6 @@ mod contract;
 mod demo;
 mod helpers;
 mod observe;
+mod poison;
 mod sagactl;
 mod sagas;
