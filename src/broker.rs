@@ -681,13 +681,10 @@ fn table_len(table: &FieldTable) -> usize {
         .sum::<usize>()
 }
 
-/// Set on a dead-lettered copy whose own headers had to go so the copy fits in one frame.
-pub const H_SHORTENED: &str = "x-saga-shortened";
-
 /// The headers of a dead-lettered copy: the original ones plus the reason. If they would not fit
 /// in `budget` bytes (a header frame larger than the connection's frame size makes the broker
 /// close the connection, and the reply would come back for ever), the largest original headers
-/// are dropped until they fit, and [`H_SHORTENED`] names them.
+/// are dropped until they fit, and [`contract::H_SHORTENED`] names them.
 fn dead_letter_headers(original: &FieldTable, reason: &str, budget: usize) -> FieldTable {
     // A small frame gets shorter texts, so our own headers always fit.
     let limit = contract::MAX_REASON_BYTES.min(budget / 4);
@@ -704,9 +701,9 @@ fn dead_letter_headers(original: &FieldTable, reason: &str, budget: usize) -> Fi
     for key in ours.inner().keys() {
         kept.remove(key);
     }
-    kept.remove(H_SHORTENED);
+    kept.remove(contract::H_SHORTENED);
     // Room for our headers, and for the note that some were dropped.
-    let reserve = table_len(&ours) + 1 + H_SHORTENED.len() + 5 + limit;
+    let reserve = table_len(&ours) + 1 + contract::H_SHORTENED.len() + 5 + limit;
     let room = budget.saturating_sub(reserve);
     let mut size = 4 + kept.iter().map(|(k, v)| entry_len(k, v)).sum::<usize>();
     let mut dropped = Vec::new();
@@ -736,7 +733,7 @@ fn dead_letter_headers(original: &FieldTable, reason: &str, budget: usize) -> Fi
             dropped.join(", ")
         );
         headers.insert(
-            H_SHORTENED.into(),
+            contract::H_SHORTENED.into(),
             AMQPValue::LongString(contract::bounded(&note, limit).as_ref().into()),
         );
     }
@@ -756,7 +753,7 @@ async fn dead_letter(
     warn!(reason = %reason, "reply dead-lettered");
     let original = delivery.properties.headers().clone().unwrap_or_default();
     let headers = dead_letter_headers(&original, &reason, out.header_budget);
-    if headers.contains_key(H_SHORTENED) {
+    if headers.contains_key(contract::H_SHORTENED) {
         warn!(
             headers = original.inner().len(),
             "dead-lettered reply's headers shortened to fit the frame size"
@@ -816,7 +813,10 @@ mod tests {
         assert!(table_len(&headers) <= budget, "{}", table_len(&headers));
         assert!(headers.contains_key("small"));
         assert!(!headers.contains_key("big"));
-        assert!(contract::header_str(&headers, H_SHORTENED).is_some_and(|n| n.contains("big")));
+        assert!(
+            contract::header_str(&headers, contract::H_SHORTENED)
+                .is_some_and(|n| n.contains("big"))
+        );
         let reason = contract::header_str(&headers, contract::H_ERROR).unwrap_or_default();
         assert!(reason.len() <= contract::MAX_REASON_BYTES);
 
@@ -831,7 +831,7 @@ mod tests {
 
         // Nothing to drop: everything kept, no note.
         let headers = dead_letter_headers(&original, "bad", 1 << 20);
-        assert!(headers.contains_key("big") && !headers.contains_key(H_SHORTENED));
+        assert!(headers.contains_key("big") && !headers.contains_key(contract::H_SHORTENED));
     }
 
     mod prop {
@@ -887,7 +887,7 @@ mod tests {
                 let error = contract::header_str(&headers, contract::H_ERROR).unwrap_or_default();
                 prop_assert!(error.len() <= contract::MAX_REASON_BYTES);
                 if table_len(&original) + 2048 <= budget / 2 {
-                    prop_assert!(!headers.contains_key(H_SHORTENED));
+                    prop_assert!(!headers.contains_key(contract::H_SHORTENED));
                 }
             }
         }

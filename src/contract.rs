@@ -25,6 +25,9 @@ pub const H_KIND: &str = "saga-kind";
 pub const H_ATTEMPT: &str = "saga-attempt";
 /// Set on dead-lettered messages: why the orchestrator refused them.
 pub const H_ERROR: &str = "x-saga-error";
+/// Set on a dead-lettered copy whose own headers had to be dropped for the reason to fit in
+/// one AMQP frame: names them.
+pub const H_SHORTENED: &str = "x-saga-shortened";
 
 /// Largest reply body accepted; bigger ones are dead-lettered.
 pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
@@ -350,6 +353,14 @@ mod tests {
             "{}",
             e.len()
         );
+
+        let nest = |depth: usize| -> Value {
+            serde_json::from_str(&format!("{}{}", "[".repeat(depth), "]".repeat(depth))).unwrap()
+        };
+        let deep = |depth| json!({"command_id": id, "outcome": "success", "output": nest(depth)});
+        assert!(ReplyBody::parse(deep(MAX_JSON_DEPTH).to_string().as_bytes()).is_ok());
+        let e = ReplyBody::parse(deep(MAX_JSON_DEPTH + 1).to_string().as_bytes()).unwrap_err();
+        assert!(e.contains("deeper than 64"), "{e}");
     }
 
     #[test]
