@@ -788,8 +788,12 @@ async fn dead_letter(
                 requeue: false,
                 ..BasicNackOptions::default()
             };
-            if let Err(e) = delivery.nack(reject).await {
-                warn!(error = %e, "reject failed; the broker will redeliver on reconnect");
+            match delivery.nack(reject).await {
+                Ok(true) => store.metrics().dead_lettered(),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "reject failed; the broker will redeliver on reconnect")
+                }
             }
         }
     }
