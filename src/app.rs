@@ -463,17 +463,21 @@ async fn serve(
         .get()
         .await
         .map_err(|e| format!("cannot listen: {e}"))?;
-    let reflection = match tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-    {
-        Ok(r) => Some(r),
-        Err(e) => {
+    // Both versions of the reflection protocol: grpcurl and most tools speak v1, older ones
+    // (and some current clients) only v1alpha.
+    let reflecting = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = match (reflecting().build_v1(), reflecting().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => Some((v1, v1alpha)),
+        (Err(e), _) | (_, Err(e)) => {
             warn!(error = %e, "server reflection unavailable");
             None
         }
     };
+    let (reflection, reflection_v1alpha) = reflection.unzip();
     let sagas = SagaServiceServer::new(SagaApi::new(store.clone(), registry.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let admin = AdminServiceServer::new(AdminApi::new(store, registry))
@@ -489,6 +493,7 @@ async fn serve(
         .trace_fn(grpc_span)
         .add_service(health)
         .add_optional_service(reflection)
+        .add_optional_service(reflection_v1alpha)
         .add_service(InterceptedService::new(
             sagas,
             Authenticator::new(tokens.clone(), Scope::Participant),

@@ -13,7 +13,8 @@ pub const COMMANDS_EXCHANGE: &str = "saga.commands";
 pub const REPLIES_QUEUE: &str = "saga.replies";
 pub const DEAD_LETTER_EXCHANGE: &str = "saga.dead-letter";
 pub const DEAD_LETTER_QUEUE: &str = "saga.dead-letter";
-/// Saga lifecycle events (started, completed, compensated, needs_operator) for read models.
+/// Saga lifecycle events (started, completed, compensated, needs_operator, resolved) for read
+/// models.
 pub const EVENTS_EXCHANGE: &str = "saga.events";
 pub const JSON: &str = "application/json";
 
@@ -24,9 +25,73 @@ pub const H_KIND: &str = "saga-kind";
 pub const H_ATTEMPT: &str = "saga-attempt";
 /// Set on dead-lettered messages: why the orchestrator refused them.
 pub const H_ERROR: &str = "x-saga-error";
+/// Set on a dead-lettered copy whose own headers had to be dropped for the reason to fit in
+/// one AMQP frame: names them.
+pub const H_SHORTENED: &str = "x-saga-shortened";
 
 /// Largest reply body accepted; bigger ones are dead-lettered.
 pub const MAX_REPLY_BYTES: usize = 1024 * 1024;
+
+/// Most bytes of a caller's value quoted in a reason or an error message. Without a bound, a
+/// 200 KB `outcome` quoted in a dead-letter header exceeds the AMQP frame size: the broker
+/// closes the connection and the reply comes back for ever.
+pub const MAX_QUOTE_BYTES: usize = 256;
+
+/// Most bytes of a whole reason (dead-letter header, error message), "…" included.
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// Recorded as a failure's reason when the participant gave none.
+pub const NO_REASON: &str = "no reason given";
+
+/// At most `max` bytes of `text`, cut on a char boundary, with "…" appended when cut.
+pub fn bounded(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let ellipsis = "…";
+    let mut end = max.saturating_sub(ellipsis.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}{ellipsis}", &text[..end]))
+}
+
+/// A caller's value for quoting in a message: at most [`MAX_QUOTE_BYTES`].
+pub fn quote(text: &str) -> std::borrow::Cow<'_, str> {
+    bounded(text, MAX_QUOTE_BYTES)
+}
+
+/// A reason for a header or a log line: at most [`MAX_REASON_BYTES`]. Error messages of the JSON
+/// parser quote the offending value whole, so every reason built from one goes through here.
+pub fn reason(text: &str) -> String {
+    bounded(text, MAX_REASON_BYTES).into_owned()
+}
+
+/// Deepest nesting of arrays and objects accepted in a saga input or a step output. Commands
+/// carry them two levels deeper (`outputs.<step>.…`), and participants' JSON parsers have
+/// limits (serde_json's is 128, others' differ): a value a participant cannot parse would
+/// make every command of its saga fail there.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// How deeply `value` nests arrays and objects: 0 for a scalar, 1 for `{}` or `[1]`.
+pub fn json_depth(value: &Value) -> usize {
+    // Parsed values are at most 128 deep (the parser's own limit), so recursion is bounded.
+    match value {
+        Value::Array(items) => 1 + items.iter().map(json_depth).max().unwrap_or(0),
+        Value::Object(fields) => 1 + fields.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// `null` reads as the field's default: Java, C# and Go serializers write `null` for absent
+/// optional fields.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
 
 pub fn participant_queue(participant: &str) -> String {
     format!("saga.participant.{participant}")
@@ -64,7 +129,11 @@ pub struct ReplyBody {
     pub output: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub retryable: bool,
 }
 
@@ -89,7 +158,8 @@ impl ReplyBody {
         }
     }
 
-    /// Parses and checks a reply, saying precisely what is wrong for the dead-letter header.
+    /// Parses and checks a reply, saying precisely what is wrong for the dead-letter header
+    /// (in at most [`MAX_REASON_BYTES`]). A failure without a reason gets [`NO_REASON`].
     pub fn parse(bytes: &[u8]) -> Result<ReplyBody, String> {
         if bytes.len() > MAX_REPLY_BYTES {
             return Err(format!(
@@ -97,12 +167,17 @@ impl ReplyBody {
                 bytes.len()
             ));
         }
-        let reply: ReplyBody =
-            serde_json::from_slice(bytes).map_err(|e| format!("invalid reply: {e}"))?;
+        let mut reply: ReplyBody =
+            serde_json::from_slice(bytes).map_err(|e| reason(&format!("invalid reply: {e}")))?;
         if reply.outcome == ReplyOutcome::Failure
             && reply.reason.as_deref().unwrap_or("").trim().is_empty()
         {
-            return Err("invalid reply: a failure needs a non-empty `reason`".into());
+            reply.reason = Some(NO_REASON.into());
+        }
+        if json_depth(&reply.output) > MAX_JSON_DEPTH {
+            return Err(format!(
+                "invalid reply: `output` nests deeper than {MAX_JSON_DEPTH} levels"
+            ));
         }
         Ok(reply)
     }
@@ -116,7 +191,7 @@ pub struct LifecycleEvent {
     pub saga_id: Uuid,
     pub definition: String,
     pub definition_version: u32,
-    /// `started`, `completed`, `compensated` or `needs_operator`.
+    /// `started`, `completed`, `compensated`, `needs_operator` or `resolved`.
     pub event: String,
     /// RFC 3339.
     pub at: String,
@@ -265,16 +340,174 @@ mod tests {
                 json!({"command_id": id, "outcome": "maybe"}).to_string(),
                 "unknown variant `maybe`",
             ),
-            (
-                json!({"command_id": id, "outcome": "failure"}).to_string(),
-                "non-empty `reason`",
-            ),
         ] {
             let e = ReplyBody::parse(body.as_bytes()).unwrap_err();
             assert!(e.contains(needle), "{body}: {e}");
         }
         let huge = vec![b' '; MAX_REPLY_BYTES + 1];
         assert!(ReplyBody::parse(&huge).unwrap_err().contains("exceeds"));
+        let long = json!({"command_id": id, "outcome": "x".repeat(200_000)}).to_string();
+        let e = ReplyBody::parse(long.as_bytes()).unwrap_err();
+        assert!(
+            e.len() <= MAX_REASON_BYTES && e.ends_with('…'),
+            "{}",
+            e.len()
+        );
+
+        let nest = |depth: usize| -> Value {
+            serde_json::from_str(&format!("{}{}", "[".repeat(depth), "]".repeat(depth))).unwrap()
+        };
+        let deep = |depth| json!({"command_id": id, "outcome": "success", "output": nest(depth)});
+        assert!(ReplyBody::parse(deep(MAX_JSON_DEPTH).to_string().as_bytes()).is_ok());
+        let e = ReplyBody::parse(deep(MAX_JSON_DEPTH + 1).to_string().as_bytes()).unwrap_err();
+        assert!(e.contains("deeper than 64"), "{e}");
+    }
+
+    #[test]
+    fn nulls_mean_absent_and_a_failure_without_a_reason_gets_a_default() {
+        let id = Uuid::now_v7();
+        let parse = |v: Value| ReplyBody::parse(v.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            parse(
+                json!({"command_id": id, "outcome": "success", "output": null, "reason": null, "retryable": null})
+            ),
+            ReplyBody::success(id, Value::Null)
+        );
+        assert_eq!(
+            parse(
+                json!({"command_id": id, "outcome": "failure", "reason": null, "retryable": null})
+            ),
+            ReplyBody::failure(id, NO_REASON, false)
+        );
+        assert_eq!(
+            parse(json!({"command_id": id, "outcome": "failure", "retryable": true})),
+            ReplyBody::failure(id, NO_REASON, true)
+        );
+    }
+
+    #[test]
+    fn bounded_cuts_on_a_char_boundary() {
+        assert_eq!(bounded("short", 10), "short");
+        let cut = bounded("ééééé", 6);
+        assert_eq!(cut, "é…");
+        assert!(cut.len() <= 6);
+        assert_eq!(bounded("abcdef", 4), "a…");
+        assert_eq!(bounded("abcdef", 0), "…");
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                "[0-9]{1,40}(\\.[0-9]{1,30})?"
+                    .prop_map(|n| { serde_json::from_str(&n).unwrap_or(Value::Null) }),
+                ".{0,64}".prop_map(Value::String),
+                (0usize..3000).prop_map(|n| Value::String("é".repeat(n))),
+            ];
+            leaf.prop_recursive(6, 64, 8, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                    proptest::collection::btree_map(".{0,16}", inner, 0..8)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A reply-shaped object whose fields may each be missing, null, of the wrong type or
+        /// oversized.
+        fn reply_like() -> impl Strategy<Value = Value> {
+            let field = |good: BoxedStrategy<Value>| {
+                prop_oneof![
+                    Just(None),
+                    Just(Some(Value::Null)),
+                    good.prop_map(Some),
+                    json_value().prop_map(Some),
+                ]
+            };
+            let uuid = any::<u128>()
+                .prop_map(|n| json!(Uuid::from_u128(n)))
+                .boxed();
+            let outcome = prop_oneof![
+                Just(json!("success")),
+                Just(json!("failure")),
+                (0usize..300_000).prop_map(|n| json!("x".repeat(n))),
+            ]
+            .boxed();
+            (
+                field(uuid),
+                field(outcome),
+                field(json_value().boxed()),
+                field(".{0,300}".prop_map(Value::String).boxed()),
+                field(any::<bool>().prop_map(Value::Bool).boxed()),
+            )
+                .prop_map(|(c, o, out, r, retry)| {
+                    let mut m = serde_json::Map::new();
+                    for (k, v) in [
+                        ("command_id", c),
+                        ("outcome", o),
+                        ("output", out),
+                        ("reason", r),
+                        ("retryable", retry),
+                    ] {
+                        if let Some(v) = v {
+                            m.insert(k.into(), v);
+                        }
+                    }
+                    Value::Object(m)
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_bytes_parse_or_are_refused_briefly(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2048)
+            ) {
+                if let Err(e) = ReplyBody::parse(&bytes) {
+                    prop_assert!(e.len() <= MAX_REASON_BYTES, "{}", e.len());
+                }
+            }
+
+            #[test]
+            fn reply_shaped_bodies_parse_or_are_refused_briefly(body in reply_like()) {
+                match ReplyBody::parse(body.to_string().as_bytes()) {
+                    Ok(reply) => {
+                        prop_assert_eq!(json!(reply.command_id), body["command_id"].clone());
+                        if reply.outcome == ReplyOutcome::Failure {
+                            prop_assert!(!reply.reason.unwrap_or_default().trim().is_empty());
+                        }
+                    }
+                    Err(e) => prop_assert!(e.len() <= MAX_REASON_BYTES, "{}", e.len()),
+                }
+            }
+
+            #[test]
+            fn bounded_text_is_a_bounded_prefix(text in ".{0,600}", max in 0usize..700) {
+                let cut = bounded(&text, max);
+                prop_assert!(cut.len() <= max.max("…".len()));
+                prop_assert!(text.starts_with(cut.trim_end_matches('…')));
+            }
+
+            #[test]
+            fn headers_of_any_kind_are_read_without_panicking(
+                name in ".{0,40}",
+                value in proptest::collection::vec(any::<u8>(), 0..512),
+            ) {
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    name.as_str().into(),
+                    AMQPValue::LongString(value.clone().into()),
+                );
+                let read = header_str(&headers, &name);
+                prop_assert_eq!(read.is_some(), std::str::from_utf8(&value).is_ok());
+            }
+        }
     }
 
     #[test]

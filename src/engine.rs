@@ -485,10 +485,8 @@ impl Machine<'_> {
             matches!(self.state.waiting, Waiting::Reply { command_id: c, .. } if c == command_id);
         if !current {
             // The driver only hands us replies to attempts that never got one, so this is an
-            // answer that arrived after its attempt timed out: keep it for the operator.
-            if self.state.status.is_terminal() {
-                return;
-            }
+            // answer that arrived after its attempt timed out (or after the saga ended): keep it
+            // for the operator.
             self.effects.push(Effect::AttemptEnded {
                 command_id,
                 end: AttemptEnd::Replied(outcome.clone()),
@@ -503,7 +501,8 @@ impl Machine<'_> {
             // step is done: take it, rather than keep sending attempts that may each time out
             // behind a backlog. The attempt in flight, if any, is abandoned. A late failure
             // changes nothing: a newer attempt may still succeed.
-            let same_step = answers == Some((self.state.step, self.state.kind));
+            let same_step = answers == Some((self.state.step, self.state.kind))
+                && !self.state.status.is_terminal();
             if let (true, Outcome::Success { output }) = (same_step, outcome) {
                 if let Waiting::Reply {
                     command_id: newer, ..
@@ -1155,22 +1154,40 @@ mod tests {
                 .any(|e| matches!(e, Effect::Send(_) | Effect::SaveOutput { .. }))
         );
 
-        // Finished sagas ignore everything.
-        for status in [Status::Completed, Status::Compensated] {
+        // Finished sagas ignore everything but replies, which are only recorded as late, even
+        // a success of the step they stopped at.
+        for status in [Status::Completed, Status::Compensated, Status::Resolved] {
             let done = SagaState {
                 status,
                 waiting: Waiting::Nothing,
                 ..after.clone()
             };
-            for event in [
-                Event::Start,
-                Event::Timer,
-                ok(first),
-                ok(Uuid::from_u128(99)),
-            ] {
+            for event in [Event::Start, Event::Timer] {
                 let t = apply(&def, &done, event, ctx);
                 assert!(t.is_noop(), "{status:?}");
                 assert_eq!(t.state, done);
+            }
+            for answers in [None, Some((done.step, done.kind))] {
+                let t = apply(
+                    &def,
+                    &done,
+                    Event::Reply {
+                        command_id: first,
+                        outcome: Outcome::Success { output: json!(1) },
+                        answers,
+                    },
+                    ctx,
+                );
+                assert_eq!(t.state, done, "{status:?}");
+                assert!(t.effects.iter().all(|e| matches!(
+                    e,
+                    Effect::AttemptEnded { .. }
+                        | Effect::History {
+                            kind: HistoryKind::LateReply,
+                            ..
+                        }
+                )));
+                assert_eq!(t.effects.len(), 2, "{status:?}");
             }
         }
     }

@@ -7,7 +7,7 @@
 //! - [`contract`]: the AMQP wire contract shared with participants.
 //! - [`timers`]: the sweeper that fires reply deadlines and retry back-offs.
 //! - [`supervisor`]: restarts failed long-lived tasks and reports them in readiness.
-//! - [`api`]: the gRPC service; [`proto`]: its generated code.
+//! - [`api`]: the gRPC service; [`proto`]: its generated code; [`codec`]: its protobuf codec.
 //! - [`app`]: start-up and shutdown; [`config`]: settings; [`telemetry`]: logs and traces.
 //! - [`demo`]: demo participants (order, payment, delivery) that follow the contract.
 //! - [`cli`]: `sagactl`'s formatting and checks (pure, unit-tested).
@@ -15,6 +15,7 @@ pub mod api;
 pub mod app;
 pub mod broker;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod contract;
 pub mod definition;

@@ -49,13 +49,14 @@ impl SagaApi {
 /// The single mapping from store errors to gRPC statuses.
 pub fn status_of(e: StoreError) -> Status {
     if let Some(refused) = e.refused_value() {
-        return Status::invalid_argument(format!(
+        return Status::invalid_argument(crate::contract::reason(&format!(
             "the database cannot store a value of this request: {refused}"
-        ));
+        )));
     }
     match e {
         StoreError::NotFound(m) => Status::not_found(m),
         StoreError::InvalidArgument(m) => Status::invalid_argument(m),
+        StoreError::AlreadyExists(m) => Status::already_exists(m),
         StoreError::DefinitionConflict(m) | StoreError::FailedPrecondition(m) => {
             Status::failed_precondition(m)
         }
@@ -71,8 +72,12 @@ pub fn status_of(e: StoreError) -> Status {
 }
 
 fn parse_id(field: &str, s: &str) -> Result<Uuid, Status> {
-    Uuid::parse_str(s.trim())
-        .map_err(|_| Status::invalid_argument(format!("{field} {s:?} is not a UUID")))
+    Uuid::parse_str(s.trim()).map_err(|_| {
+        Status::invalid_argument(format!(
+            "{field} {:?} is not a UUID",
+            crate::contract::quote(s)
+        ))
+    })
 }
 
 fn parse_json(field: &str, s: &str) -> Result<Value, Status> {
@@ -82,8 +87,19 @@ fn parse_json(field: &str, s: &str) -> Result<Value, Status> {
             s.len()
         )));
     }
-    serde_json::from_str(s)
-        .map_err(|e| Status::invalid_argument(format!("{field} is not valid JSON: {e}")))
+    // The parser's messages quote the offending value whole.
+    let value = serde_json::from_str(s).map_err(|e| {
+        Status::invalid_argument(crate::contract::reason(&format!(
+            "{field} is not valid JSON: {e}"
+        )))
+    })?;
+    if crate::contract::json_depth(&value) > crate::contract::MAX_JSON_DEPTH {
+        return Err(Status::invalid_argument(format!(
+            "{field} nests deeper than {} levels",
+            crate::contract::MAX_JSON_DEPTH
+        )));
+    }
+    Ok(value)
 }
 
 /// A participant token sees only the sagas it started; operators see all. (Without tokens every
@@ -171,7 +187,8 @@ impl pb::saga_service_server::SagaService for SagaApi {
                 "does not exist"
             };
             Status::not_found(format!(
-                "saga definition {name:?} {why}; known: {}",
+                "saga definition {:?} {why}; known: {}",
+                crate::contract::quote(name),
                 known.join(", ")
             ))
         })?;
@@ -271,15 +288,14 @@ impl pb::saga_service_server::SagaService for SagaApi {
                     parse_json("output_json", &req.output_json)?
                 },
             },
-            Ok(pb::Outcome::Failure) => {
-                if req.reason.trim().is_empty() {
-                    return Err(Status::invalid_argument("a failure needs a reason"));
-                }
-                engine::Outcome::Failure {
-                    reason: req.reason,
-                    retryable: req.retryable,
-                }
-            }
+            Ok(pb::Outcome::Failure) => engine::Outcome::Failure {
+                reason: if req.reason.trim().is_empty() {
+                    crate::contract::NO_REASON.into()
+                } else {
+                    req.reason
+                },
+                retryable: req.retryable,
+            },
             _ => {
                 return Err(Status::invalid_argument(
                     "outcome must be OUTCOME_SUCCESS or OUTCOME_FAILURE",
@@ -300,9 +316,11 @@ impl pb::saga_service_server::SagaService for SagaApi {
             ReplyResult::Applied => Ok(Response::new(pb::ReportStepResultResponse {
                 applied: true,
             })),
-            ReplyResult::Duplicate => Ok(Response::new(pb::ReportStepResultResponse {
-                applied: false,
-            })),
+            ReplyResult::Duplicate | ReplyResult::Recorded => {
+                Ok(Response::new(pb::ReportStepResultResponse {
+                    applied: false,
+                }))
+            }
             ReplyResult::UnknownCommand => Err(Status::not_found(format!(
                 "no command with id {command_id} was sent"
             ))),

@@ -55,6 +55,9 @@ pub enum StoreError {
     /// The request does not fit the saga's state (an operator repair refused by the engine).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// An idempotency key already names a saga started with a different request.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// A row the engine cannot read: a bug or a hand edit, never the caller's fault.
     #[error("corrupt saga state: {0}")]
     Corrupt(String),
@@ -148,8 +151,11 @@ pub struct ListFilter {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyResult {
-    /// The reply moved the saga on (or was recorded as late).
+    /// The reply moved the saga on.
     Applied,
+    /// A late reply (its attempt had ended, or the saga had): recorded on the attempt and in
+    /// the history, but it changed nothing.
+    Recorded,
     /// The command had already been answered: nothing changed.
     Duplicate,
     /// No command with this id was ever sent.
@@ -415,6 +421,8 @@ impl Store {
         started_by: Option<&str>,
     ) -> Result<(Uuid, bool, Status)> {
         let id = Uuid::now_v7();
+        // Kept to tell a retry (same input) from a different request reusing the key.
+        let keyed_input = idempotency_key.map(|_| input.clone());
         // Its times are those of the group it is written with.
         let now = OffsetDateTime::now_utc();
         let record = SagaRecord {
@@ -446,10 +454,14 @@ impl Store {
         if inserted {
             return Ok((id, true, status));
         }
+        // Compared as jsonb, so a retry that spells a number or orders keys differently is
+        // still the same input.
         let row = sqlx::query(
-            "SELECT id, definition, status, started_by FROM sagas WHERE idempotency_key = $1",
+            "SELECT id, definition, status, started_by, input = $2 AS same_input \
+             FROM sagas WHERE idempotency_key = $1",
         )
         .bind(idempotency_key)
+        .bind(sqlx::types::Json(keyed_input.unwrap_or_default()))
         .fetch_one(&self.pool)
         .await?;
         let existing: Uuid = row.try_get("id")?;
@@ -462,8 +474,14 @@ impl Store {
             ));
         }
         if existing_def != def.name {
-            return Err(StoreError::InvalidArgument(format!(
+            return Err(StoreError::AlreadyExists(format!(
                 "idempotency key already used by saga {existing} of definition {existing_def}"
+            )));
+        }
+        let same_input: Option<bool> = row.try_get("same_input")?;
+        if same_input != Some(true) {
+            return Err(StoreError::AlreadyExists(format!(
+                "idempotency key already used by saga {existing} with a different input"
             )));
         }
         Ok((existing, false, parse_status(&row)?))
@@ -565,8 +583,13 @@ impl Store {
                 },
                 ctx(now),
             );
+            let changed = t.state != record.state;
             writes.stage(&def, record, t, now)?;
-            results.push(ReplyResult::Applied);
+            results.push(if changed {
+                ReplyResult::Applied
+            } else {
+                ReplyResult::Recorded
+            });
         }
         let flushed = writes.flush(&mut tx, now, self.circuit).await?;
         tx.commit().await?;

@@ -35,8 +35,8 @@ fn bad_reply(i: usize, real: Uuid) -> Vec<u8> {
         4 => json!({"command_id": Uuid::new_v4(), "outcome": "success"})
             .to_string()
             .into_bytes(),
-        // A failure must say why.
-        5 => json!({"command_id": real, "outcome": "failure"})
+        // A reason must be text.
+        5 => json!({"command_id": real, "outcome": "failure", "reason": ["x"]})
             .to_string()
             .into_bytes(),
         6 => json!({"command_id": real, "outcome": "failure", "reason": "x", "retryable": "yes"})

@@ -255,7 +255,7 @@ async fn malformed_and_unknown_replies_go_to_the_dead_letter_queue_with_the_reas
             json!({"command_id": unknown, "outcome": "failure"})
                 .to_string()
                 .into_bytes(),
-            "non-empty `reason`",
+            "unknown command id",
         ),
     ];
     for (body, _) in &bad {
@@ -297,20 +297,27 @@ async fn a_reply_the_database_cannot_store_is_dead_lettered_and_the_saga_goes_on
     let (_conn, ch) = amqp_channel(&env).await;
     let mut dead = dead_letters(&ch).await;
     let mut orders = consume(&ch, "saga.participant.order").await;
-    let id = start(&mut app.client, json!({"order_id": "A-9"})).await;
-    let command = next(&mut orders).await;
-    let command_id = command
-        .properties
-        .message_id()
-        .as_ref()
-        .unwrap()
-        .to_string();
+    let poisoned = start(&mut app.client, json!({"order_id": "A-9"})).await;
+    let healthy = start(&mut app.client, json!({"order_id": "A-10"})).await;
+    let mut command_of = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let command = next(&mut orders).await;
+        let id = command
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .to_string();
+        command_of.insert(header(&command, "saga-id"), id);
+    }
+    let (bad_command, good_command) = (&command_of[&poisoned], &command_of[&healthy]);
 
     // Valid JSON, but `jsonb` cannot hold a NUL character. Sent back to back with a good
-    // reply to the same command, so both may be applied in one batch: the bad one must not
-    // hold the good one back, nor come back for ever.
+    // reply to another saga's command, so both may be applied in one batch: the bad one must
+    // not hold the good one back, nor come back for ever. (Answering different commands keeps
+    // the bad reply from becoming a mere duplicate when the good one commits first.)
     let bad = format!(
-        r#"{{"command_id": "{command_id}", "outcome": "success", "output": {{"note": "a\u0000b"}}}}"#
+        r#"{{"command_id": "{bad_command}", "outcome": "success", "output": {{"note": "a\u0000b"}}}}"#
     );
     ch.basic_publish(
         "".into(),
@@ -326,7 +333,7 @@ async fn a_reply_the_database_cannot_store_is_dead_lettered_and_the_saga_goes_on
     reply(
         &ch,
         "saga.replies",
-        json!({"command_id": command_id, "outcome": "success", "output": {"order": "created"}}),
+        json!({"command_id": good_command, "outcome": "success", "output": {"order": "created"}}),
     )
     .await;
 
@@ -334,13 +341,15 @@ async fn a_reply_the_database_cannot_store_is_dead_lettered_and_the_saga_goes_on
     assert_eq!(d.data, bad.as_bytes());
     let reason = header(&d, "x-saga-error");
     assert!(reason.contains("cannot store"), "{reason}");
-    // The good reply moved the saga on: the payment step's command went out.
+    // The good reply moved its saga on: the payment step's command went out.
     let mut payments = consume(&ch, "saga.participant.payment").await;
     let next_command = next(&mut payments).await;
-    assert_eq!(header(&next_command, "saga-id"), id);
+    assert_eq!(header(&next_command, "saga-id"), healthy);
     let saga = app
         .client
-        .get_saga(pb::GetSagaRequest { saga_id: id })
+        .get_saga(pb::GetSagaRequest {
+            saga_id: healthy.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -349,6 +358,15 @@ async fn a_reply_the_database_cannot_store_is_dead_lettered_and_the_saga_goes_on
         serde_json::from_str::<Value>(&saga.attempts[0].output_json).unwrap(),
         json!({"order": "created"})
     );
+    // The poisoned saga lost nothing: it still waits for its reply, and a good one moves it on.
+    reply(
+        &ch,
+        "saga.replies",
+        json!({"command_id": bad_command, "outcome": "success", "output": {"order": "created"}}),
+    )
+    .await;
+    let next_command = next(&mut payments).await;
+    assert_eq!(header(&next_command, "saga-id"), poisoned);
     app.stop().await;
 }
 

@@ -7,6 +7,7 @@ mod contract;
 mod demo;
 mod helpers;
 mod observe;
+mod poison;
 mod sagactl;
 mod sagas;
 mod supervision;
