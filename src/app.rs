@@ -41,6 +41,8 @@ pub enum StartupError {
     Auth(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("AMQP: {0}")]
+    Amqp(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -75,6 +77,8 @@ impl Application {
         info!(database = %redact_url(&settings.database_url), "connecting to PostgreSQL");
         let tokens = Arc::new(load_tokens(&settings)?);
         let tls = load_tls(&settings)?;
+        let amqp_ca = broker::load_amqp_ca(&settings.amqp_url, settings.amqp_ca_file.as_deref())
+            .map_err(StartupError::Amqp)?;
         let store = Store::connect(&settings.database_url, settings.db_max_connections)
             .await?
             .with_circuit(CircuitSettings {
@@ -96,7 +100,7 @@ impl Application {
 
         // Declared now so participants and clients find the queues as soon as we are up. If the
         // broker is down this only warns: the relay and consumer declare again on connect.
-        match declare_topology(&settings.amqp_url, &participants).await {
+        match declare_topology(&settings.amqp_url, amqp_ca.as_deref(), &participants).await {
             Ok(()) => info!(participants = ?participants, "broker topology declared"),
             Err(e) => warn!(error = %e, "broker unreachable at start-up; will keep trying"),
         }
@@ -137,6 +141,7 @@ impl Application {
         info!(amqp = %redact_url(&settings.amqp_url), "starting outbox relay and reply consumer");
         let relay = RelaySettings {
             amqp_url: settings.amqp_url.clone(),
+            amqp_ca: amqp_ca.clone(),
             participants: participants.clone(),
             batch_size: settings.outbox_batch,
             poll_interval: settings.outbox_poll,
@@ -154,6 +159,7 @@ impl Application {
             registry.clone(),
             ConsumerSettings {
                 amqp_url: settings.amqp_url.clone(),
+                amqp_ca,
                 participants,
                 prefetch: settings.reply_prefetch,
             },
@@ -220,9 +226,13 @@ impl Application {
     }
 }
 
-async fn declare_topology(amqp_url: &str, participants: &[String]) -> Result<(), String> {
+async fn declare_topology(
+    amqp_url: &str,
+    amqp_ca: Option<&str>,
+    participants: &[String],
+) -> Result<(), String> {
     let attempt = async {
-        let (conn, channel) = broker::open(amqp_url, participants).await?;
+        let (conn, channel) = broker::open(amqp_url, amqp_ca, participants).await?;
         // Closed in order: a dropped lapin channel closes itself, racing the connection close.
         channel.close(200, "topology declared".into()).await?;
         conn.close(200, "topology declared".into()).await
@@ -289,7 +299,12 @@ fn load_tokens(settings: &Settings) -> Result<Tokens, StartupError> {
     Ok(tokens)
 }
 
+/// Reads and checks the gRPC listener's certificate and key, so that unreadable or mismatched
+/// PEM contents stop `sagad` here, naming the file, instead of after it announced it listens.
 fn load_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, StartupError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
     let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
         warn!(
             "TLS DISABLED: the gRPC API is served in plain text (configure --tls-cert and --tls-key)"
@@ -299,9 +314,51 @@ fn load_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, StartupError
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|e| StartupError::Tls(format!("{}: {e}", p.display())))
     };
-    let identity = Identity::from_pem(read(cert)?, read(key)?);
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            StartupError::Tls(format!(
+                "{}: not a PEM certificate chain: {e}",
+                cert.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(StartupError::Tls(format!(
+            "{}: holds no PEM certificate",
+            cert.display()
+        )));
+    }
+    // Only whether it parses: the key itself is not kept, nor ever printed.
+    PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| StartupError::Tls(format!("{}: not a PEM private key: {e}", key.display())))?;
+    let config = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+    // Builds the server's TLS acceptor once now: this is where a certificate that does not
+    // belong to the key, or one rustls cannot use, is found.
+    tonic::transport::Server::builder()
+        .tls_config(config.clone())
+        .map_err(|e| {
+            StartupError::Tls(format!(
+                "{} and {}: unusable certificate and key: {}",
+                cert.display(),
+                key.display(),
+                error_chain(&e)
+            ))
+        })?;
     info!(cert = %cert.display(), "TLS on");
-    Ok(Some(ServerTlsConfig::new().identity(identity)))
+    Ok(Some(config))
+}
+
+/// An error with its sources, which tonic's transport errors keep the useful part in.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// The server span of a gRPC call, named and attributed per the OpenTelemetry RPC conventions,

@@ -25,6 +25,9 @@ pub struct Settings {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
+    /// PEM file of certificate authorities trusted for an `amqps://` URL, besides the system's.
+    #[arg(long, global = true, env = "SAGA_AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<PathBuf>,
     /// Address the gRPC API listens on.
     #[arg(
         long,

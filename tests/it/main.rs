@@ -8,3 +8,4 @@ mod helpers;
 mod observe;
 mod sagactl;
 mod sagas;
+mod tls;
