@@ -262,8 +262,30 @@ impl pb::saga_service_server::SagaService for SagaApi {
         &self,
         req: Request<pb::ReportStepResultRequest>,
     ) -> Result<Response<pb::ReportStepResultResponse>, Status> {
+        let bound = req.extensions().get::<auth::BoundParticipants>().cloned();
         let req = req.into_inner();
         let command_id = parse_id("command_id", &req.command_id)?;
+        if let Some(auth::BoundParticipants(allowed)) = bound {
+            // Checked against the command as sent, so a token cannot answer for another service.
+            match self
+                .store
+                .command_participant(command_id)
+                .await
+                .map_err(status_of)?
+            {
+                Some(p) if allowed.contains(&p) => {}
+                Some(p) => {
+                    return Err(Status::permission_denied(format!(
+                        "this token may not report results of commands sent to {p:?}"
+                    )));
+                }
+                None => {
+                    return Err(Status::not_found(format!(
+                        "no command with id {command_id} was sent"
+                    )));
+                }
+            }
+        }
         let outcome = match pb::Outcome::try_from(req.outcome) {
             Ok(pb::Outcome::Success) => engine::Outcome::Success {
                 output: if req.output_json.trim().is_empty() {

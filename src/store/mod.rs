@@ -454,6 +454,16 @@ impl Store {
         Ok(results[0])
     }
 
+    /// The participant a command was sent to, `None` if no such command exists.
+    pub async fn command_participant(&self, command_id: Uuid) -> Result<Option<String>> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT participant FROM step_attempts WHERE command_id = $1")
+                .bind(command_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(p,)| p))
+    }
+
     /// Applies a batch of replies in one transaction (one result per reply, in order). The
     /// sagas are locked in id order, so concurrent batches cannot deadlock; two replies for the
     /// same saga apply one after the other; the same reply twice applies once.

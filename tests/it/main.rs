@@ -2,6 +2,7 @@
 //! database and vhost.
 mod admin;
 mod api;
+mod auth;
 mod contract;
 mod demo;
 mod helpers;
