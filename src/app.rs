@@ -175,6 +175,7 @@ impl Application {
             listener,
             tls,
             tokens,
+            settings.max_watches_per_token,
             store.clone(),
             registry.clone(),
             shutdown.clone(),
@@ -431,6 +432,7 @@ async fn serve(
     listener: TcpListener,
     tls: Option<ServerTlsConfig>,
     tokens: Arc<Tokens>,
+    max_watches_per_token: usize,
     store: Store,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
@@ -452,8 +454,10 @@ async fn serve(
             None
         }
     };
-    let sagas = SagaServiceServer::new(SagaApi::new(store.clone(), registry.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let sagas = SagaServiceServer::new(
+        SagaApi::new(store.clone(), registry.clone()).with_watch_limit(max_watches_per_token),
+    )
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
     let admin = AdminServiceServer::new(AdminApi::new(store, registry))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let mut builder = tonic::transport::Server::builder();

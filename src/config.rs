@@ -107,6 +107,14 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub participant_token: Option<String>,
+    /// `WatchSaga` streams one token may have open at once (more: RESOURCE_EXHAUSTED).
+    #[arg(
+        long,
+        global = true,
+        env = "SAGA_MAX_WATCHES_PER_TOKEN",
+        default_value_t = crate::api::DEFAULT_MAX_WATCHES_PER_TOKEN
+    )]
+    pub max_watches_per_token: usize,
     /// Serve the API without authentication on a non-loopback address (never in production).
     #[arg(long, global = true, env = "SAGA_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,

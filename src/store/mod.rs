@@ -182,6 +182,9 @@ pub struct Store {
     starts: tokio::sync::mpsc::Sender<starts::NewSaga>,
 }
 
+/// Saga ids the change feed holds for its slowest watcher.
+const WATCH_FEED: usize = 4096;
+
 /// What a committed transaction tells the rest of the process.
 #[derive(Clone)]
 struct Signals {
@@ -189,6 +192,8 @@ struct Signals {
     /// Signalled after every commit that wrote outbox rows: the relays of this process wait on
     /// it (rows another replica wrote are found by their polling).
     outbox_ready: Arc<Notify>,
+    /// Ids of the sagas each commit changed: the one feed every `WatchSaga` stream filters.
+    changed: tokio::sync::broadcast::Sender<Uuid>,
 }
 
 impl Signals {
@@ -207,6 +212,10 @@ impl Signals {
         }
         if flushed.outbox {
             self.outbox_ready.notify_one();
+        }
+        for id in flushed.changed {
+            // No receiver (nobody watching) is not an error.
+            let _ = self.changed.send(id);
         }
     }
 }
@@ -268,6 +277,7 @@ impl Store {
         let signals = Signals {
             metrics: Arc::new(Metrics::new()),
             outbox_ready: Arc::new(Notify::new()),
+            changed: tokio::sync::broadcast::channel(WATCH_FEED).0,
         };
         Ok(Store {
             starts: starts::spawn_writer(pool.clone(), signals.clone()),
@@ -300,6 +310,12 @@ impl Store {
     }
 
     /// Wakes a relay, e.g. when held commands may go out again.
+    /// Ids of the sagas this process's commits change, as they commit. A receiver that falls
+    /// more than the feed's capacity behind gets `Lagged` and must re-read what it watches.
+    pub fn saga_changes(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+        self.signals.changed.subscribe()
+    }
+
     pub fn wake_relay(&self) {
         self.signals.outbox_ready.notify_one();
     }

@@ -94,3 +94,81 @@ async fn a_token_bound_to_payment_reports_only_payment_results() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn watch_streams_are_capped_per_token() {
+    let env = TestEnv::new();
+    let mut settings = env.settings(&repo_sagas());
+    settings.operator_token = Some(OPERATOR.into());
+    settings.participant_token = Some(ANY.into());
+    settings.max_watches_per_token = 2;
+    let app = spawn_app(settings).await;
+    let (mut ops, _) = clients(app.addr, Some(OPERATOR)).await;
+    let (mut other, _) = clients(app.addr, Some(ANY)).await;
+    // No participant runs: the saga stays running and its watches stay open.
+    let id = start(&mut other, json!({"order_id": "W-1"})).await;
+    let watch = || pb::WatchSagaRequest {
+        saga_id: id.clone(),
+        after_seq: 0,
+    };
+    let first = ops.watch_saga(watch()).await.unwrap().into_inner();
+    let _second = ops.watch_saga(watch()).await.unwrap().into_inner();
+    let refused = ops.watch_saga(watch()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // Another token has its own allowance.
+    let _theirs = other.watch_saga(watch()).await.unwrap().into_inner();
+    // A stream the caller closes gives its place back.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match ops.watch_saga(watch()).await {
+            Ok(_) => break,
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_watch_follows_the_commits_of_its_saga() {
+    let env = TestEnv::new();
+    let app = spawn_app(env.settings(&repo_sagas())).await;
+    let (mut client, _) = clients(app.addr, None).await;
+    let id = start(&mut client, json!({"order_id": "W-2"})).await;
+    let mut stream = client
+        .watch_saga(pb::WatchSagaRequest {
+            saga_id: id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Answer each command by hand; every transition shows up on the stream, up to the end.
+    let mut kinds = Vec::new();
+    let done = async {
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("the watch stalled")
+                .unwrap();
+            let Some(event) = event else { break };
+            if event.kind == "command_sent" {
+                let cmd = event.command_id.clone();
+                client.report_step_result(success(&cmd)).await.unwrap();
+            }
+            kinds.push(event.kind);
+        }
+    };
+    done.await;
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("saga_completed"),
+        "{kinds:?}"
+    );
+    app.stop().await;
+}
