@@ -6,6 +6,7 @@ mod auth;
 mod contract;
 mod demo;
 mod helpers;
+mod large;
 mod observe;
 mod sagactl;
 mod sagas;
