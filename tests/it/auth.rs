@@ -172,3 +172,32 @@ async fn a_watch_follows_the_commits_of_its_saga() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn each_commit_announces_the_sagas_it_changed() {
+    let env = TestEnv::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let app = saga::app::Application::build(env.settings(&repo_sagas()), shutdown.clone())
+        .await
+        .unwrap();
+    let mut feed = app.store().saga_changes();
+    let addr = app.local_addr();
+    let running = tokio::spawn(app.run_until_stopped());
+    let (mut client, _) = clients(addr, None).await;
+    let id = start(&mut client, json!({"order_id": "F-1"})).await;
+    let cmd = pending(&mut client, &id, "create_order").await;
+    client.report_step_result(success(&cmd)).await.unwrap();
+    // The reply's transition is what watchers of this saga are woken by.
+    let announced = async {
+        loop {
+            if feed.recv().await.unwrap().to_string() == id {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), announced)
+        .await
+        .expect("the transition was announced");
+    shutdown.cancel();
+    running.await.unwrap();
+}
