@@ -43,6 +43,8 @@ pub enum StartupError {
     Auth(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("AMQP: {0}")]
+    Amqp(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -79,6 +81,8 @@ impl Application {
         info!(database = %redact_url(&settings.database_url), "connecting to PostgreSQL");
         let tokens = Arc::new(load_tokens(&settings)?);
         let tls = load_tls(&settings)?;
+        let amqp_ca = broker::load_amqp_ca(&settings.amqp_url, settings.amqp_ca_file.as_deref())
+            .map_err(StartupError::Amqp)?;
         let store = Store::connect(&settings.database_url, settings.db_max_connections)
             .await?
             .with_circuit(CircuitSettings {
@@ -100,7 +104,7 @@ impl Application {
 
         // Declared now so participants and clients find the queues as soon as we are up. If the
         // broker is down this only warns: the relay and consumer declare again on connect.
-        match declare_topology(&settings.amqp_url, &participants).await {
+        match declare_topology(&settings.amqp_url, amqp_ca.as_deref(), &participants).await {
             Ok(()) => info!(participants = ?participants, "broker topology declared"),
             Err(e) => warn!(error = %e, "broker unreachable at start-up; will keep trying"),
         }
@@ -164,6 +168,7 @@ impl Application {
         info!(amqp = %redact_url(&settings.amqp_url), "starting outbox relay and reply consumer");
         let relay = RelaySettings {
             amqp_url: settings.amqp_url.clone(),
+            amqp_ca: amqp_ca.clone(),
             participants: participants.clone(),
             batch_size: settings.outbox_batch,
             poll_interval: settings.outbox_poll,
@@ -177,6 +182,7 @@ impl Application {
         }
         let consumer = ConsumerSettings {
             amqp_url: settings.amqp_url.clone(),
+            amqp_ca,
             participants,
             prefetch: settings.reply_prefetch,
         };
@@ -209,13 +215,17 @@ impl Application {
             }
         });
         let listener = Rebind::new(listener, addr);
+        let grpc = GrpcSettings {
+            tls,
+            tokens,
+            max_watches_per_token: settings.max_watches_per_token,
+        };
         tasks.spawn("gRPC server", {
             let (store, registry, shutdown) = (store.clone(), registry.clone(), shutdown.clone());
             move || {
                 serve(
                     listener.clone(),
-                    tls.clone(),
-                    tokens.clone(),
+                    grpc.clone(),
                     health.clone(),
                     store.clone(),
                     registry.clone(),
@@ -273,9 +283,13 @@ impl Application {
     }
 }
 
-async fn declare_topology(amqp_url: &str, participants: &[String]) -> Result<(), String> {
+async fn declare_topology(
+    amqp_url: &str,
+    amqp_ca: Option<&str>,
+    participants: &[String],
+) -> Result<(), String> {
     let attempt = async {
-        let (conn, channel) = broker::open(amqp_url, participants).await?;
+        let (conn, channel) = broker::open(amqp_url, amqp_ca, participants).await?;
         // Closed in order: a dropped lapin channel closes itself, racing the connection close.
         channel.close(200, "topology declared".into()).await?;
         conn.close(200, "topology declared".into()).await
@@ -342,7 +356,12 @@ fn load_tokens(settings: &Settings) -> Result<Tokens, StartupError> {
     Ok(tokens)
 }
 
+/// Reads and checks the gRPC listener's certificate and key, so that unreadable or mismatched
+/// PEM contents stop `sagad` here, naming the file, instead of after it announced it listens.
 fn load_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, StartupError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
     let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
         warn!(
             "TLS DISABLED: the gRPC API is served in plain text (configure --tls-cert and --tls-key)"
@@ -352,9 +371,51 @@ fn load_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, StartupError
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|e| StartupError::Tls(format!("{}: {e}", p.display())))
     };
-    let identity = Identity::from_pem(read(cert)?, read(key)?);
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            StartupError::Tls(format!(
+                "{}: not a PEM certificate chain: {e}",
+                cert.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(StartupError::Tls(format!(
+            "{}: holds no PEM certificate",
+            cert.display()
+        )));
+    }
+    // Only whether it parses: the key itself is not kept, nor ever printed.
+    PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| StartupError::Tls(format!("{}: not a PEM private key: {e}", key.display())))?;
+    let config = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+    // Builds the server's TLS acceptor once now: this is where a certificate that does not
+    // belong to the key, or one rustls cannot use, is found.
+    tonic::transport::Server::builder()
+        .tls_config(config.clone())
+        .map_err(|e| {
+            StartupError::Tls(format!(
+                "{} and {}: unusable certificate and key: {}",
+                cert.display(),
+                key.display(),
+                error_chain(&e)
+            ))
+        })?;
     info!(cert = %cert.display(), "TLS on");
-    Ok(Some(ServerTlsConfig::new().identity(identity)))
+    Ok(Some(config))
+}
+
+/// An error with its sources, which tonic's transport errors keep the useful part in.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// The server span of a gRPC call, named and attributed per the OpenTelemetry RPC conventions,
@@ -448,10 +509,21 @@ async fn report_health(
     }
 }
 
-async fn serve(
-    listener: Rebind,
+/// How the gRPC listener is set up, kept to start it again after a failure.
+#[derive(Clone)]
+struct GrpcSettings {
     tls: Option<ServerTlsConfig>,
     tokens: Arc<Tokens>,
+    max_watches_per_token: usize,
+}
+
+async fn serve(
+    listener: Rebind,
+    GrpcSettings {
+        tls,
+        tokens,
+        max_watches_per_token,
+    }: GrpcSettings,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -478,8 +550,10 @@ async fn serve(
         }
     };
     let (reflection, reflection_v1alpha) = reflection.unzip();
-    let sagas = SagaServiceServer::new(SagaApi::new(store.clone(), registry.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let sagas = SagaServiceServer::new(
+        SagaApi::new(store.clone(), registry.clone()).with_watch_limit(max_watches_per_token),
+    )
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
     let admin = AdminServiceServer::new(AdminApi::new(store, registry))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let mut builder = tonic::transport::Server::builder();

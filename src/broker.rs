@@ -4,6 +4,7 @@
 //! with capped back-off and starts again. Nothing is lost meanwhile: unpublished commands stay
 //! in the outbox, unacknowledged replies stay in their queue.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -13,8 +14,11 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
 use sqlx::Connection as _;
 use time::OffsetDateTime;
@@ -41,13 +45,55 @@ pub enum BrokerError {
     Nacked(String),
 }
 
+/// Reads and checks, once at start-up, the PEM certificate authorities trusted for `amqps://`
+/// besides the system's. A file that holds no certificate is refused here: the TLS library
+/// would skip what it cannot parse and the first handshake would fail later, far from the cause.
+/// A CA file with a plain-text `amqp://` URL is refused too, as it says TLS was meant.
+pub fn load_amqp_ca(url: &str, ca_file: Option<&Path>) -> Result<Option<Arc<str>>, String> {
+    let Some(path) = ca_file else {
+        return Ok(None);
+    };
+    if !url
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("amqps://")
+    {
+        return Err(format!(
+            "a CA file ({}) is configured but the AMQP URL is not amqps://",
+            path.display()
+        ));
+    }
+    let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: holds no PEM certificate", path.display()));
+    }
+    Ok(Some(pem.into()))
+}
+
+/// Connects to RabbitMQ. `amqps://` is always TLS (verified against the system's authorities and
+/// `ca`, the PEM of [`load_amqp_ca`]); a server that does not speak TLS there fails the
+/// connection, it is never retried in plain text. Every AMQP connection of this crate (relay,
+/// consumer, topology, demo participants) goes through here.
+pub async fn connect(url: &str, ca: Option<&str>) -> Result<Connection, lapin::Error> {
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: ca.map(str::to_owned),
+    };
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connect_with_config(url, ConnectionProperties::default(), tls, runtime).await
+}
+
 /// Connects and opens a channel, declaring the topology first: done on every (re)connect, so a
 /// broker that lost its state gets it back before anything is published or consumed.
 pub async fn open(
     url: &str,
+    ca: Option<&str>,
     participants: &[String],
 ) -> Result<(Connection, Channel), lapin::Error> {
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let conn = connect(url, ca).await?;
     let channel = conn.create_channel().await?;
     contract::declare_topology(&channel, participants.iter().map(String::as_str)).await?;
     Ok((conn, channel))
@@ -84,6 +130,8 @@ impl Backoff {
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
     pub amqp_url: String,
+    /// Extra CA certificates (PEM) for `amqps://`, from [`load_amqp_ca`].
+    pub amqp_ca: Option<Arc<str>>,
     /// Participants whose queues must exist before commands are routed to them.
     pub participants: Vec<String>,
     pub batch_size: i64,
@@ -137,7 +185,12 @@ async fn relay_session(
     settings: &RelaySettings,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let (conn, channel) = open(&settings.amqp_url, &settings.participants).await?;
+    let (conn, channel) = open(
+        &settings.amqp_url,
+        settings.amqp_ca.as_deref(),
+        &settings.participants,
+    )
+    .await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
@@ -322,6 +375,8 @@ const CONCURRENT_BATCHES: usize = 4;
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
     pub amqp_url: String,
+    /// Extra CA certificates (PEM) for `amqps://`, from [`load_amqp_ca`].
+    pub amqp_ca: Option<Arc<str>>,
     pub participants: Vec<String>,
     pub prefetch: u16,
 }
@@ -347,7 +402,12 @@ async fn consume_session(
     settings: &ConsumerSettings,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let (conn, channel) = open(&settings.amqp_url, &settings.participants).await?;
+    let (conn, channel) = open(
+        &settings.amqp_url,
+        settings.amqp_ca.as_deref(),
+        &settings.participants,
+    )
+    .await?;
     channel
         .basic_qos(settings.prefetch, BasicQosOptions::default())
         .await?;

@@ -26,6 +26,9 @@ pub struct Settings {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
+    /// PEM file of certificate authorities trusted for an `amqps://` URL, besides the system's.
+    #[arg(long, global = true, env = "SAGA_AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<PathBuf>,
     /// Address the gRPC API listens on.
     #[arg(
         long,
@@ -105,6 +108,14 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub participant_token: Option<String>,
+    /// `WatchSaga` streams one token may have open at once (more: RESOURCE_EXHAUSTED).
+    #[arg(
+        long,
+        global = true,
+        env = "SAGA_MAX_WATCHES_PER_TOKEN",
+        default_value_t = crate::api::DEFAULT_MAX_WATCHES_PER_TOKEN
+    )]
+    pub max_watches_per_token: usize,
     /// Serve the API without authentication on a non-loopback address (never in production).
     #[arg(long, global = true, env = "SAGA_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,

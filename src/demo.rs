@@ -42,7 +42,7 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection as _, Row};
@@ -133,6 +133,8 @@ const REQUEUE_DELAY: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
     pub amqp_url: String,
+    /// Extra CA certificates (PEM) for an `amqps://` URL, from [`crate::broker::load_amqp_ca`].
+    pub amqp_ca: Option<std::sync::Arc<str>>,
     pub database_url: String,
     pub participants: Vec<String>,
     /// Injected failures.
@@ -148,6 +150,7 @@ impl Default for DemoConfig {
     fn default() -> Self {
         DemoConfig {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            amqp_ca: None,
             database_url: "postgres://postgres@127.0.0.1:5432/saga_demo".into(),
             participants: PARTICIPANTS.iter().map(|p| p.to_string()).collect(),
             failures: Vec::new(),
@@ -458,7 +461,7 @@ struct Session {
 
 impl Session {
     async fn start(config: &DemoConfig) -> anyhow::Result<Session> {
-        let connection = Connection::connect(&config.amqp_url, ConnectionProperties::default())
+        let connection = crate::broker::connect(&config.amqp_url, config.amqp_ca.as_deref())
             .await
             .context("cannot connect to RabbitMQ")?;
         let publisher = connection.create_channel().await?;

@@ -63,43 +63,99 @@ struct TokenEntry {
     name: String,
     scope: Scope,
     token: Secret,
+    /// For a participant token: the only participants whose results it may report.
+    participants: Option<Vec<String>>,
 }
+
+/// The participants a token may report step results for, put in the request's extensions next
+/// to the [`Caller`] when the token is bound to some (absent: any participant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundParticipants(pub Vec<String>);
 
 #[derive(Debug, Default)]
 pub struct Tokens {
-    entries: Vec<(Caller, Secret)>,
+    entries: Vec<(Caller, Secret, Option<BoundParticipants>)>,
 }
 
-/// Shorter tokens are refused at start-up: they can be guessed.
+/// Shorter tokens (in bytes) are refused at start-up: they can be guessed.
 const MIN_TOKEN_LEN: usize = 16;
 
 impl Tokens {
     pub fn add(&mut self, name: &str, scope: Scope, token: Secret) -> Result<(), String> {
+        self.add_bound(name, scope, token, None)
+    }
+
+    /// Like [`Tokens::add`], for a participant token that may only report the results of
+    /// commands sent to `participants`.
+    pub fn add_bound(
+        &mut self,
+        name: &str,
+        scope: Scope,
+        token: Secret,
+        participants: Option<Vec<String>>,
+    ) -> Result<(), String> {
+        if name.trim().is_empty() {
+            return Err("a token has an empty name".into());
+        }
         if token.0.len() < MIN_TOKEN_LEN {
             return Err(format!(
-                "token {name:?} is shorter than {MIN_TOKEN_LEN} characters"
+                "token {name:?} is shorter than {MIN_TOKEN_LEN} bytes"
             ));
         }
-        if self.entries.iter().any(|(c, _)| c.name == name) {
+        if self.entries.iter().any(|(c, _, _)| c.name == name) {
             return Err(format!("token name {name:?} is used twice"));
         }
+        // One value under two names would make the caller (and its scope) ambiguous.
+        if let Some((other, _, _)) = self
+            .entries
+            .iter()
+            .find(|(_, s, _)| bool::from(s.0.as_bytes().ct_eq(token.0.as_bytes())))
+        {
+            return Err(format!(
+                "tokens {:?} and {name:?} have the same value",
+                other.name
+            ));
+        }
+        let bound = match participants {
+            None => None,
+            Some(_) if scope != Scope::Participant => {
+                return Err(format!(
+                    "token {name:?}: only participant tokens can be bound to participants"
+                ));
+            }
+            Some(list) if list.is_empty() || list.iter().any(|p| p.trim().is_empty()) => {
+                return Err(format!(
+                    "token {name:?}: `participants` must list participant names"
+                ));
+            }
+            Some(list) => Some(BoundParticipants(list)),
+        };
         self.entries.push((
             Caller {
                 name: name.to_string(),
                 scope,
             },
             token,
+            bound,
         ));
         Ok(())
     }
 
-    /// Loads `[[token]]` entries (`name`, `scope` = "participant" | "operator", `token`).
+    /// Loads `[[token]]` entries (`name`, `scope` = "participant" | "operator", `token`, and
+    /// optionally `participants` for a participant token). A file without any token is refused:
+    /// it would silently turn authentication off.
     pub fn load_file(&mut self, path: &Path) -> Result<(), String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let file: TokenFile =
             toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+        if file.token.is_empty() {
+            return Err(format!(
+                "{}: no [[token]] entry; an empty file would disable authentication",
+                path.display()
+            ));
+        }
         for t in file.token {
-            self.add(&t.name, t.scope, t.token)
+            self.add_bound(&t.name, t.scope, t.token, t.participants)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }
         Ok(())
@@ -116,11 +172,19 @@ impl Tokens {
     /// The caller owning `presented`, checking every token so the time taken does not depend on
     /// which one (if any) matches.
     pub fn authenticate(&self, presented: &str) -> Option<&Caller> {
+        self.authenticate_bound(presented).map(|(c, _)| c)
+    }
+
+    /// The caller owning `presented` and the participants its token is bound to, if any.
+    pub fn authenticate_bound(
+        &self,
+        presented: &str,
+    ) -> Option<(&Caller, Option<&BoundParticipants>)> {
         let mut found = None;
-        for (caller, secret) in &self.entries {
+        for (caller, secret, bound) in &self.entries {
             let equal: bool = secret.0.as_bytes().ct_eq(presented.as_bytes()).into();
             if equal {
-                found = Some(caller);
+                found = Some((caller, bound.as_ref()));
             }
         }
         found
@@ -164,15 +228,18 @@ impl Interceptor for Authenticator {
                 .ok_or_else(|| {
                     Status::unauthenticated("the authorization metadata must be `Bearer <token>`")
                 })?;
-            let caller = self
+            let (caller, bound) = self
                 .tokens
-                .authenticate(presented.trim())
+                .authenticate_bound(presented.trim())
                 .ok_or_else(|| Status::unauthenticated("invalid token"))?;
             if caller.scope < self.required {
                 return Err(Status::permission_denied(format!(
                     "token {:?} has scope {:?}; this needs {:?}",
                     caller.name, caller.scope, self.required
                 )));
+            }
+            if let Some(bound) = bound {
+                req.extensions_mut().insert(bound.clone());
             }
             caller.clone()
         };
@@ -276,6 +343,71 @@ mod tests {
             "***"
         );
         assert!(!format!("{t:?}").contains("operator-token"));
+    }
+
+    #[test]
+    fn shared_values_empty_names_short_bytes_and_empty_files_are_refused() {
+        let mut t = tokens();
+        let e = t
+            .add(
+                "copy",
+                Scope::Participant,
+                Secret::new("operator-token-0123456789"),
+            )
+            .unwrap_err();
+        assert!(e.contains("same value"), "{e}");
+        assert!(
+            t.add(" ", Scope::Operator, Secret::new("a-long-enough-token-123"))
+                .is_err()
+        );
+        // 15 bytes, whatever the character count.
+        assert!(
+            t.add("short", Scope::Operator, Secret::new("ééééééé1"))
+                .unwrap_err()
+                .contains("bytes")
+        );
+        assert!(
+            t.add_bound(
+                "ops2",
+                Scope::Operator,
+                Secret::new("another-operator-token-1"),
+                Some(vec!["payment".into()])
+            )
+            .is_err()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        std::fs::write(&path, "# nobody yet\n").unwrap();
+        let e = Tokens::default().load_file(&path).unwrap_err();
+        assert!(
+            e.contains("tokens.toml") && e.contains("no [[token]]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bound_participant_token_carries_its_participants() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        std::fs::write(
+            &path,
+            "[[token]]\nname = \"pay\"\nscope = \"participant\"\n\
+             token = \"payment-token-0123456789\"\nparticipants = [\"payment\"]\n",
+        )
+        .unwrap();
+        let mut t = Tokens::default();
+        t.load_file(&path).unwrap();
+        let mut auth = Authenticator::new(Arc::new(t), Scope::Participant);
+        let mut req = Request::new(());
+        req.metadata_mut().insert(
+            "authorization",
+            "Bearer payment-token-0123456789".parse().unwrap(),
+        );
+        let req = auth.call(req).unwrap();
+        assert_eq!(
+            req.extensions().get::<BoundParticipants>(),
+            Some(&BoundParticipants(vec!["payment".into()]))
+        );
     }
 
     #[test]

@@ -32,17 +32,69 @@ pub const MAX_INPUT_BYTES: usize = 256 * 1024;
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 500;
-/// How often a watch looks for new history events.
-const WATCH_POLL: Duration = Duration::from_millis(200);
+/// A watch re-reads its saga when a commit of this process changed it; this is for the commits
+/// of other replicas sharing the database, which no signal of ours announces.
+const WATCH_FALLBACK: Duration = Duration::from_secs(2);
+/// `WatchSaga` streams open at once per token, unless configured otherwise.
+pub const DEFAULT_MAX_WATCHES_PER_TOKEN: usize = 16;
 
 pub struct SagaApi {
     store: Store,
     registry: Arc<Registry>,
+    max_watches: usize,
+    /// Open watch streams per token name.
+    watches: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl SagaApi {
     pub fn new(store: Store, registry: Arc<Registry>) -> Self {
-        SagaApi { store, registry }
+        SagaApi {
+            store,
+            registry,
+            max_watches: DEFAULT_MAX_WATCHES_PER_TOKEN,
+            watches: Default::default(),
+        }
+    }
+
+    /// At most `max` open `WatchSaga` streams per token (RESOURCE_EXHAUSTED beyond).
+    pub fn with_watch_limit(mut self, max: usize) -> Self {
+        self.max_watches = max;
+        self
+    }
+
+    fn open_watch(&self, token: &str) -> Result<WatchSlot, Status> {
+        let mut open = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(token.to_string()).or_default();
+        if *count >= self.max_watches {
+            return Err(Status::resource_exhausted(format!(
+                "token {token:?} already has {} open watch streams; close one first",
+                self.max_watches
+            )));
+        }
+        *count += 1;
+        Ok(WatchSlot {
+            watches: self.watches.clone(),
+            token: token.to_string(),
+        })
+    }
+}
+
+/// One open watch stream, counted against its token until dropped (the stream ended or the
+/// caller hung up).
+struct WatchSlot {
+    watches: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    token: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.token) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.token);
+            }
+        }
     }
 }
 
@@ -132,10 +184,15 @@ impl pb::saga_service_server::SagaService for SagaApi {
         let mut after = req.get_ref().after_seq;
         // Fails now, as a status, if the saga does not exist (for this caller).
         let owner = self.store.saga_owner(id).await.map_err(status_of)?;
-        readable(&caller(&req), id, owner.as_deref())?;
+        let who = caller(&req);
+        readable(&who, id, owner.as_deref())?;
+        let slot = self.open_watch(&who.name)?;
         let store = self.store.clone();
+        // Subscribed before the first read, so no commit falls between the read and the wait.
+        let mut changes = store.saga_changes();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
+            let _slot = slot;
             loop {
                 // Read the status before the events: events written after a terminal status
                 // was seen are still sent on this round, so none is lost at the end.
@@ -157,9 +214,24 @@ impl pb::saga_service_server::SagaService for SagaApi {
                 if status.is_terminal() {
                     return;
                 }
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                let fallback = tokio::time::sleep(WATCH_FALLBACK);
+                tokio::pin!(fallback);
+                loop {
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        _ = &mut fallback => break,
+                        changed = changes.recv() => match changed {
+                            Ok(changed) if changed == id => break,
+                            Ok(_) => {}
+                            // Missed ids may include ours: read again.
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                            // Only when the store is gone; the fallback still ends the wait.
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                (&mut fallback).await;
+                                break;
+                            }
+                        },
+                    }
                 }
             }
         });
@@ -278,8 +350,30 @@ impl pb::saga_service_server::SagaService for SagaApi {
         &self,
         req: Request<pb::ReportStepResultRequest>,
     ) -> Result<Response<pb::ReportStepResultResponse>, Status> {
+        let bound = req.extensions().get::<auth::BoundParticipants>().cloned();
         let req = req.into_inner();
         let command_id = parse_id("command_id", &req.command_id)?;
+        if let Some(auth::BoundParticipants(allowed)) = bound {
+            // Checked against the command as sent, so a token cannot answer for another service.
+            match self
+                .store
+                .command_participant(command_id)
+                .await
+                .map_err(status_of)?
+            {
+                Some(p) if allowed.contains(&p) => {}
+                Some(p) => {
+                    return Err(Status::permission_denied(format!(
+                        "this token may not report results of commands sent to {p:?}"
+                    )));
+                }
+                None => {
+                    return Err(Status::not_found(format!(
+                        "no command with id {command_id} was sent"
+                    )));
+                }
+            }
+        }
         let outcome = match pb::Outcome::try_from(req.outcome) {
             Ok(pb::Outcome::Success) => engine::Outcome::Success {
                 output: if req.output_json.trim().is_empty() {

@@ -18,6 +18,10 @@ struct Args {
     )]
     amqp_url: String,
 
+    /// PEM file of certificate authorities trusted for an `amqps://` URL, besides the system's.
+    #[arg(long, env = "SAGA_AMQP_CA_FILE")]
+    amqp_ca_file: Option<std::path::PathBuf>,
+
     /// The demo's own database; created if missing.
     #[arg(
         long,
@@ -62,6 +66,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let telemetry = saga::telemetry::Telemetry::init("saga-demo", false);
     let args = Args::parse();
+    let amqp_ca = saga::broker::load_amqp_ca(&args.amqp_url, args.amqp_ca_file.as_deref())
+        .map_err(anyhow::Error::msg)?;
     demo::ensure_database(&args.database_url).await?;
 
     let shutdown = CancellationToken::new();
@@ -69,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let result = demo::run(
         DemoConfig {
             amqp_url: args.amqp_url,
+            amqp_ca,
             database_url: args.database_url,
             participants: args.participants,
             failures: args.failures,

@@ -371,12 +371,21 @@ async fn connect(global: &Global) -> anyhow::Result<Api> {
     Ok(InterceptedService::new(channel, auth))
 }
 
+/// Largest answer accepted. A saga carries its input (up to 256 KiB) and every reply's output
+/// (up to 1 MiB each) in its attempts and again in its history, so a few large steps already
+/// exceed tonic's default of 4 MiB; repairs answer with the saga too.
+const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
 async fn sagas(global: &Global) -> anyhow::Result<SagaServiceClient<Api>> {
-    Ok(SagaServiceClient::new(connect(global).await?))
+    Ok(
+        SagaServiceClient::new(connect(global).await?)
+            .max_decoding_message_size(MAX_RESPONSE_BYTES),
+    )
 }
 
 async fn admin(global: &Global) -> anyhow::Result<AdminServiceClient<Api>> {
-    Ok(AdminServiceClient::new(connect(global).await?))
+    Ok(AdminServiceClient::new(connect(global).await?)
+        .max_decoding_message_size(MAX_RESPONSE_BYTES))
 }
 
 impl Global {

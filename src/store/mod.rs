@@ -189,6 +189,9 @@ pub struct Store {
     start_queue: starts::Queue,
 }
 
+/// Saga ids the change feed holds for its slowest watcher.
+const WATCH_FEED: usize = 4096;
+
 /// What a committed transaction tells the rest of the process.
 #[derive(Clone)]
 struct Signals {
@@ -196,6 +199,8 @@ struct Signals {
     /// Signalled after every commit that wrote outbox rows: the relays of this process wait on
     /// it (rows another replica wrote are found by their polling).
     outbox_ready: Arc<Notify>,
+    /// Ids of the sagas each commit changed: the one feed every `WatchSaga` stream filters.
+    changed: tokio::sync::broadcast::Sender<Uuid>,
 }
 
 impl Signals {
@@ -214,6 +219,10 @@ impl Signals {
         }
         if flushed.outbox {
             self.outbox_ready.notify_one();
+        }
+        for id in flushed.changed {
+            // No receiver (nobody watching) is not an error.
+            let _ = self.changed.send(id);
         }
     }
 }
@@ -275,6 +284,7 @@ impl Store {
         let signals = Signals {
             metrics: Arc::new(Metrics::new()),
             outbox_ready: Arc::new(Notify::new()),
+            changed: tokio::sync::broadcast::channel(WATCH_FEED).0,
         };
         let (starts, start_queue) = starts::queue();
         Ok(Store {
@@ -329,6 +339,12 @@ impl Store {
     }
 
     /// Wakes a relay, e.g. when held commands may go out again.
+    /// Ids of the sagas this process's commits change, as they commit. A receiver that falls
+    /// more than the feed's capacity behind gets `Lagged` and must re-read what it watches.
+    pub fn saga_changes(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
+        self.signals.changed.subscribe()
+    }
+
     pub fn wake_relay(&self) {
         self.signals.outbox_ready.notify_one();
     }
@@ -499,6 +515,16 @@ impl Store {
             .apply_replies(registry, vec![(command_id, outcome)], now)
             .await?;
         Ok(results[0])
+    }
+
+    /// The participant a command was sent to, `None` if no such command exists.
+    pub async fn command_participant(&self, command_id: Uuid) -> Result<Option<String>> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT participant FROM step_attempts WHERE command_id = $1")
+                .bind(command_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(p,)| p))
     }
 
     /// Applies a batch of replies in one transaction (one result per reply, in order). The

@@ -337,6 +337,14 @@ impl Writes {
             steps: Vec::new(),
             reclosed: BTreeSet::new(),
             outbox: !self.o_message_id.is_empty(),
+            changed: self
+                .saga_index
+                .keys()
+                .chain(&self.h_saga)
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
         };
         if self.sagas.is_empty() {
             return Ok(flushed);
@@ -458,6 +466,8 @@ impl Writes {
                 .collect(),
             steps: Vec::new(),
             reclosed: BTreeSet::new(),
+            // Nobody can watch a saga before its start returned its id.
+            changed: Vec::new(),
         };
         Ok((inserted, flushed))
     }
@@ -523,6 +533,8 @@ pub(super) struct Flushed {
     pub(super) reclosed: BTreeSet<String>,
     /// Whether outbox rows were written.
     pub(super) outbox: bool,
+    /// Sagas whose state or history the batch changed, for watchers.
+    pub(super) changed: Vec<Uuid>,
 }
 
 pub(super) struct StepEnded {

@@ -2,12 +2,15 @@
 //! database and vhost.
 mod admin;
 mod api;
+mod auth;
 mod bounds;
 mod contract;
 mod demo;
 mod helpers;
+mod large;
 mod observe;
 mod poison;
 mod sagactl;
 mod sagas;
 mod supervision;
+mod tls;
