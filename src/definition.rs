@@ -310,7 +310,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
                     "step `{}` comes after the pivot `{}`: it is retried until it succeeds and is \
                      never compensated, so it cannot have a compensation",
                     rs.name.get_ref(),
-                    steps[pivot].name
+                    steps.get(pivot).map_or("?", |s| s.name.as_str())
                 ),
             ));
         }

@@ -338,6 +338,9 @@ pub struct Operator {
 pub struct Refused(pub String);
 
 /// Applies an operator's repair, or refuses it when it makes no sense in the saga's state.
+// Step indices here are `state.step` or the pivot, both checked by `fits` on entry, or walk
+// from them within `0..steps.len()`.
+#[allow(clippy::indexing_slicing)]
 pub fn repair(
     def: &Definition,
     state: &SagaState,
@@ -370,7 +373,11 @@ pub fn repair(
     let step = state.step;
     let mut detail = json!({"action": repair.name(), "actor": by.actor, "reason": by.reason, "kind": state.kind.as_str()});
     match &repair {
-        Repair::Skip { output } => detail["output"] = output.clone(),
+        Repair::Skip { output } => {
+            if let Value::Object(d) = &mut detail {
+                d.insert("output".into(), output.clone());
+            }
+        }
         Repair::RetryNow | Repair::Compensate | Repair::Resolve => {}
     }
     // Whatever the repair, a command still in flight is abandoned: its reply, if it ever
@@ -465,6 +472,9 @@ struct Machine<'a> {
     ctx: Ctx,
 }
 
+// Step indices here are `state.step` (checked by `fits` before a machine is built) or walk from
+// it within `0..steps.len()`.
+#[allow(clippy::indexing_slicing)]
 impl Machine<'_> {
     fn start(&mut self) {
         if self.state.status != Status::Running || self.state.attempt != 0 {

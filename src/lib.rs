@@ -11,6 +11,18 @@
 //! - [`app`]: start-up and shutdown; [`config`]: settings; [`telemetry`]: logs and traces.
 //! - [`demo`]: demo participants (order, payment, delivery) that follow the contract.
 //! - [`cli`]: `sagactl`'s formatting and checks (pure, unit-tested).
+// A panic in a task of a long-running server stops work for every saga behind it (until its
+// supervisor restarts it); the lints make every possible panic an explicit, reviewed `allow`.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 pub mod api;
 pub mod app;
 pub mod broker;

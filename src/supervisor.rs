@@ -244,6 +244,8 @@ impl Supervisor {
                 let run = make();
                 let (fault, readiness_, name_) = (fault.clone(), readiness.clone(), name.clone());
                 let started = Instant::now();
+                // The fault hook's whole point is a real panic inside the task.
+                #[allow(clippy::panic)]
                 let handle = tokio::spawn(async move {
                     tokio::select! {
                         exit = run => exit.into_result(),

@@ -1,5 +1,14 @@
 //! `saga-demo`: runs the demo participants (`order`, `payment`, `delivery`) of
 //! `sagas/order_fulfillment.toml` against RabbitMQ. See `saga::demo`.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
 use std::time::Duration;
 

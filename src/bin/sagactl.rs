@@ -1,4 +1,13 @@
 //! `sagactl`: the command-line client for sagad's gRPC API.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
 use std::error::Error as _;
 use std::io::{self, BufRead, IsTerminal, Read, Write};

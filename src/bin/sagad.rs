@@ -1,4 +1,13 @@
 //! `sagad`: the saga orchestrator server.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -80,7 +89,7 @@ async fn main() -> ExitCode {
                         d.name,
                         d.version,
                         d.steps.len(),
-                        d.steps[d.pivot].name
+                        d.steps.get(d.pivot).map_or("?", |s| s.name.as_str())
                     );
                 }
             }

@@ -514,7 +514,10 @@ impl Store {
         let results = self
             .apply_replies(registry, vec![(command_id, outcome)], now)
             .await?;
-        Ok(results[0])
+        results
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Corrupt("a reply was applied without a result".into()))
     }
 
     /// The participant a command was sent to, `None` if no such command exists.
@@ -568,7 +571,7 @@ impl Store {
         // itself, read now that the locks are held.
         let awaited = |command_id: &Uuid| {
             saga_of.get(command_id).is_some_and(|(saga, _, _)| {
-                matches!(sagas[saga].state.waiting, Waiting::Reply { command_id: c, .. } if c == *command_id)
+                sagas.get(saga).is_some_and(|s| matches!(s.state.waiting, Waiting::Reply { command_id: c, .. } if c == *command_id))
             })
         };
         let others: Vec<Uuid> = saga_of.keys().filter(|c| !awaited(c)).copied().collect();

@@ -92,7 +92,7 @@ impl Writes {
         for effect in t.effects {
             match effect {
                 Effect::SaveOutput { step, output } => {
-                    let name = def.steps[step].name.clone();
+                    let name = step_of(def, step)?.name.clone();
                     if let Value::Object(outputs) = &mut record.outputs {
                         outputs.insert(name.clone(), output.clone());
                     }
@@ -108,7 +108,8 @@ impl Writes {
                 } => {
                     self.h_saga.push(record.id);
                     self.h_kind.push(kind.as_str());
-                    self.h_step.push(step.map(|i| def.steps[i].name.clone()));
+                    let step = step.map(|i| step_of(def, i)).transpose()?;
+                    self.h_step.push(step.map(|s| s.name.clone()));
                     self.h_command.push(command_id);
                     self.h_detail.push(detail);
                 }
@@ -128,7 +129,10 @@ impl Writes {
             } => (Some(command_id), Some(deadline)),
             Waiting::Retry { at } => (None, Some(at)),
         };
-        let current = (!state.status.is_terminal()).then(|| &def.steps[state.step]);
+        let current = match state.status.is_terminal() {
+            true => None,
+            false => Some(step_of(def, state.step)?),
+        };
         record.current_step = current.map(|s| s.name.clone());
         let write = SagaWrite {
             id: record.id,
@@ -143,11 +147,17 @@ impl Writes {
             current_step: current.map(|s| s.name.clone()),
             current_participant: current.map(|s| s.participant.clone()),
         };
-        match self.saga_index.get(&record.id) {
-            Some(&i) => {
-                let mut merged = std::mem::take(&mut self.sagas[i].new_outputs);
+        match self
+            .saga_index
+            .get(&record.id)
+            .and_then(|&i| self.sagas.get_mut(i))
+        {
+            // An earlier transition of the same saga in this batch: the row is written once, in
+            // its latest state, with the outputs of both.
+            Some(earlier) => {
+                let mut merged = std::mem::take(&mut earlier.new_outputs);
                 merged.extend(write.new_outputs.clone());
-                self.sagas[i] = SagaWrite {
+                *earlier = SagaWrite {
                     new_outputs: merged,
                     ..write
                 };
@@ -168,7 +178,7 @@ impl Writes {
         record: &SagaRecord,
         cmd: &engine::Command,
     ) -> Result<()> {
-        let step = &def.steps[cmd.step];
+        let step = step_of(def, cmd.step)?;
         let command = match cmd.kind {
             Kind::Action => step.action.clone(),
             Kind::Compensation => step.compensation.clone().ok_or_else(|| {
@@ -505,6 +515,17 @@ impl Writes {
 /// Binds the next ten parameters: the new state of each saga (id, status, step, kind, attempt,
 /// command_id, wake_at, error, current_step, current_participant), which both the transition
 /// and the start statement write.
+/// A step of the definition by the index the engine gave; out of range only if the stored saga
+/// and its definition disagree.
+fn step_of(def: &Definition, step: usize) -> Result<&crate::definition::Step> {
+    def.steps.get(step).ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "definition {} v{} has no step {step}",
+            def.name, def.version
+        ))
+    })
+}
+
 fn bind_states<'q>(
     q: Query<'q, Postgres, PgArguments>,
     s: &[SagaWrite],
