@@ -1,7 +1,7 @@
 //! A durable saga orchestrator.
 //!
-//! - [`definition`]: saga definition files (`sagas/*.toml`), parsed and validated.
-//! - [`engine`]: the pure state machine: (saga, event, now) -> (saga, effects).
+//! - [`definition`], [`engine`]: the pure core, re-exported from the `saga-engine` crate
+//!   (`crates/engine`): definition files and the state machine, (saga, event, now) -> (saga, effects).
 //! - [`store`]: PostgreSQL: saga rows, attempts, history, outbox; one transaction per transition.
 //! - [`broker`]: RabbitMQ: the outbox relay and the reply consumer.
 //! - [`contract`]: the AMQP wire contract shared with participants.
@@ -23,6 +23,8 @@
     )
 )]
 
+pub use saga_engine::{definition, engine};
+
 pub mod api;
 pub mod app;
 pub mod broker;
@@ -30,9 +32,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod contract;
-pub mod definition;
 pub mod demo;
-pub mod engine;
 pub mod metrics;
 pub mod proto;
 pub mod store;

@@ -819,7 +819,7 @@ mod tests {
 
     fn order_saga() -> Definition {
         let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas/order_fulfillment.toml"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sagas/order_fulfillment.toml"),
         )
         .unwrap();
         definition::parse(Path::new("order_fulfillment.toml"), &text).unwrap()

@@ -670,7 +670,7 @@ action = "do_c"
 
     #[test]
     fn the_shipped_order_saga_is_valid() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sagas");
         let defs = load_dir(&dir).unwrap();
         let order = defs.iter().find(|d| d.name == "order_fulfillment").unwrap();
         let names: Vec<_> = order.steps.iter().map(|s| s.name.as_str()).collect();

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use saga::definition::{self, Definition, RetryPolicy, Step};
-use saga::engine::{
+use saga_engine::definition::{self, Definition, RetryPolicy, Step};
+use saga_engine::engine::{
     self, Ctx, Effect, Event, HistoryKind, Kind, Operator, Outcome, Repair, SagaState, Status,
     Waiting,
 };

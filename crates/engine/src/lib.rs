@@ -1,0 +1,23 @@
+//! The saga orchestrator's pure core, apart from every server it talks to.
+//!
+//! - [`definition`]: saga definition files (`sagas/*.toml`), parsed and validated, with errors
+//!   that name the file, line and field.
+//! - [`engine`]: the state machine: (definition, state, event, time) -> (state, effects).
+//!
+//! Nothing here reads the clock, draws random numbers or does I/O: the driver in `sagad` passes
+//! time, ids and jitter in and carries the effects out.
+
+// A panic here would take down whichever task called the engine; the lints make every possible
+// panic an explicit, reviewed `allow`.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod definition;
+pub mod engine;
