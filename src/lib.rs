@@ -4,7 +4,8 @@
 //!   (`crates/engine`): definition files and the state machine, (saga, event, now) -> (saga, effects).
 //! - [`store`]: PostgreSQL: saga rows, attempts, history, outbox; one transaction per transition.
 //! - [`broker`]: RabbitMQ: the outbox relay and the reply consumer.
-//! - [`contract`]: the AMQP wire contract shared with participants.
+//! - [`contract`]: the AMQP wire contract shared with participants, re-exported from the
+//!   `saga-contract` crate (`crates/contract`).
 //! - [`timers`]: the sweeper that fires reply deadlines and retry back-offs.
 //! - [`supervisor`]: restarts failed long-lived tasks and reports them in readiness.
 //! - [`api`]: the gRPC service; [`proto`]: its generated code; [`codec`]: its protobuf codec.
@@ -23,6 +24,7 @@
     )
 )]
 
+pub use saga_contract as contract;
 pub use saga_engine::{definition, engine};
 
 pub mod api;
@@ -31,7 +33,6 @@ pub mod broker;
 pub mod cli;
 pub mod codec;
 pub mod config;
-pub mod contract;
 pub mod demo;
 pub mod metrics;
 pub mod proto;

@@ -2,6 +2,17 @@
 //! names, message bodies and the topology. Shared by `sagad` and the demo participants so the
 //! two cannot drift apart.
 
+// Replies come from every participant, well-formed or not: parsing one must never panic.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
