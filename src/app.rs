@@ -72,7 +72,8 @@ impl Application {
         shutdown: CancellationToken,
     ) -> Result<Application, StartupError> {
         settings.validate()?;
-        let defs = definition::load_dir(&settings.definitions)?;
+        // The engine this build runs is a corridor: graph definitions are refused until it is not.
+        let defs = definition::load_dir_linear(&settings.definitions)?;
         if defs.is_empty() {
             return Err(StartupError::NoDefinitions(
                 settings.definitions.display().to_string(),

@@ -75,7 +75,7 @@ async fn main() -> ExitCode {
                 tracing::info!("database is up to date");
             }
             Command::Check => {
-                let defs = definition::load_dir(&settings.definitions)?;
+                let defs = definition::load_dir_linear(&settings.definitions)?;
                 // `serve` would refuse an empty directory: so does the check that precedes it.
                 if defs.is_empty() {
                     return Err(StartupError::NoDefinitions(

@@ -3,7 +3,7 @@
 //! Every error names the file, the line and the field, because the people reading it are
 //! reviewing a pull request or watching `sagad` refuse to start.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
+
+use crate::expr::{self, Condition, Mapping, PathSeg};
 
 /// A validated saga definition. Serialised into the database so that a saga always finishes on
 /// the version it started with, even after the file changed.
@@ -35,6 +37,22 @@ pub struct Step {
     #[serde(with = "millis")]
     pub timeout: Duration,
     pub retry: RetryPolicy,
+    /// Indices of the steps this one waits for. Parsed from `after = [names]`; when the file
+    /// omits `after`, the previous step in the file (none for the first): today's corridor.
+    /// Left out of the stored JSON when None, with the three fields below, so that a linear
+    /// definition is stored exactly as before graphs existed (start-up compares the stored
+    /// snapshot with the file's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Vec<usize>>,
+    /// Evaluated once when the step becomes ready; false skips the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<Condition>,
+    /// The command's `input`, when mapped; None: the body carries the saga input and outputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Mapping>,
+    /// The compensation's `input`, when mapped; None: the step's own command input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation_input: Option<Mapping>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +99,161 @@ impl Definition {
     pub fn participants(&self) -> impl Iterator<Item = &str> {
         self.steps.iter().map(|s| s.participant.as_str())
     }
+
+    /// The steps `i` waits for (resolves the None default to the previous step), ascending.
+    /// Indices that cannot be steps of this definition, or `i` itself (only a hand-built or
+    /// corrupt definition has them: the loader refuses both), are left out, so that callers may
+    /// index `steps` with the result.
+    pub fn deps(&self, i: usize) -> Vec<usize> {
+        let mut deps = match self.steps.get(i).and_then(|s| s.after.as_ref()) {
+            Some(after) => after
+                .iter()
+                .copied()
+                .filter(|&d| d < self.steps.len() && d != i)
+                .collect(),
+            None => default_deps(i),
+        };
+        deps.sort_unstable();
+        deps.dedup();
+        deps
+    }
+
+    /// The steps that wait for `i` (directly), ascending.
+    pub fn dependents(&self, i: usize) -> Vec<usize> {
+        (0..self.steps.len())
+            .filter(|&j| self.deps(j).contains(&i))
+            .collect()
+    }
+
+    /// Every step `i` waits for, directly or not, ascending. Terminates on a cyclic definition.
+    pub fn ancestors(&self, i: usize) -> Vec<usize> {
+        self.reach(i, |d, j| d.deps(j))
+    }
+
+    /// Every step waiting for `i`, directly or not, ascending.
+    pub fn descendants(&self, i: usize) -> Vec<usize> {
+        let children: Vec<Vec<usize>> = (0..self.steps.len()).map(|_| Vec::new()).collect();
+        let children = self
+            .steps
+            .iter()
+            .enumerate()
+            .fold(children, |mut acc, (j, _)| {
+                for d in self.deps(j) {
+                    if let Some(c) = acc.get_mut(d) {
+                        c.push(j);
+                    }
+                }
+                acc
+            });
+        self.reach(i, |_, j| children.get(j).cloned().unwrap_or_default())
+    }
+
+    /// Whether `a` is an ancestor of `b` (`b` waits for `a`, directly or not).
+    pub fn is_ancestor(&self, a: usize, b: usize) -> bool {
+        self.ancestors(b).binary_search(&a).is_ok()
+    }
+
+    fn reach(&self, i: usize, next: impl Fn(&Self, usize) -> Vec<usize>) -> Vec<usize> {
+        let mut seen = vec![false; self.steps.len()];
+        let mut stack = next(self, i);
+        while let Some(j) = stack.pop() {
+            match seen.get_mut(j) {
+                Some(s) if !*s => {
+                    *s = true;
+                    stack.extend(next(self, j));
+                }
+                _ => {}
+            }
+        }
+        seen.iter()
+            .enumerate()
+            .filter_map(|(j, s)| (*s && j != i).then_some(j))
+            .collect()
+    }
+
+    /// The steps in an order where each comes after every step it waits for; among the steps
+    /// ready at the same point, file order. A linear definition gives `0..len`. On a cyclic
+    /// definition (which the loader refuses) the steps of the cycles come last, in file order.
+    pub fn topo_order(&self) -> Vec<usize> {
+        self.topo().0
+    }
+
+    /// Whether any step uses `when`, `input` or `compensation_input` (the driver then loads the
+    /// saga's input and outputs before a transition; otherwise it need not).
+    pub fn needs_data(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| s.when.is_some() || s.input.is_some() || s.compensation_input.is_some())
+    }
+
+    /// Whether this is a corridor as before graphs: every step waits for the previous one
+    /// only, and no step has a condition or a mapped input.
+    pub fn is_linear(&self) -> bool {
+        !self.needs_data()
+            && self.steps.iter().enumerate().all(|(i, s)| {
+                s.after
+                    .as_ref()
+                    .is_none_or(|after| after.as_slice() == default_deps(i).as_slice())
+            })
+    }
+
+    /// Checks the graph of a definition that did not come through [`parse`] (read back from
+    /// the database, or built in code): a bounded number of steps, every `after` names another
+    /// step, and there is no cycle.
+    pub fn check_graph(&self) -> Result<(), String> {
+        let n = self.steps.len();
+        if n == 0 || n > MAX_STEPS || self.pivot >= n {
+            return Err(format!(
+                "{n} steps and pivot #{}: a definition has 1 to {MAX_STEPS} steps, the pivot \
+                 one of them",
+                self.pivot
+            ));
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            if let Some(after) = &s.after
+                && let Some(bad) = after.iter().find(|&&d| d >= n || d == i)
+            {
+                return Err(format!("step `{}` waits for a step #{bad}", s.name));
+            }
+        }
+        let (order, sorted) = self.topo();
+        match order.get(sorted).and_then(|&i| self.steps.get(i)) {
+            Some(s) => Err(format!("step `{}` is on a cycle of `after`", s.name)),
+            None => Ok(()),
+        }
+    }
+
+    /// The topological order, and how many of its steps are really sorted (the rest, in file
+    /// order, are on or behind a cycle).
+    fn topo(&self) -> (Vec<usize>, usize) {
+        let n = self.steps.len();
+        let deps: Vec<Vec<usize>> = (0..n).map(|i| self.deps(i)).collect();
+        let mut placed = vec![false; n];
+        let mut order = Vec::with_capacity(n);
+        // Quadratic, and definitions are small (MAX_STEPS): simpler than a queue of in-degrees,
+        // and it yields the file order among ready steps for free.
+        loop {
+            let ready = (0..n).find(|&i| {
+                placed.get(i) == Some(&false)
+                    && deps
+                        .get(i)
+                        .is_some_and(|ds| ds.iter().all(|&d| placed.get(d) == Some(&true)))
+            });
+            let Some(i) = ready else { break };
+            if let Some(p) = placed.get_mut(i) {
+                *p = true;
+            }
+            order.push(i);
+        }
+        let sorted = order.len();
+        order.extend((0..n).filter(|&i| placed.get(i) == Some(&false)));
+        (order, sorted)
+    }
+}
+
+/// What a step waits for when `after` is not written: the previous step in the file.
+fn default_deps(i: usize) -> Vec<usize> {
+    i.checked_sub(1).into_iter().collect()
 }
 
 /// Durations are stored as milliseconds in the database snapshot.
@@ -172,7 +345,82 @@ struct RawStep {
     retry: Option<RawRetry>,
     #[serde(default)]
     pivot: Option<Spanned<bool>>,
+    after: Option<Spanned<Vec<Spanned<String>>>>,
+    when: Option<Spanned<String>>,
+    input: Option<Spanned<RawNode>>,
+    compensation_input: Option<Spanned<RawNode>>,
 }
+
+/// A TOML value with the position of every value inside it, so that an error deep in a mapping
+/// still names its line.
+enum RawNode {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Bool(bool),
+    Array(Vec<Spanned<RawNode>>),
+    Table(Vec<(String, Spanned<RawNode>)>),
+}
+
+impl<'de> Deserialize<'de> for RawNode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawNode;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a TOML value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<RawNode, E> {
+                Ok(RawNode::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<RawNode, E> {
+                Ok(RawNode::Integer(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawNode, E> {
+                i64::try_from(v)
+                    .map(RawNode::Integer)
+                    .map_err(|_| E::custom("integer out of range"))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<RawNode, E> {
+                Ok(RawNode::Float(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<RawNode, E> {
+                Ok(RawNode::String(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<RawNode, E> {
+                Ok(RawNode::String(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawNode, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(RawNode::Array(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawNode, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    // toml hands a datetime over as a one-entry table under a private key; in a
+                    // command input it is the text it was written as.
+                    if key == DATETIME_KEY {
+                        return Ok(RawNode::String(map.next_value::<String>()?));
+                    }
+                    entries.push((key, map.next_value()?));
+                }
+                Ok(RawNode::Table(entries))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+const DATETIME_KEY: &str = "$__toml_private_datetime";
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_COMPENSATION_MAX_ATTEMPTS: u32 = 10;
@@ -190,12 +438,19 @@ pub const MAX_ATTEMPTS: u32 = 1000;
 pub const MULTIPLIER_RANGE: (f64, f64) = (1.0, 10.0);
 /// Longest name (definition, step, participant, command).
 pub const MAX_NAME_LEN: usize = 128;
+/// Most steps in one saga. Graph checks are quadratic in it, and a saga beyond it is a
+/// workflow nobody can review.
+pub const MAX_STEPS: usize = 256;
 
 const NAME_RULE: &str = "must be 1 to 128 of the characters A-Z, a-z, 0-9, '_' and '-' (it becomes \
      part of an AMQP routing key or queue name, where '.', '*', '#' and spaces have a meaning)";
 
 /// Parses and validates one definition file's text. `file` is only used in errors.
 pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
+    parse_graph(file, text).map(|(def, _)| def)
+}
+
+fn parse_graph(file: &Path, text: &str) -> Result<(Definition, Option<GraphUse>), DefinitionError> {
     let ctx = Ctx { file, text };
     let raw: RawDefinition = toml::from_str(text).map_err(|e| ctx.toml_error(&e))?;
 
@@ -238,6 +493,13 @@ pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
     };
     if raw_steps.get_ref().is_empty() {
         return Err(ctx.err(&raw_steps, "steps", "a saga needs at least one step"));
+    }
+    if raw_steps.get_ref().len() > MAX_STEPS {
+        return Err(ctx.err(
+            &raw_steps,
+            "steps",
+            &format!("a saga may have at most {MAX_STEPS} steps"),
+        ));
     }
 
     let mut steps = Vec::new();
@@ -296,39 +558,50 @@ pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
                 .map(|c| c.get_ref().trim().to_string()),
             timeout,
             retry,
+            after: None,
+            when: None,
+            input: None,
+            compensation_input: None,
         });
     }
 
     // Without an explicit pivot every step may still be undone.
+    let explicit_pivot = pivot.map(|(_, p)| p);
     let pivot = pivot.map_or(steps.len() - 1, |(i, _)| i);
-    for (i, rs) in raw_steps.get_ref().iter().enumerate().skip(pivot + 1) {
-        if let Some(c) = &rs.compensation {
-            return Err(ctx.err(
-                c,
-                &format!("steps[{i}].compensation"),
-                &format!(
-                    "step `{}` comes after the pivot `{}`: it is retried until it succeeds and is \
-                     never compensated, so it cannot have a compensation",
-                    rs.name.get_ref(),
-                    steps.get(pivot).map_or("?", |s| s.name.as_str())
-                ),
-            ));
-        }
-    }
-
-    Ok(Definition {
+    let mut def = Definition {
         name,
         version: version as u32,
         description: raw.description,
         steps,
         pivot,
         compensation_max_attempts,
-    })
+    };
+    let graph = ctx.graph(&mut def, raw_steps.get_ref())?;
+    ctx.pivot(&def, raw_steps.get_ref(), explicit_pivot)?;
+    Ok((def, graph))
+}
+
+/// Where a definition first uses what only the graph engine runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GraphUse {
+    line: usize,
+    field: String,
 }
 
 /// Loads every `*.toml` in `dir`. Fails on the first invalid file, and on two files declaring the
 /// same name and version.
 pub fn load_dir(dir: &Path) -> Result<Vec<Definition>, DefinitionError> {
+    load(dir, false)
+}
+
+/// [`load_dir`] for a build whose engine runs corridors only: a definition using `after` (other
+/// than the previous step), `when` or a mapped input is checked in full, then refused at the
+/// line where it first does.
+pub fn load_dir_linear(dir: &Path) -> Result<Vec<Definition>, DefinitionError> {
+    load(dir, true)
+}
+
+fn load(dir: &Path, linear_only: bool) -> Result<Vec<Definition>, DefinitionError> {
     let io_err = |file: &Path, e: std::io::Error| DefinitionError {
         file: file.to_path_buf(),
         line: 0,
@@ -345,7 +618,17 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Definition>, DefinitionError> {
     let mut origin: BTreeMap<(String, u32), PathBuf> = BTreeMap::new();
     for file in files {
         let text = std::fs::read_to_string(&file).map_err(|e| io_err(&file, e))?;
-        let def = parse(&file, &text)?;
+        let (def, graph) = parse_graph(&file, &text)?;
+        if linear_only && let Some(g) = graph {
+            return Err(DefinitionError {
+                file,
+                line: g.line,
+                field: g.field,
+                message: "parallel branches, conditions and mapped inputs are checked but not \
+                          yet run by this build"
+                    .into(),
+            });
+        }
         if let Some(other) = origin.insert((def.name.clone(), def.version), file.clone()) {
             let line = line_of_key(&text, "version");
             return Err(DefinitionError {
@@ -582,6 +865,400 @@ impl Ctx<'_> {
         }
         Ok(policy)
     }
+}
+
+// The graph: `after`, `when`, mappings and the pivot, checked once every step is known.
+impl Ctx<'_> {
+    fn line_of<T>(&self, at: &Spanned<T>) -> usize {
+        self.line_at(at.span().start)
+    }
+
+    /// Resolves `after`, refuses cycles, compiles the expressions and checks what they read
+    /// against the graph. Returns where the definition first goes beyond a corridor.
+    fn graph(
+        &self,
+        def: &mut Definition,
+        raws: &[RawStep],
+    ) -> Result<Option<GraphUse>, DefinitionError> {
+        let mut first: Option<GraphUse> = None;
+        let mut note = |line: usize, field: String| {
+            if first.as_ref().is_none_or(|f| line < f.line) {
+                first = Some(GraphUse { line, field });
+            }
+        };
+        let names: Vec<String> = def.steps.iter().map(|s| s.name.clone()).collect();
+        let index: HashMap<&str, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+
+        for (i, rs) in raws.iter().enumerate() {
+            let Some(after) = &rs.after else { continue };
+            let field = format!("steps[{i}].after");
+            let mut deps = Vec::new();
+            for dep in after.get_ref() {
+                let dep_name = dep.get_ref().trim();
+                let Some(&d) = index.get(dep_name) else {
+                    return Err(self.err(
+                        dep,
+                        &field,
+                        &expr::bounded(format!(
+                            "unknown step `{dep_name}`: the steps are {}",
+                            listed(&names)
+                        )),
+                    ));
+                };
+                if d == i {
+                    return Err(self.err(dep, &field, "a step cannot wait for itself"));
+                }
+                if deps.contains(&d) {
+                    return Err(self.err(dep, &field, &format!("`{dep_name}` is listed twice")));
+                }
+                deps.push(d);
+            }
+            if deps != default_deps(i) {
+                note(self.line_of(after), field);
+            }
+            if let Some(step) = def.steps.get_mut(i) {
+                step.after = Some(deps);
+            }
+        }
+
+        if let Some(cycle) = find_cycle(def) {
+            // A cycle needs an edge to a later step, and only an explicit `after` has one.
+            let (at, dep) = cycle
+                .iter()
+                .enumerate()
+                .find_map(|(k, &i)| {
+                    let next = *cycle.get(k + 1).or(cycle.first())?;
+                    (next > i).then_some((i, next))
+                })
+                .unwrap_or((0, 0));
+            let shown: Vec<String> = cycle
+                .iter()
+                .chain(cycle.first())
+                .map(|&i| format!("`{}`", names.get(i).map_or("?", String::as_str)))
+                .collect();
+            let message = expr::bounded(format!(
+                "the steps wait for one another in a cycle: {} (each waits for the next)",
+                shown.join(" -> ")
+            ));
+            let field = format!("steps[{at}].after");
+            let raw_after = raws.get(at).and_then(|r| r.after.as_ref());
+            let spot = raw_after.and_then(|a| {
+                a.get_ref()
+                    .iter()
+                    .find(|n| index.get(n.get_ref().trim()) == Some(&dep))
+            });
+            return Err(match (spot, raw_after) {
+                (Some(s), _) => self.err(s, &field, &message),
+                (None, Some(a)) => self.err(a, &field, &message),
+                (None, None) => self.err(&raws_name(raws, at), &field, &message),
+            });
+        }
+
+        for (i, rs) in raws.iter().enumerate() {
+            let ancestors = def.ancestors(i);
+            let scope = |step: &str, own: bool| -> Result<(), String> {
+                let Some(&d) = index.get(step) else {
+                    return Err(format!(
+                        "`steps.{step}`: there is no step `{step}`; the steps are {}",
+                        listed(&names)
+                    ));
+                };
+                if d == i && !own {
+                    return Err(format!(
+                        "`steps.{step}.output` is the step's own output, which it does not have \
+                         yet (only its compensation_input may read it)"
+                    ));
+                }
+                if d != i && ancestors.binary_search(&d).is_err() {
+                    return Err(format!(
+                        "`steps.{step}.output` is not available to step `{}`: `{step}` is not \
+                         among the steps it waits for (`after`, directly or not), so it may not \
+                         have run yet",
+                        names.get(i).map_or("?", String::as_str)
+                    ));
+                }
+                Ok(())
+            };
+            if let Some(w) = &rs.when {
+                let field = format!("steps[{i}].when");
+                let cond = Condition::compile(w.get_ref())
+                    .and_then(|c| {
+                        c.steps_read().try_for_each(|s| scope(s, false))?;
+                        Ok(c)
+                    })
+                    .map_err(|m| self.err(w, &field, &expr::bounded(m)))?;
+                note(self.line_of(w), field);
+                if let Some(step) = def.steps.get_mut(i) {
+                    step.when = Some(cond);
+                }
+            }
+            for (raw, key, own) in [
+                (&rs.input, "input", false),
+                (&rs.compensation_input, "compensation_input", true),
+            ] {
+                let Some(raw) = raw else { continue };
+                let field = format!("steps[{i}].{key}");
+                let mapping = self.mapping(raw, &field, &|s| scope(s, own))?;
+                note(self.line_of(raw), field);
+                if let Some(step) = def.steps.get_mut(i) {
+                    if own {
+                        step.compensation_input = Some(mapping);
+                    } else {
+                        step.input = Some(mapping);
+                    }
+                }
+            }
+            if rs.compensation_input.is_some() && rs.compensation.is_none() {
+                let field = format!("steps[{i}].compensation_input");
+                return Err(self.err(
+                    &raws_name(raws, i),
+                    &field,
+                    "the step has no compensation to send it to",
+                ));
+            }
+        }
+        Ok(first)
+    }
+
+    /// Builds and checks one mapping; every error names the line of the value at fault.
+    fn mapping(
+        &self,
+        raw: &Spanned<RawNode>,
+        field: &str,
+        scope: &dyn Fn(&str) -> Result<(), String>,
+    ) -> Result<Mapping, DefinitionError> {
+        if !matches!(raw.get_ref(), RawNode::Table(_)) {
+            return Err(self.err(
+                raw,
+                field,
+                "must be a table of fields ([steps.input] or { … })",
+            ));
+        }
+        let json = self.to_json(raw, field, &mut Vec::new())?;
+        let at_path = |path: &[PathSeg], message: &str| {
+            let text = expr::path_text(path);
+            let field = if text.is_empty() {
+                field.to_string()
+            } else if text.starts_with('[') {
+                format!("{field}{text}")
+            } else {
+                format!("{field}.{text}")
+            };
+            let node = node_at(raw, path);
+            self.err(node, &field, &expr::bounded(message.to_string()))
+        };
+        let mapping = Mapping::compile(&json).map_err(|e| at_path(&e.path, &e.message))?;
+        for (path, _, steps) in mapping.expressions() {
+            for s in steps {
+                scope(s).map_err(|m| at_path(&path, &m))?;
+            }
+        }
+        Ok(mapping)
+    }
+
+    /// The JSON form of a mapping as written. Depth is bounded here already: the TOML may nest
+    /// deeper than [`expr::MAX_MAPPING_DEPTH`], and this walk is recursive.
+    fn to_json(
+        &self,
+        node: &Spanned<RawNode>,
+        field: &str,
+        path: &mut Vec<String>,
+    ) -> Result<serde_json::Value, DefinitionError> {
+        use serde_json::Value;
+        let here = || {
+            path.iter().fold(field.to_string(), |acc, p| {
+                if p.starts_with('[') {
+                    format!("{acc}{p}")
+                } else {
+                    format!("{acc}.{p}")
+                }
+            })
+        };
+        if path.len() >= expr::MAX_MAPPING_DEPTH
+            && matches!(node.get_ref(), RawNode::Table(_) | RawNode::Array(_))
+        {
+            return Err(self.err(
+                node,
+                &here(),
+                &format!(
+                    "a mapping may nest at most {} levels of tables and arrays",
+                    expr::MAX_MAPPING_DEPTH
+                ),
+            ));
+        }
+        Ok(match node.get_ref() {
+            RawNode::String(s) => Value::String(s.clone()),
+            RawNode::Integer(n) => Value::from(*n),
+            RawNode::Bool(b) => Value::Bool(*b),
+            RawNode::Float(f) => match serde_json::Number::from_f64(*f) {
+                Some(n) => Value::Number(n),
+                None => {
+                    return Err(self.err(node, &here(), "must be a finite number"));
+                }
+            },
+            RawNode::Array(items) => {
+                let mut out = Vec::new();
+                for (k, item) in items.iter().enumerate() {
+                    path.push(format!("[{k}]"));
+                    let v = self.to_json(item, field, path);
+                    path.pop();
+                    out.push(v?);
+                }
+                Value::Array(out)
+            }
+            RawNode::Table(entries) => {
+                let mut out = serde_json::Map::new();
+                for (k, v) in entries {
+                    path.push(k.clone());
+                    let v = self.to_json(v, field, path);
+                    path.pop();
+                    out.insert(k.clone(), v?);
+                }
+                Value::Object(out)
+            }
+        })
+    }
+
+    /// Refuses a pivot that could run alongside another step, and compensations after it.
+    fn pivot(
+        &self,
+        def: &Definition,
+        raws: &[RawStep],
+        explicit: Option<&Spanned<bool>>,
+    ) -> Result<(), DefinitionError> {
+        let p = def.pivot;
+        let pivot_name = def.steps.get(p).map_or("?", |s| s.name.as_str());
+        let ancestors = def.ancestors(p);
+        let descendants = def.descendants(p);
+        let concurrent = (0..def.steps.len()).find(|&j| {
+            j != p && ancestors.binary_search(&j).is_err() && descendants.binary_search(&j).is_err()
+        });
+        if let Some(j) = concurrent {
+            let other = def.steps.get(j).map_or("?", |s| s.name.as_str());
+            let how = if explicit.is_some() {
+                String::new()
+            } else {
+                " (no step has `pivot = true`, so the last step is the pivot)".to_string()
+            };
+            let message = expr::bounded(format!(
+                "the pivot `{pivot_name}`{how} may run at the same time as `{other}`, which \
+                 neither waits for it nor is waited for by it: every other step must come \
+                 before or after the pivot"
+            ));
+            let field = format!("steps[{p}].pivot");
+            return Err(match explicit {
+                Some(at) => self.err(at, &field, &message),
+                None => self.err(&raws_name(raws, p), &field, &message),
+            });
+        }
+        for &i in &descendants {
+            let Some(rs) = raws.get(i) else { continue };
+            if let Some(c) = &rs.compensation {
+                return Err(self.err(
+                    c,
+                    &format!("steps[{i}].compensation"),
+                    &format!(
+                        "step `{}` comes after the pivot `{pivot_name}`: it is retried until it \
+                         succeeds and is never compensated, so it cannot have a compensation",
+                        rs.name.get_ref().trim(),
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The span of a step's name, for errors about the step as a whole.
+fn raws_name(raws: &[RawStep], i: usize) -> Spanned<()> {
+    let span = raws.get(i).map_or(0..0, |r| r.name.span());
+    Spanned::new(span, ())
+}
+
+/// The node at `path` in a mapping as written, or the closest enclosing one.
+fn node_at<'a>(root: &'a Spanned<RawNode>, path: &[PathSeg]) -> &'a Spanned<RawNode> {
+    let mut node = root;
+    for seg in path {
+        let next = match (node.get_ref(), seg) {
+            (RawNode::Table(entries), PathSeg::Key(k)) => {
+                entries.iter().find(|(key, _)| key == k).map(|(_, v)| v)
+            }
+            (RawNode::Array(items), PathSeg::Index(i)) => items.get(*i),
+            _ => None,
+        };
+        match next {
+            Some(n) => node = n,
+            None => break,
+        }
+    }
+    node
+}
+
+/// A cycle of `after`, in "waits for" order, starting at its first step in the file.
+fn find_cycle(def: &Definition) -> Option<Vec<usize>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Open,
+        Done,
+    }
+    let n = def.steps.len();
+    let mut mark = vec![Mark::New; n];
+    for start in 0..n {
+        if mark.get(start) != Some(&Mark::New) {
+            continue;
+        }
+        // Iterative depth-first search: the path is the stack of open steps.
+        let mut path: Vec<(usize, Vec<usize>)> = vec![(start, def.deps(start))];
+        if let Some(m) = mark.get_mut(start) {
+            *m = Mark::Open;
+        }
+        while let Some((_, pending)) = path.last_mut() {
+            match pending.pop() {
+                Some(d) => match mark.get(d) {
+                    Some(Mark::New) => {
+                        if let Some(m) = mark.get_mut(d) {
+                            *m = Mark::Open;
+                        }
+                        path.push((d, def.deps(d)));
+                    }
+                    Some(Mark::Open) => {
+                        let from = path.iter().position(|(s, _)| *s == d).unwrap_or(0);
+                        let mut cycle: Vec<usize> =
+                            path.iter().skip(from).map(|(s, _)| *s).collect();
+                        let first = cycle
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, s)| **s)
+                            .map_or(0, |(k, _)| k);
+                        cycle.rotate_left(first);
+                        return Some(cycle);
+                    }
+                    _ => {}
+                },
+                None => {
+                    if let Some((s, _)) = path.pop()
+                        && let Some(m) = mark.get_mut(s)
+                    {
+                        *m = Mark::Done;
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+fn listed(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A name that is safe inside AMQP routing keys and queue names (`saga.participant.<p>`,

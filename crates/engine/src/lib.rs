@@ -3,6 +3,8 @@
 //! - [`definition`]: saga definition files (`sagas/*.toml`), parsed and validated, with errors
 //!   that name the file, line and field.
 //! - [`engine`]: the state machine: (definition, state, event, time) -> (state, effects).
+//! - [`expr`]: CEL expressions in definitions (`when` conditions, mapped command inputs), the
+//!   only module that knows the `cel` crate.
 //!
 //! Nothing here reads the clock, draws random numbers or does I/O: the driver in `sagad` passes
 //! time, ids and jitter in and carries the effects out.
@@ -21,3 +23,4 @@
 
 pub mod definition;
 pub mod engine;
+pub mod expr;

@@ -266,6 +266,10 @@ fn any_definition() -> impl Strategy<Value = Definition> {
                             max_backoff: max,
                             multiplier,
                         },
+                        after: None,
+                        when: None,
+                        input: None,
+                        compensation_input: None,
                     },
                 )
                 .collect();
@@ -525,6 +529,10 @@ fn issue_definition(timeout: Duration, backoff: Duration) -> Definition {
                 max_backoff: backoff,
                 multiplier: 2.0,
             },
+            after: None,
+            when: None,
+            input: None,
+            compensation_input: None,
         }],
         pivot: 0,
         compensation_max_attempts: 1,
