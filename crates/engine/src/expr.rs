@@ -20,6 +20,13 @@ use crate::definition::Definition;
 /// Longest expression, in bytes. Conditions and field mappings are one-liners; the bound keeps
 /// parsing and evaluation (both recursive in the `cel` crate) far from any stack limit.
 pub const MAX_EXPR_LEN: usize = 4096;
+/// Deepest nesting of brackets, and of operations in the parsed expression. The `cel` crate's
+/// parser and evaluator recurse on it, with frames of tens of kilobytes in a debug build: the
+/// bound keeps evaluation within the 2 MiB of a tokio worker's stack, and parsing runs on a
+/// thread of its own with room to spare ([`PARSE_STACK`]).
+pub const MAX_EXPR_DEPTH: usize = 32;
+/// Stack of the thread that parses an expression.
+const PARSE_STACK: usize = 64 << 20;
 /// Deepest nesting of tables and arrays in one mapping (the mapping itself is depth 1).
 pub const MAX_MAPPING_DEPTH: usize = 8;
 /// Most values (leaves, tables and arrays together) in one mapping.
@@ -69,29 +76,7 @@ impl Condition {
                 "a condition is a CEL expression as it is: write it without `${…}`".into(),
             ));
         }
-        let compiled = compile(source)?;
-        if let Some(kind) = not_bool(compiled.program.expression()) {
-            return Err(bounded(format!(
-                "a condition must be a bool, and this is {kind}"
-            )));
-        }
-        if compiled.constant {
-            // Nothing to read: whatever it yields, it yields now, so say it now.
-            let empty = Data {
-                input: &Value::Null,
-                saga_id: Uuid::nil(),
-                outputs: &[],
-            };
-            match execute(&compiled, None, 0, &empty)? {
-                cel::Value::Bool(_) => {}
-                other => {
-                    return Err(bounded(format!(
-                        "a condition must be a bool, and this is {}",
-                        kind_of(&other)
-                    )));
-                }
-            }
-        }
+        let compiled = compile(source, Purpose::Condition)?;
         Ok(Condition(compiled))
     }
 
@@ -306,7 +291,7 @@ fn compile_node(
     Ok(match value {
         Value::String(s) => match embedded(s) {
             Some(expr) => {
-                let compiled = compile(expr).map_err(|e| err(path, e))?;
+                let compiled = compile(expr, Purpose::Value).map_err(|e| err(path, e))?;
                 steps.extend(compiled.steps.iter().cloned());
                 Node::Expr(Box::new(compiled))
             }
@@ -409,7 +394,14 @@ fn env() -> Arc<cel::Env> {
     ENV.get_or_init(|| Arc::new(cel::Env::stdlib())).clone()
 }
 
-fn compile(source: &str) -> Result<Compiled, String> {
+/// What an expression is for: a condition must be a bool, a mapped value anything JSON holds.
+#[derive(Clone, Copy, PartialEq)]
+enum Purpose {
+    Condition,
+    Value,
+}
+
+fn compile(source: &str, purpose: Purpose) -> Result<Compiled, String> {
     if source.len() > MAX_EXPR_LEN {
         return Err(format!(
             "an expression may be at most {MAX_EXPR_LEN} bytes long, and this one is {}",
@@ -419,26 +411,99 @@ fn compile(source: &str) -> Result<Compiled, String> {
     if source.trim().is_empty() {
         return Err("the expression is empty".into());
     }
-    // The parser is generated code with its own runtime: a panic inside it on some odd text
-    // must become a refused definition, not a crashed loader.
-    let parsed = std::panic::catch_unwind(|| env().compile(source))
-        .map_err(|_| "the expression cannot be parsed".to_string())?;
-    let program = parsed.map_err(|e| {
+    if nesting(source) > MAX_EXPR_DEPTH {
+        return Err(format!(
+            "brackets may nest at most {MAX_EXPR_DEPTH} deep in an expression"
+        ));
+    }
+    // The parser is generated code with its own runtime, deeply recursive: it runs on a thread
+    // with a stack of its own, and a panic in it becomes a refused expression.
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("cel-parse".into())
+            .stack_size(PARSE_STACK)
+            .spawn_scoped(scope, || compile_here(source, purpose))
+            .map_err(|e| format!("cannot start the expression parser: {e}"))?
+            .join()
+            .map_err(|_| "the expression cannot be parsed".to_string())?
+    })
+    .map_err(bounded)
+}
+
+fn compile_here(source: &str, purpose: Purpose) -> Result<Compiled, String> {
+    let program = env().compile(source).map_err(|e| {
         let mut out = String::from("syntax error");
         for (i, err) in e.errors.iter().take(3).enumerate() {
             out.push_str(if i == 0 { ": " } else { "; " });
             out.push_str(&format!("{}:{}: {}", err.pos.0, err.pos.1, err.msg));
         }
-        bounded(out)
+        out
     })?;
     let mut reads = Reads::default();
-    walk(program.expression(), &mut Vec::new(), &mut reads).map_err(bounded)?;
-    Ok(Compiled {
+    walk(program.expression(), 1, &mut Vec::new(), &mut reads)?;
+    if purpose == Purpose::Condition
+        && let Some(kind) = not_bool(program.expression())
+    {
+        return Err(format!("a condition must be a bool, and this is {kind}"));
+    }
+    let compiled = Compiled {
         source: source.to_string(),
         program: Arc::new(program),
         constant: !reads.any,
         steps: reads.steps,
-    })
+    };
+    if compiled.constant {
+        // Nothing to read: whatever it yields, it yields now, so say it now.
+        let empty = Data {
+            input: &Value::Null,
+            saga_id: Uuid::nil(),
+            outputs: &[],
+        };
+        let value = execute(&compiled, None, 0, &empty)?;
+        match purpose {
+            Purpose::Condition if !matches!(value, cel::Value::Bool(_)) => {
+                return Err(format!(
+                    "a condition must be a bool, and this is {}",
+                    kind_of(&value)
+                ));
+            }
+            Purpose::Value => {
+                to_json(&value)?;
+            }
+            Purpose::Condition => {}
+        }
+    }
+    Ok(compiled)
+}
+
+/// How deep brackets nest, outside string literals.
+fn nesting(source: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in source.chars() {
+        match quote {
+            Some(q) => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None => match c {
+                '\'' | '"' => quote = Some(c),
+                '(' | '[' | '{' => {
+                    depth += 1;
+                    max = max.max(depth);
+                }
+                ')' | ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+    }
+    max
 }
 
 #[derive(Default)]
@@ -450,7 +515,19 @@ struct Reads {
 /// Collects what an expression reads, refusing anything but `input…`, `saga.id` and
 /// `steps.<name>.output…`. `bound` holds the variables of enclosing comprehensions
 /// (`list.map(x, …)`), which are the expression's own.
-fn walk(e: &IdedExpr, bound: &mut Vec<String>, reads: &mut Reads) -> Result<(), String> {
+fn walk(
+    e: &IdedExpr,
+    depth: usize,
+    bound: &mut Vec<String>,
+    reads: &mut Reads,
+) -> Result<(), String> {
+    if depth > MAX_EXPR_DEPTH {
+        return Err(format!(
+            "the expression nests more than {MAX_EXPR_DEPTH} operations deep; split it, or \
+             compute the value in a participant"
+        ));
+    }
+    let next = depth + 1;
     match &e.expr {
         Expr::Unspecified | Expr::Literal(_) => Ok(()),
         Expr::Ident(name) => read(name, &[], bound, reads),
@@ -462,39 +539,49 @@ fn walk(e: &IdedExpr, bound: &mut Vec<String>, reads: &mut Reads) -> Result<(), 
                 cur = &s.operand;
             }
             fields.reverse();
+            // Each field is one more level for the evaluator.
+            let below = depth + fields.len();
+            if below > MAX_EXPR_DEPTH {
+                return walk(cur, below, bound, reads);
+            }
             match &cur.expr {
                 Expr::Ident(name) => read(name, &fields, bound, reads),
-                _ => walk(cur, bound, reads),
+                _ => walk(cur, below, bound, reads),
             }
         }
         Expr::Call(call) => {
             if let Some(target) = &call.target {
-                walk(target, bound, reads)?;
+                walk(target, next, bound, reads)?;
             }
-            call.args.iter().try_for_each(|a| walk(a, bound, reads))
+            call.args
+                .iter()
+                .try_for_each(|a| walk(a, next, bound, reads))
         }
-        Expr::List(list) => list.elements.iter().try_for_each(|a| walk(a, bound, reads)),
+        Expr::List(list) => list
+            .elements
+            .iter()
+            .try_for_each(|a| walk(a, next, bound, reads)),
         Expr::Map(map) => map.entries.iter().try_for_each(|entry| match &entry.expr {
             EntryExpr::MapEntry(m) => {
-                walk(&m.key, bound, reads)?;
-                walk(&m.value, bound, reads)
+                walk(&m.key, next, bound, reads)?;
+                walk(&m.value, next, bound, reads)
             }
-            EntryExpr::StructField(f) => walk(&f.value, bound, reads),
+            EntryExpr::StructField(f) => walk(&f.value, next, bound, reads),
         }),
         Expr::Struct(s) => Err(format!(
             "`{}{{…}}`: message types are not available here; build a map with {{…}}",
             s.type_name
         )),
         Expr::Comprehension(c) => {
-            walk(&c.iter_range, bound, reads)?;
-            walk(&c.accu_init, bound, reads)?;
+            walk(&c.iter_range, next, bound, reads)?;
+            walk(&c.accu_init, next, bound, reads)?;
             let outer = bound.len();
             bound.push(c.iter_var.clone());
             bound.extend(c.iter_var2.iter().cloned());
             bound.push(c.accu_var.clone());
             let inner = [&c.loop_cond, &c.loop_step, &c.result]
                 .into_iter()
-                .try_for_each(|x| walk(x, bound, reads));
+                .try_for_each(|x| walk(x, next, bound, reads));
             bound.truncate(outer);
             inner
         }
@@ -701,4 +788,327 @@ pub(crate) fn bounded(message: String) -> String {
         cut -= 1;
     }
     format!("{}…", message.get(..cut).unwrap_or(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::definition;
+    use serde_json::json;
+    use std::path::Path;
+
+    /// a -> (b, c) -> d, where b and c are independent.
+    fn diamond() -> Definition {
+        let text = r#"
+name = "d"
+version = 1
+[[steps]]
+name = "a"
+participant = "p"
+action = "a"
+[[steps]]
+name = "b"
+after = ["a"]
+participant = "p"
+action = "b"
+[[steps]]
+name = "c"
+after = ["a"]
+participant = "p"
+action = "c"
+[[steps]]
+name = "d"
+after = ["b", "c"]
+participant = "p"
+action = "d"
+"#;
+        definition::parse(Path::new("d.toml"), text).unwrap()
+    }
+
+    fn mapping(v: Value) -> Mapping {
+        Mapping::compile(&v).unwrap()
+    }
+
+    #[test]
+    fn whole_string_expressions_keep_their_type_and_the_rest_is_literal() {
+        let def = diamond();
+        let input =
+            json!({"amount": 1200, "ratio": 0.5, "big": u64::MAX, "tags": ["x"], "ok": true});
+        let outputs = [Some(json!({"id": "o-1", "n": {"k": 3}})), None, None, None];
+        let saga_id = Uuid::from_u128(7);
+        let data = Data {
+            input: &input,
+            saga_id,
+            outputs: &outputs,
+        };
+        let m = mapping(json!({
+            "amount": "${input.amount}",
+            "double": "${input.amount * 2}",
+            "ratio": "${input.ratio}",
+            "big": "${input.big}",
+            "tags": "${input.tags}",
+            "ok": "${input.ok}",
+            "order": "${steps.a.output.id}",
+            "nested": {"k": "${steps.a.output.n.k}", "list": ["${saga.id}", 1, "plain"]},
+            "text": "order ${input.amount}",
+            "almost": "${input.amount",
+            "currency": "KRW",
+            "null": null,
+        }));
+        let out = m.render(&def, 1, &data).unwrap();
+        assert_eq!(
+            out,
+            json!({
+                "amount": 1200,
+                "double": 2400,
+                "ratio": 0.5,
+                "big": u64::MAX,
+                "tags": ["x"],
+                "ok": true,
+                "order": "o-1",
+                "nested": {"k": 3, "list": [saga_id.to_string(), 1, "plain"]},
+                "text": "order ${input.amount}",
+                "almost": "${input.amount",
+                "currency": "KRW",
+                "null": null,
+            })
+        );
+        assert!(out["amount"].is_i64() && out["ratio"].is_f64());
+    }
+
+    #[test]
+    fn only_ancestors_are_visible_and_a_skipped_one_reads_null() {
+        let def = diamond();
+        let input = json!({});
+        // b succeeded, c was skipped.
+        let outputs = [
+            Some(json!({"x": 1})),
+            Some(json!({"y": 2})),
+            Some(Value::Null),
+            None,
+        ];
+        let data = Data {
+            input: &input,
+            saga_id: Uuid::nil(),
+            outputs: &outputs,
+        };
+        let from_d = mapping(json!({"y": "${steps.b.output.y}", "c": "${steps.c.output}"}));
+        assert_eq!(
+            from_d.render(&def, 3, &data).unwrap(),
+            json!({"y": 2, "c": null})
+        );
+        // The loader refuses this for c (b is not its ancestor); evaluation hides b anyway.
+        let from_c = mapping(json!({"y": "${steps.b.output.y}"}));
+        let e = from_c.render(&def, 2, &data).unwrap_err();
+        assert!(
+            e.contains("mapped field `y`") && e.contains("steps.b.output.y"),
+            "{e}"
+        );
+        // Its own output, for a compensation.
+        let own = mapping(json!({"y": "${steps.b.output.y}"}));
+        assert_eq!(own.render(&def, 1, &data).unwrap(), json!({"y": 2}));
+        let cond = Condition::compile("steps.c.output == null && steps.a.output.x == 1").unwrap();
+        assert_eq!(cond.eval(&def, 3, &data), Ok(true));
+        assert!(cond.eval(&def, 1, &data).is_err());
+    }
+
+    #[test]
+    fn conditions_must_be_bools() {
+        for bad in [
+            "1",
+            "'yes'",
+            "[true]",
+            "{'a': true}",
+            "input.n + 1",
+            "size(input)",
+            "null",
+            "1 + 1",
+            "2.0",
+        ] {
+            let e = Condition::compile(bad).unwrap_err();
+            assert!(e.contains("must be a bool"), "{bad}: {e}");
+        }
+        for constant in ["1 == 1", "true", "[1, 2].exists(x, x == 2)"] {
+            assert!(Condition::compile(constant).is_ok(), "{constant}");
+        }
+        // Known only at run time: refused then, with the condition named.
+        let c = Condition::compile("input.n").unwrap();
+        let def = diamond();
+        let input = json!({"n": 3});
+        let data = Data {
+            input: &input,
+            saga_id: Uuid::nil(),
+            outputs: &[],
+        };
+        let e = c.eval(&def, 0, &data).unwrap_err();
+        assert!(
+            e.starts_with("`when` (input.n): a condition must be a bool"),
+            "{e}"
+        );
+        assert!(
+            Condition::compile("${input.ok}")
+                .unwrap_err()
+                .contains("without `${…}`")
+        );
+    }
+
+    #[test]
+    fn reads_are_limited_to_input_saga_id_and_step_outputs() {
+        for (source, needle) in [
+            ("inpt.x", "unknown variable `inpt`"),
+            ("saga.name == ''", "`saga.name` is not available"),
+            ("saga == null", "saga.id"),
+            ("steps.a.input == 1", "`steps.a.input` is not available"),
+            ("steps.a == null", "steps.<name>.output"),
+            ("size(steps) > 0", "steps.<name>.output"),
+            ("steps['a'].output == 1", "steps.<name>.output"),
+            ("x.y == 1", "unknown variable `x`"),
+            ("pkg.Msg{a: 1} == null", "message types"),
+        ] {
+            let e = Condition::compile(source).unwrap_err();
+            assert!(e.contains(needle), "{source}: {e}");
+        }
+        let c = Condition::compile(
+            "has(steps.a.output.x) && input.items.all(i, i.n > 0) && saga.id != '' && \
+             steps.b.output.list.exists(x, x == steps.c.output.y)",
+        )
+        .unwrap();
+        assert_eq!(c.steps_read().collect::<Vec<_>>(), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn syntax_errors_and_bounds_are_refused_with_bounded_messages() {
+        let e = Condition::compile("input.a &&& true").unwrap_err();
+        assert!(e.starts_with("syntax error: 1:"), "{e}");
+        let long = format!("input.a == '{}'", "x".repeat(MAX_EXPR_LEN));
+        assert!(
+            Condition::compile(&long)
+                .unwrap_err()
+                .contains("at most 4096 bytes")
+        );
+        assert!(Condition::compile("  ").unwrap_err().contains("empty"));
+        let garbage = "(".repeat(3000);
+        assert!(Condition::compile(&garbage).unwrap_err().len() <= MAX_ERROR_LEN);
+        let e = Mapping::compile(&json!({"a": "${1 +}"})).unwrap_err();
+        assert_eq!(e.path, [PathSeg::Key("a".into())]);
+        assert!(Mapping::compile(&json!("${input}")).is_err());
+        let deep = (0..MAX_MAPPING_DEPTH).fold(json!(1), |acc, _| json!([acc]));
+        let e = Mapping::compile(&json!({"a": deep})).unwrap_err();
+        assert!(e.message.contains("nest"), "{e:?}");
+        let wide: serde_json::Map<String, Value> = (0..MAX_MAPPING_NODES)
+            .map(|i| (format!("k{i}"), json!(i)))
+            .collect();
+        let e = Mapping::compile(&Value::Object(wide)).unwrap_err();
+        assert!(e.message.contains("at most"), "{e:?}");
+        assert_eq!(bounded("é".repeat(400)).len(), MAX_ERROR_LEN - 1);
+    }
+
+    #[test]
+    fn the_longest_expressions_neither_overflow_the_stack_nor_panic() {
+        // Each nests as deep as MAX_EXPR_LEN allows, in a way the parser or evaluator recurses
+        // on. Run on a thread with the stack of a tokio worker (2 MiB).
+        let shapes: [fn(usize) -> String; 14] = [
+            |n| format!("{}1{}", "(".repeat(n), ")".repeat(n)),
+            |n| format!("{}1{}", "[".repeat(n), "]".repeat(n)),
+            |n| format!("{}true", "!".repeat(n)),
+            |n| format!("{}1", "-".repeat(n)),
+            |n| format!("input{}", ".a".repeat(n)),
+            |n| format!("input{}", "[0]".repeat(n)),
+            |n| format!("1{}", " + 1".repeat(n)),
+            |n| format!("true{}", " && true".repeat(n)),
+            |n| format!("{}1{}", "size(".repeat(n), ")".repeat(n)),
+            |n| format!("{}1{}", "{1: ".repeat(n), "}".repeat(n)),
+            |n| format!("input.a{}", ".map(x, x)".repeat(n)),
+            |n| format!("{}1", "true ? 1 : ".repeat(n)),
+            |n| format!("1{}", " == 1".repeat(n)),
+            |n| format!("input.a{}", "[0]".repeat(n)),
+        ];
+        let d = MAX_EXPR_DEPTH;
+        let cases: Vec<String> = shapes
+            .iter()
+            .flat_map(|shape| [d - 2, d - 1, d, d + 1, MAX_EXPR_LEN].map(shape))
+            .map(|c| c.chars().take(MAX_EXPR_LEN).collect())
+            .collect();
+        let handle = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let def = diamond();
+                let input = json!({"a": [1]});
+                let data = Data {
+                    input: &input,
+                    saga_id: Uuid::nil(),
+                    outputs: &[],
+                };
+                for case in cases {
+                    assert!(case.len() <= MAX_EXPR_LEN, "{}", case.len());
+                    if let Ok(c) = Condition::compile(&case) {
+                        let _ = c.eval(&def, 0, &data);
+                    }
+                    if let Ok(m) = Mapping::compile(&json!({"v": format!("${{{case}}}")})) {
+                        let _ = m.render(&def, 0, &data);
+                    }
+                }
+            })
+            .unwrap();
+        handle.join().unwrap();
+    }
+
+    #[test]
+    fn run_time_errors_name_the_field_and_are_bounded() {
+        let def = diamond();
+        let input = json!({"s": "x".repeat(2000)});
+        let outputs = [Some(json!({}))];
+        let data = Data {
+            input: &input,
+            saga_id: Uuid::nil(),
+            outputs: &outputs,
+        };
+        let m = mapping(json!({"order": {"id": "${steps.a.output.order_id}"}}));
+        let e = m.render(&def, 1, &data).unwrap_err();
+        assert!(
+            e.starts_with("mapped field `order.id` (`${steps.a.output.order_id}`): "),
+            "{e}"
+        );
+        let m = mapping(json!({"v": "${input.s + input.s + 1}"}));
+        let e = m.render(&def, 1, &data).unwrap_err();
+        assert!(e.len() <= MAX_ERROR_LEN, "{}", e.len());
+        let m = mapping(json!({"v": "${double(size(input.s)) / 0.0}"}));
+        assert!(m.render(&def, 1, &data).unwrap_err().contains("JSON"));
+        let m = mapping(json!({"v": "${bytes(input.s)}"}));
+        assert!(
+            m.render(&def, 1, &data)
+                .unwrap_err()
+                .contains("cannot be sent as JSON")
+        );
+        // The same without anything to read fails at load already.
+        for constant in ["${1.0 / 0.0}", "${b'x'}", "${1 / 0}", "${[1][3]}"] {
+            let e = Mapping::compile(&json!({"v": constant})).unwrap_err();
+            assert_eq!(e.path, [PathSeg::Key("v".into())], "{constant}");
+        }
+        assert!(Condition::compile("1 / 0 == 1").is_err());
+    }
+
+    #[test]
+    fn conditions_and_mappings_serialize_as_their_source() {
+        let c = Condition::compile("has(input.coupon) && input.coupon != ''").unwrap();
+        let s = serde_json::to_value(&c).unwrap();
+        assert_eq!(s, json!("has(input.coupon) && input.coupon != ''"));
+        assert_eq!(serde_json::from_value::<Condition>(s).unwrap(), c);
+        let source = json!({"a": "${input.a}", "b": [1, "${saga.id}"], "c": {"d": "lit"}});
+        let m = mapping(source.clone());
+        assert_eq!(serde_json::to_value(&m).unwrap(), source);
+        assert_eq!(serde_json::from_value::<Mapping>(source).unwrap(), m);
+        let e = serde_json::from_value::<Condition>(json!("1 +")).unwrap_err();
+        assert!(e.to_string().contains("syntax error"), "{e}");
+        let e = serde_json::from_value::<Mapping>(json!({"x": "${nope}"})).unwrap_err();
+        assert!(e.to_string().contains("mapping field `x`"), "{e}");
+    }
+
+    #[test]
+    fn compiled_expressions_are_shareable_across_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Condition>();
+        shareable::<Mapping>();
+        shareable::<Definition>();
+    }
 }
