@@ -1213,7 +1213,10 @@ fn find_cycle(def: &Definition) -> Option<Vec<usize>> {
             continue;
         }
         // Iterative depth-first search: the path is the stack of open steps.
-        let mut path: Vec<(usize, Vec<usize>)> = vec![(start, def.deps(start))];
+        // Deps are pushed in reverse so that the lowest is explored first: the cycle reported is
+        // the one a reader finds first too.
+        let deps_of = |i: usize| def.deps(i).into_iter().rev().collect::<Vec<_>>();
+        let mut path: Vec<(usize, Vec<usize>)> = vec![(start, deps_of(start))];
         if let Some(m) = mark.get_mut(start) {
             *m = Mark::Open;
         }
@@ -1224,7 +1227,7 @@ fn find_cycle(def: &Definition) -> Option<Vec<usize>> {
                         if let Some(m) = mark.get_mut(d) {
                             *m = Mark::Open;
                         }
-                        path.push((d, def.deps(d)));
+                        path.push((d, deps_of(d)));
                     }
                     Some(Mark::Open) => {
                         let from = path.iter().position(|(s, _)| *s == d).unwrap_or(0);
@@ -1619,5 +1622,526 @@ action = "do_c"
         assert!(r.get("gone", 10).is_some());
         assert!(r.is_retired("gone") && !r.is_retired("s") && !r.is_retired("never"));
         assert_eq!(r.startable_names().collect::<Vec<_>>(), ["s"]);
+    }
+
+    /// a -> (b when …, c) -> d (pivot) -> e, with mapped inputs.
+    const GRAPH: &str = r#"
+name = "g"
+version = 1
+
+[[steps]]
+name = "a"
+participant = "p"
+action = "do_a"
+compensation = "undo_a"
+
+[[steps]]
+name = "b"
+after = ["a"]
+when = "input.go == true"
+participant = "p"
+action = "do_b"
+compensation = "undo_b"
+[steps.input]
+id = "${steps.a.output.id}"
+[steps.compensation_input]
+ref = "${steps.b.output.ref}"
+
+[[steps]]
+name = "c"
+after = ["a"]
+participant = "p"
+action = "do_c"
+compensation = "undo_c"
+
+[[steps]]
+name = "d"
+after = ["b", "c"]
+participant = "p"
+action = "do_d"
+pivot = true
+
+[[steps]]
+name = "e"
+participant = "p"
+action = "do_e"
+[steps.input]
+total = "${steps.d.output.total}"
+nested = { list = [1, "${input.x}"], deeper = { id = "${steps.a.output.id}" } }
+"#;
+
+    /// The 1-based line of the first line containing `needle`.
+    fn at(text: &str, needle: &str) -> usize {
+        text.lines()
+            .position(|l| l.contains(needle))
+            .map(|i| i + 1)
+            .unwrap_or_else(|| panic!("{needle:?} not in the text"))
+    }
+
+    /// `GRAPH` with `from` replaced by `to`, and the line where `to` now is.
+    fn graph_with(from: &str, to: &str) -> (String, usize) {
+        assert!(GRAPH.contains(from), "{from:?}");
+        let text = GRAPH.replacen(from, to, 1);
+        let line = at(&text, to.lines().next().unwrap_or(to));
+        (text, line)
+    }
+
+    #[test]
+    fn a_graph_parses_into_deps_ancestors_and_an_order() {
+        let d = parse_str(GRAPH).unwrap();
+        assert_eq!(d.pivot, 3);
+        let deps: Vec<Vec<usize>> = (0..5).map(|i| d.deps(i)).collect();
+        assert_eq!(deps, [vec![], vec![0], vec![0], vec![1, 2], vec![3]]);
+        assert_eq!(d.steps[4].after, None, "e keeps the default");
+        assert_eq!(d.ancestors(3), [0, 1, 2]);
+        assert_eq!(d.ancestors(4), [0, 1, 2, 3]);
+        assert_eq!(d.descendants(0), [1, 2, 3, 4]);
+        assert_eq!(d.descendants(1), [3, 4]);
+        assert_eq!(d.dependents(0), [1, 2]);
+        assert!(d.is_ancestor(2, 4) && !d.is_ancestor(1, 2) && !d.is_ancestor(2, 1));
+        assert_eq!(d.topo_order(), [0, 1, 2, 3, 4]);
+        assert!(d.needs_data() && !d.is_linear());
+        assert_eq!(d.check_graph(), Ok(()));
+        assert_eq!(
+            d.steps[1].when.as_ref().unwrap().source(),
+            "input.go == true"
+        );
+        assert_eq!(
+            d.steps[4].input.as_ref().unwrap().source(),
+            &serde_json::json!({
+                "total": "${steps.d.output.total}",
+                "nested": {"list": [1, "${input.x}"], "deeper": {"id": "${steps.a.output.id}"}},
+            })
+        );
+    }
+
+    #[test]
+    fn steps_may_wait_for_later_ones_and_the_order_follows_the_graph() {
+        let text = GOOD
+            .replace("name = \"a\"", "name = \"a\"\nafter = [\"c\"]")
+            .replace("name = \"c\"", "name = \"c\"\nafter = []")
+            .replace("compensation = \"undo_b\"\npivot = true", "pivot = true")
+            .replace("compensation = \"undo_a\"", "");
+        let d = parse_str(&text).unwrap();
+        assert_eq!(d.topo_order(), [2, 0, 1]);
+        assert_eq!(d.deps(2), Vec::<usize>::new());
+        assert!(!d.is_linear() && !d.needs_data());
+    }
+
+    #[test]
+    fn today_s_files_are_linear_and_mean_what_they_meant() {
+        let d = parse_str(GOOD).unwrap();
+        assert!(d.is_linear() && !d.needs_data());
+        assert_eq!(
+            (0..3).map(|i| d.deps(i)).collect::<Vec<_>>(),
+            [vec![], vec![0], vec![1]]
+        );
+        assert!(d.steps.iter().all(|s| s.after.is_none()));
+        // Writing the default out is still a corridor.
+        let explicit = GOOD
+            .replace("name = \"b\"", "name = \"b\"\nafter = [\"a\"]")
+            .replace("name = \"a\"", "name = \"a\"\nafter = []");
+        let e = parse_str(&explicit).unwrap();
+        assert!(e.is_linear());
+        assert_eq!(e.steps[1].after, Some(vec![0]));
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sagas");
+        let linear = load_dir_linear(&dir).unwrap();
+        assert!(!linear.is_empty() && linear.iter().all(Definition::is_linear));
+    }
+
+    #[test]
+    fn graph_errors_name_file_line_and_field() {
+        let cases: [(&str, &str, &str, &str); 22] = [
+            // `after`
+            (
+                "after = [\"b\", \"c\"]",
+                "after = [\"b\", \"x\"]",
+                "steps[3].after",
+                "unknown step `x`",
+            ),
+            (
+                "after = [\"b\", \"c\"]",
+                "after = [\"b\", \"b\"]",
+                "steps[3].after",
+                "listed twice",
+            ),
+            (
+                "after = [\"b\", \"c\"]",
+                "after = [\"d\"]",
+                "steps[3].after",
+                "cannot wait for itself",
+            ),
+            (
+                "name = \"a\"\n",
+                "name = \"a\"\nafter = [\"d\"]\n",
+                "steps[0].after",
+                "cycle: `a` -> `d` -> `b` -> `a` (each waits for the next)",
+            ),
+            // `when`
+            (
+                "when = \"input.go == true\"",
+                "when = \"input.go ==\"",
+                "steps[1].when",
+                "syntax error",
+            ),
+            (
+                "when = \"input.go == true\"",
+                "when = \"'yes'\"",
+                "steps[1].when",
+                "must be a bool",
+            ),
+            (
+                "when = \"input.go == true\"",
+                "when = \"input.go + 1\"",
+                "steps[1].when",
+                "must be a bool",
+            ),
+            (
+                "when = \"input.go == true\"",
+                "when = \"go == true\"",
+                "steps[1].when",
+                "unknown variable `go`",
+            ),
+            (
+                "when = \"input.go == true\"",
+                "when = \"steps.c.output.x\"",
+                "steps[1].when",
+                "not among the steps it waits for",
+            ),
+            (
+                "when = \"input.go == true\"",
+                "when = \"steps.b.output.x\"",
+                "steps[1].when",
+                "own output",
+            ),
+            (
+                "when = \"input.go == true\"",
+                "when = \"steps.z.output.x\"",
+                "steps[1].when",
+                "there is no step `z`",
+            ),
+            // mappings
+            (
+                "id = \"${steps.a.output.id}\"",
+                "id = \"${steps.c.output.id}\"",
+                "steps[1].input.id",
+                "not among the steps",
+            ),
+            (
+                "id = \"${steps.a.output.id}\"",
+                "id = \"${steps.b.output.id}\"",
+                "steps[1].input.id",
+                "own output",
+            ),
+            (
+                "id = \"${steps.a.output.id}\"",
+                "id = \"${steps.a.outputs.id}\"",
+                "steps[1].input.id",
+                "`steps.a.outputs` is not available",
+            ),
+            (
+                "id = \"${steps.a.output.id}\"",
+                "id = \"${saga.name}\"",
+                "steps[1].input.id",
+                "saga.id",
+            ),
+            (
+                "id = \"${steps.a.output.id}\"",
+                "id = \"${steps.a.output.id +}\"",
+                "steps[1].input.id",
+                "syntax error",
+            ),
+            (
+                "id = \"${steps.a.output.id}\"",
+                "id = inf",
+                "steps[1].input.id",
+                "finite",
+            ),
+            (
+                "ref = \"${steps.b.output.ref}\"",
+                "ref = \"${steps.c.output.ref}\"",
+                "steps[1].compensation_input.ref",
+                "not among the steps",
+            ),
+            (
+                "deeper = { id = \"${steps.a.output.id}\" }",
+                "deeper = { id = [\"${steps.x.output.id}\"] }",
+                "steps[4].input.nested.deeper.id[0]",
+                "no step `x`",
+            ),
+            // pivot
+            (
+                "pivot = true",
+                "pivot = true\ncompensation = \"undo_d\"",
+                "steps[3].pivot",
+                "",
+            ),
+            (
+                "participant = \"p\"\naction = \"do_e\"",
+                "participant = \"p\"\naction = \"do_e\"\ncompensation = \"undo_e\"",
+                "steps[4].compensation",
+                "after the pivot",
+            ),
+            (
+                "after = [\"b\", \"c\"]\nparticipant = \"p\"\naction = \"do_d\"\npivot = true",
+                "after = [\"b\"]\nparticipant = \"p\"\naction = \"do_d\"\npivot = true",
+                "steps[3].pivot",
+                "at the same time as `c`",
+            ),
+        ];
+        for (from, to, field, needle) in cases {
+            let (text, line) = graph_with(from, to);
+            if needle.is_empty() {
+                // Not an error: the pivot may have a compensation.
+                assert!(parse_str(&text).is_ok(), "{to}");
+                continue;
+            }
+            let line = match field {
+                "steps[3].pivot" => at(&text, "pivot = true"),
+                "steps[0].after" => at(&text, "after = [\"d\"]"),
+                "steps[4].compensation" => at(&text, "undo_e"),
+                _ => line,
+            };
+            rejects(&text, line, field, needle);
+        }
+    }
+
+    #[test]
+    fn more_graph_errors_name_their_line() {
+        // A pivot by default (the last step) that runs alongside another step.
+        let text = GRAPH
+            .replace("pivot = true\n", "")
+            .replace("name = \"e\"\n", "name = \"e\"\nafter = [\"a\"]\n")
+            .replace("${steps.d.output.total}", "${input.total}");
+        rejects(
+            &text,
+            at(&text, "name = \"e\""),
+            "steps[4].pivot",
+            "no step has `pivot = true`",
+        );
+        // A compensation on a descendant of the pivot that is not after it in the file.
+        let text = GOOD
+            .replace("name = \"c\"", "name = \"c\"\nafter = [\"a\"]")
+            .replace("compensation = \"undo_b\"\npivot = true\n", "")
+            .replace("name = \"a\"", "name = \"a\"\npivot = true")
+            .replace(
+                "action = \"do_c\"",
+                "action = \"do_c\"\ncompensation = \"undo_c\"",
+            );
+        rejects(
+            &text,
+            at(&text, "undo_c"),
+            "steps[2].compensation",
+            "after the pivot `a`",
+        );
+        // A mapping that is not a table.
+        let text = GOOD.replace(
+            "action = \"do_c\"",
+            "action = \"do_c\"\ninput = \"${input}\"",
+        );
+        rejects(
+            &text,
+            at(&text, "input = "),
+            "steps[2].input",
+            "must be a table",
+        );
+        // Nested too deep.
+        let deep = format!("input = {{ a = {}1{} }}", "[".repeat(8), "]".repeat(8));
+        let text = GOOD.replace("action = \"do_c\"", &format!("action = \"do_c\"\n{deep}"));
+        rejects(
+            &text,
+            at(&text, "input = "),
+            "steps[2].input.a[0][0][0][0][0][0][0]",
+            "nest",
+        );
+        // A compensation input without a compensation.
+        let text = GOOD.replace(
+            "action = \"do_c\"",
+            "action = \"do_c\"\ncompensation_input = { a = 1 }",
+        );
+        rejects(
+            &text,
+            at(&text, "name = \"c\""),
+            "steps[2].compensation_input",
+            "no compensation",
+        );
+        // Too many steps.
+        let step = "[[steps]]\nname = \"s{i}\"\nparticipant = \"p\"\naction = \"a\"\n";
+        let many: String = (0..=MAX_STEPS)
+            .map(|i| step.replace("{i}", &i.to_string()))
+            .collect();
+        let text = format!("name = \"s\"\nversion = 1\n{many}");
+        rejects(&text, 3, "steps", "at most 256 steps");
+        let most: String = (0..MAX_STEPS)
+            .map(|i| step.replace("{i}", &i.to_string()))
+            .collect();
+        let text = format!("name = \"s\"\nversion = 1\n{most}");
+        assert!(parse_str(&text).is_ok());
+    }
+
+    #[test]
+    fn an_expression_too_long_is_refused() {
+        let long = format!("when = \"input.x == '{}'\"", "y".repeat(expr::MAX_EXPR_LEN));
+        let (text, line) = graph_with("when = \"input.go == true\"", &long);
+        rejects(&text, line, "steps[1].when", "at most 4096 bytes");
+    }
+
+    #[test]
+    fn definitions_round_trip_through_their_stored_json() {
+        for text in [GRAPH, GOOD] {
+            let d = parse_str(text).unwrap();
+            let json = serde_json::to_value(&d).unwrap();
+            let back: Definition = serde_json::from_value(json.clone()).unwrap();
+            assert_eq!(back, d);
+            assert_eq!(serde_json::to_value(&back).unwrap(), json);
+        }
+    }
+
+    /// A definition as stored by the loader before graphs: no `after`, `when` or mappings.
+    const STORED_BEFORE_GRAPHS: &str = r#"{"name":"order_fulfillment","version":1,
+        "description":"Create an order, take payment, schedule delivery, approve the order",
+        "steps":[
+          {"name":"create_order","participant":"order","action":"create_order",
+           "compensation":"cancel_order","timeout":10000,
+           "retry":{"max_attempts":3,"initial_backoff":200,"max_backoff":30000,"multiplier":2.0}},
+          {"name":"authorize_payment","participant":"payment","action":"authorize_payment",
+           "compensation":"refund_payment","timeout":15000,
+           "retry":{"max_attempts":3,"initial_backoff":200,"max_backoff":30000,"multiplier":2.0}},
+          {"name":"schedule_delivery","participant":"delivery","action":"schedule_delivery",
+           "compensation":"cancel_delivery","timeout":10000,
+           "retry":{"max_attempts":3,"initial_backoff":200,"max_backoff":30000,"multiplier":2.0}},
+          {"name":"approve_order","participant":"order","action":"approve_order",
+           "compensation":null,"timeout":10000,
+           "retry":{"max_attempts":3,"initial_backoff":200,"max_backoff":30000,"multiplier":2.0}}],
+        "pivot":2,"compensation_max_attempts":10}"#;
+
+    #[test]
+    fn a_snapshot_stored_before_graphs_reads_back_as_the_same_corridor() {
+        let stored: serde_json::Value = serde_json::from_str(STORED_BEFORE_GRAPHS).unwrap();
+        let d: Definition = serde_json::from_value(stored.clone()).unwrap();
+        assert!(d.is_linear() && !d.needs_data());
+        assert_eq!(
+            (0..4).map(|i| d.deps(i)).collect::<Vec<_>>(),
+            [vec![], vec![0], vec![1], vec![2]]
+        );
+        assert_eq!(d.topo_order(), [0, 1, 2, 3]);
+        assert_eq!(d.check_graph(), Ok(()));
+        // Start-up compares the stored body with the file's: the shipped file must still
+        // serialize to exactly what was stored.
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sagas/order_fulfillment.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let parsed = parse(&file, &text).unwrap();
+        assert_eq!(serde_json::to_value(&parsed).unwrap(), stored);
+        assert_eq!(parsed, d);
+    }
+
+    #[test]
+    fn check_graph_refuses_what_a_corrupt_snapshot_could_hold() {
+        let mut d = parse_str(GRAPH).unwrap();
+        d.steps[0].after = Some(vec![4]);
+        assert!(d.check_graph().unwrap_err().contains("cycle"));
+        // deps and topo_order stay usable on it.
+        assert_eq!(d.deps(0), [4]);
+        assert_eq!(d.topo_order().len(), 5);
+        assert_eq!(
+            d.ancestors(0),
+            [0, 1, 2, 3, 4]
+                .into_iter()
+                .filter(|&i| i != 0)
+                .collect::<Vec<_>>()
+        );
+        d.steps[0].after = Some(vec![9, 0]);
+        assert!(d.check_graph().is_err());
+        assert_eq!(d.deps(0), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn the_food_delivery_example_is_a_valid_graph() {
+        let file =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples/food_delivery.toml");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let d = parse(&file, &text).unwrap();
+        let names: Vec<&str> = d.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "create_order",
+                "authorize_payment",
+                "shop_accepts",
+                "redeem_coupon",
+                "dispatch_rider",
+                "notify_customer"
+            ]
+        );
+        assert_eq!(d.steps[d.pivot].name, "dispatch_rider");
+        assert_eq!(d.deps(4), [1, 2, 3]);
+        for branch in 1..=3 {
+            assert_eq!(d.deps(branch), [0]);
+        }
+        assert!(d.steps[3].when.is_some());
+        assert!(d.steps.iter().all(|s| s.input.is_some()));
+        // Rendered as a command would be: the branches get only what they need.
+        let input = serde_json::json!({"customer_id": "c-1", "shop_id": "s-9", "items": [{"sku": "x", "qty": 2}],
+            "amount_cents": 12900, "address": "1 Main St", "coupon": "WELCOME"});
+        let outputs = [
+            Some(serde_json::json!({"order_id": "o-7"})),
+            Some(serde_json::json!({})),
+            Some(serde_json::json!({})),
+            Some(serde_json::Value::Null),
+            None,
+            None,
+        ];
+        let data = expr::Data {
+            input: &input,
+            saga_id: uuid::Uuid::nil(),
+            outputs: &outputs,
+        };
+        let pay = d.steps[1]
+            .input
+            .as_ref()
+            .unwrap()
+            .render(&d, 1, &data)
+            .unwrap();
+        assert_eq!(
+            pay,
+            serde_json::json!({"order_id": "o-7", "amount_cents": 12900, "currency": "KRW"})
+        );
+        assert_eq!(
+            d.steps[3].when.as_ref().unwrap().eval(&d, 3, &data),
+            Ok(true)
+        );
+        let no_coupon = serde_json::json!({"customer_id": "c-1"});
+        let data2 = expr::Data {
+            input: &no_coupon,
+            ..data
+        };
+        assert_eq!(
+            d.steps[3].when.as_ref().unwrap().eval(&d, 3, &data2),
+            Ok(false)
+        );
+        let rider = d.steps[4]
+            .input
+            .as_ref()
+            .unwrap()
+            .render(&d, 4, &data)
+            .unwrap();
+        assert_eq!(
+            rider["coupon_applied"],
+            serde_json::json!(false),
+            "a skipped coupon reads null"
+        );
+        // Checked in full, then refused by a build that runs corridors only.
+        let dir = std::env::temp_dir().join(format!("saga-defs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("food_delivery.toml"), &text).unwrap();
+        let e = load_dir_linear(&dir).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (at(&text, "[steps.input]"), "steps[0].input"),
+            "{e}"
+        );
+        assert!(e.message.contains("not yet run by this build"), "{e}");
+        assert_eq!(load_dir(&dir).unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
