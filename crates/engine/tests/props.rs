@@ -73,6 +73,70 @@ fn check_valid(d: &Definition) -> Result<(), TestCaseError> {
         prop_assert!((1.0..=10.0).contains(&s.retry.multiplier));
         prop_assert_eq!(s.timeout.subsec_nanos() % 1_000_000, 0);
     }
+    check_graph(d)
+}
+
+/// What validation promises about an accepted definition's graph.
+fn check_graph(d: &Definition) -> Result<(), TestCaseError> {
+    let n = d.steps.len();
+    prop_assert!(n <= definition::MAX_STEPS);
+    prop_assert_eq!(d.check_graph(), Ok(()));
+    let order = d.topo_order();
+    let mut position = vec![usize::MAX; n];
+    for (k, &i) in order.iter().enumerate() {
+        position[i] = k;
+    }
+    prop_assert!(position.iter().all(|&p| p < n), "{:?}", order);
+    for i in 0..n {
+        for dep in d.deps(i) {
+            prop_assert!(position[dep] < position[i], "{} before {}", dep, i);
+            prop_assert!(d.is_ancestor(dep, i));
+        }
+    }
+    // Nothing runs alongside the pivot; nothing after it is compensated.
+    let before = d.ancestors(d.pivot);
+    let after = d.descendants(d.pivot);
+    for j in (0..n).filter(|&j| j != d.pivot) {
+        prop_assert!(before.contains(&j) != after.contains(&j), "step {}", j);
+    }
+    for &j in &after {
+        prop_assert!(d.steps[j].compensation.is_none(), "step {}", j);
+    }
+    // Expressions read only what has run by the time they are evaluated.
+    for (i, s) in d.steps.iter().enumerate() {
+        let ancestors = d.ancestors(i);
+        let index = |name: &str| d.step_index(name);
+        let reads = s
+            .when
+            .iter()
+            .flat_map(|w| w.steps_read())
+            .chain(s.input.iter().flat_map(|m| m.steps_read()));
+        for name in reads {
+            prop_assert!(
+                index(name).is_some_and(|j| ancestors.contains(&j)),
+                "{}",
+                name
+            );
+        }
+        for name in s.compensation_input.iter().flat_map(|m| m.steps_read()) {
+            prop_assert!(
+                index(name).is_some_and(|j| j == i || ancestors.contains(&j)),
+                "{}",
+                name
+            );
+        }
+        if s.compensation_input.is_some() {
+            prop_assert!(s.compensation.is_some());
+        }
+    }
+    let linear = (0..n).all(|i| d.deps(i) == i.checked_sub(1).into_iter().collect::<Vec<_>>());
+    prop_assert_eq!(d.is_linear(), linear && !d.needs_data());
+    // What is stored reads back the same.
+    let stored = serde_json::to_value(d).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let back: Definition =
+        serde_json::from_value(stored.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(&back, d);
+    prop_assert_eq!(serde_json::to_value(&back).ok(), Some(stored));
     Ok(())
 }
 
@@ -121,10 +185,150 @@ fn float_text() -> impl Strategy<Value = String> {
     ]
 }
 
-/// A `[[steps]]` table with random values; each optional key present or not.
-fn step_text() -> impl Strategy<Value = String> {
+/// A TOML basic string holding `s`.
+fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The name of the `i`th step: mostly `s<i>`, the names the graph parts refer to.
+fn step_name_text(i: usize) -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => Just(format!("s{i}")),
+        1 => name_text(),
+    ]
+}
+
+/// A name in `after`: mostly one of the steps, sometimes none of them.
+fn after_name_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => prop::sample::select(vec!["s0", "s1", "s2", "s3"]).prop_map(str::to_string),
+        1 => name_text(),
+    ]
+}
+
+/// A CEL expression: mostly plausible, sometimes of the wrong type, reading what it may not,
+/// malformed, or too long.
+fn expr_text() -> impl Strategy<Value = String> {
+    let atom = prop_oneof![
+        4 => prop::sample::select(vec![
+            "input.x == 1",
+            "has(input.coupon) && input.coupon != ''",
+            "steps.s0.output.id == 'a'",
+            "steps.s1.output != null",
+            "steps.s2.output.n > 2",
+            "saga.id != ''",
+            "true",
+            "input.items.all(i, i.n > 0)",
+            "size(input.list) > 0 ? input.a : input.b",
+            "input.x",
+            "steps.s3.output.id",
+        ])
+        .prop_map(str::to_string),
+        2 => prop::sample::select(vec![
+            "1", "'x'", "input.x +", "(((", "steps.zz.output", "foo", "steps.s0", "saga.name",
+            "1 / 0 == 1", "${input.x}", "", "pkg.M{a: 1}", "[1, 2]", "\"q\" == '\\'",
+            "b'\\xff'", "1.0 / 0.0", "input.x.y.z[0]['k']", "-(-(-(1)))",
+        ])
+        .prop_map(str::to_string),
+        1 => "[a-z0-9_.()\\[\\]{}=!&|<>+*/%?:' \"\\\\$-]{0,40}",
+        1 => (1usize..60).prop_map(|n| format!("{}1{}", "(".repeat(n), ")".repeat(n))),
+        1 => Just(format!("input.x == '{}'", "y".repeat(4100))),
+    ];
+    prop::collection::vec(atom, 1..3).prop_map(|parts| parts.join(" && "))
+}
+
+/// An inline TOML value for a mapping: literals, `${…}` strings, nested tables and arrays,
+/// sometimes deeper than allowed.
+fn mapping_value_text() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        4 => expr_text().prop_map(|e| toml_str(&format!("${{{e}}}"))),
+        1 => "[a-z ${}.]{0,12}".prop_map(|s| toml_str(&s)),
+        1 => number_text(),
+        1 => float_text(),
+        1 => any::<bool>().prop_map(|b| b.to_string()),
+        1 => Just("1979-05-27T07:32:00Z".to_string()),
+    ];
+    leaf.prop_recursive(10, 40, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(|v| format!("[{}]", v.join(", "))),
+            prop::collection::vec(("[a-z_]{1,6}", inner), 0..4).prop_map(|kv| {
+                let fields: Vec<String> =
+                    kv.into_iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                format!("{{ {} }}", fields.join(", "))
+            }),
+        ]
+    })
+}
+
+/// A mapping, as `[steps.<key>]` table or inline table; keys may repeat (a TOML error).
+fn mapping_text(key: &'static str) -> impl Strategy<Value = String> {
     (
-        name_text(),
+        any::<bool>(),
+        prop::collection::vec(("[a-z_]{1,6}", mapping_value_text()), 0..4),
+        prop::option::weighted(0.05, mapping_value_text()),
+    )
+        .prop_map(move |(table, fields, whole)| {
+            if let Some(v) = whole {
+                return format!("{key} = {v}\n");
+            }
+            if table {
+                let body: String = fields.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+                format!("[steps.{key}]\n{body}")
+            } else {
+                let body: Vec<String> = fields.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                format!("{key} = {{ {} }}\n", body.join(", "))
+            }
+        })
+}
+
+/// The graph keys of a step (`after`, `when`, `input`, `compensation_input`), each present
+/// with a probability scaled by `weight`. Mappings come last: after a `[steps.input]` header,
+/// keys belong to that table.
+fn graph_keys_text(weight: f64) -> impl Strategy<Value = String> {
+    (
+        prop::option::weighted(0.5 * weight, prop::collection::vec(after_name_text(), 0..4)),
+        prop::option::weighted(0.4 * weight, expr_text()),
+        prop::option::weighted(0.4 * weight, mapping_text("input")),
+        prop::option::weighted(0.2 * weight, mapping_text("compensation_input")),
+    )
+        .prop_map(|(after, when, input, comp_input)| {
+            let mut s = String::new();
+            if let Some(after) = after {
+                let names: Vec<String> = after.iter().map(|n| toml_str(n)).collect();
+                s += &format!("after = [{}]\n", names.join(", "));
+            }
+            if let Some(w) = when {
+                s += &format!("when = {}\n", toml_str(&w));
+            }
+            let mut tables = Vec::new();
+            for m in [input, comp_input].into_iter().flatten() {
+                if m.starts_with('[') {
+                    tables.push(m);
+                } else {
+                    s += &m;
+                }
+            }
+            for t in tables {
+                s += &t;
+            }
+            s
+        })
+}
+
+/// A `[[steps]]` table with random values; each optional key present or not.
+fn step_text(i: usize) -> impl Strategy<Value = String> {
+    (
+        step_name_text(i),
         name_text(),
         name_text(),
         prop::option::weighted(0.3, name_text()),
@@ -136,8 +340,11 @@ fn step_text() -> impl Strategy<Value = String> {
             float_text(),
         )),
         prop::option::weighted(0.2, any::<bool>()),
+        // Rare here, so that the other keys still reach their range checks; graph_toml is
+        // about them.
+        graph_keys_text(0.15),
     )
-        .prop_map(|(name, participant, action, comp, timeout, retry, pivot)| {
+        .prop_map(|(name, participant, action, comp, timeout, retry, pivot, graph)| {
             let mut s = format!(
                 "[[steps]]\nname = \"{name}\"\nparticipant = \"{participant}\"\naction = \"{action}\"\n"
             );
@@ -155,8 +362,35 @@ fn step_text() -> impl Strategy<Value = String> {
             if let Some(p) = pivot {
                 s += &format!("pivot = {p}\n");
             }
-            s
+            s + &graph
         })
+}
+
+/// A definition whose plain keys are valid and whose graph keys are anything: references to
+/// steps that exist or not, earlier or later, expressions good and bad, mappings of any shape.
+fn graph_toml() -> impl Strategy<Value = String> {
+    let step = |i: usize| {
+        (
+            prop::option::weighted(0.6, Just(format!("undo{i}"))),
+            prop::option::weighted(0.15, Just(true)),
+            graph_keys_text(1.0),
+        )
+            .prop_map(move |(comp, pivot, graph)| {
+                let mut s = format!(
+                    "[[steps]]\nname = \"s{i}\"\nparticipant = \"p\"\naction = \"do{i}\"\n"
+                );
+                if let Some(c) = comp {
+                    s += &format!("compensation = \"{c}\"\n");
+                }
+                if pivot.is_some() {
+                    s += "pivot = true\n";
+                }
+                s + &graph
+            })
+    };
+    (1usize..6)
+        .prop_flat_map(move |n| (0..n).map(step).collect::<Vec<_>>())
+        .prop_map(|steps| format!("name = \"g\"\nversion = 1\n{}", steps.concat()))
 }
 
 fn near_valid_toml() -> impl Strategy<Value = String> {
@@ -165,7 +399,7 @@ fn near_valid_toml() -> impl Strategy<Value = String> {
         number_text(),
         prop::option::of(duration_text()),
         prop::option::of(number_text()),
-        prop::collection::vec(step_text(), 0..3),
+        (0usize..3).prop_flat_map(|n| (0..n).map(step_text).collect::<Vec<_>>()),
     )
         .prop_map(|(name, version, timeout, comp, steps)| {
             let mut s = format!("name = \"{name}\"\nversion = {version}\n");
@@ -182,8 +416,188 @@ fn near_valid_toml() -> impl Strategy<Value = String> {
         })
 }
 
+/// A graph as the generator meant it, to compare with what the loader decides.
+#[derive(Debug, Clone)]
+struct GraphSpec {
+    /// Per step: explicit `after` (indices), or the default.
+    after: Vec<Option<Vec<usize>>>,
+    /// Per step: the step read by its `when`, by its input and by its compensation input.
+    when: Vec<Option<usize>>,
+    input: Vec<Option<usize>>,
+    comp_input: Vec<Option<usize>>,
+    compensated: Vec<bool>,
+    pivot: Option<usize>,
+}
+
+impl GraphSpec {
+    fn deps(&self, i: usize) -> Vec<usize> {
+        self.after[i]
+            .clone()
+            .unwrap_or_else(|| i.checked_sub(1).into_iter().collect())
+    }
+
+    /// Reachability by the definition of `after`, independently of the loader's code.
+    fn ancestors(&self) -> Vec<Vec<bool>> {
+        let n = self.after.len();
+        let mut reach = vec![vec![false; n]; n];
+        for (i, row) in reach.iter_mut().enumerate() {
+            for d in self.deps(i) {
+                row[d] = true;
+            }
+        }
+        for k in 0..n {
+            for i in 0..n {
+                for j in 0..n {
+                    if reach[i][k] && reach[k][j] {
+                        reach[i][j] = true;
+                    }
+                }
+            }
+        }
+        reach
+    }
+
+    /// Why the loader must refuse it, if it must.
+    // Indices name steps in several parallel tables here: an iterator over one would hide that.
+    #[allow(clippy::needless_range_loop)]
+    fn fault(&self) -> Option<&'static str> {
+        let n = self.after.len();
+        let anc = self.ancestors();
+        if (0..n).any(|i| anc[i][i]) {
+            return Some("cycle");
+        }
+        for i in 0..n {
+            for r in [self.when[i], self.input[i]].into_iter().flatten() {
+                if !anc[i][r] {
+                    return Some("read");
+                }
+            }
+            if let Some(r) = self.comp_input[i]
+                && r != i
+                && !anc[i][r]
+            {
+                return Some("read");
+            }
+            if self.comp_input[i].is_some() && !self.compensated[i] {
+                return Some("no compensation");
+            }
+        }
+        let p = self.pivot.unwrap_or(n - 1);
+        if (0..n).any(|j| j != p && !anc[p][j] && !anc[j][p]) {
+            return Some("pivot");
+        }
+        if (0..n).any(|j| anc[j][p] && self.compensated[j]) {
+            return Some("compensation after the pivot");
+        }
+        None
+    }
+
+    fn toml(&self) -> String {
+        let mut s = String::from("name = \"g\"\nversion = 1\n");
+        for i in 0..self.after.len() {
+            s += &format!("[[steps]]\nname = \"s{i}\"\nparticipant = \"p\"\naction = \"do{i}\"\n");
+            if self.compensated[i] {
+                s += &format!("compensation = \"undo{i}\"\n");
+            }
+            if self.pivot == Some(i) {
+                s += "pivot = true\n";
+            }
+            if let Some(after) = &self.after[i] {
+                let names: Vec<String> = after.iter().map(|d| format!("\"s{d}\"")).collect();
+                s += &format!("after = [{}]\n", names.join(", "));
+            }
+            if let Some(r) = self.when[i] {
+                s += &format!("when = \"steps.s{r}.output.ok == true || input.force\"\n");
+            }
+            if let Some(r) = self.input[i] {
+                s += &format!(
+                    "input = {{ v = \"${{steps.s{r}.output.v}}\", n = 1, at = \"${{saga.id}}\" }}\n"
+                );
+            }
+            if let Some(r) = self.comp_input[i] {
+                s +=
+                    &format!("compensation_input = {{ ref = [\"${{steps.s{r}.output.ref}}\"] }}\n");
+            }
+        }
+        s
+    }
+}
+
+/// Graphs of up to 6 steps: `after` mostly pointing backwards (sometimes forwards, making
+/// cycles possible), reads of random steps, a random pivot.
+fn graph_spec() -> impl Strategy<Value = GraphSpec> {
+    (1usize..7).prop_flat_map(|n| {
+        let after = prop::collection::vec(
+            prop::option::weighted(
+                0.7,
+                prop::collection::btree_set(0..n, 0..3).prop_map(|s| s.into_iter().collect()),
+            ),
+            n,
+        );
+        let read = || prop::collection::vec(prop::option::weighted(0.3, 0..n), n);
+        (
+            after,
+            read(),
+            read(),
+            read(),
+            prop::collection::vec(any::<bool>(), n),
+            prop::option::weighted(0.6, 0..n),
+            any::<u8>(),
+        )
+            .prop_map(
+                move |(after, when, input, comp_input, compensated, pivot, seed)| {
+                    // Mostly acyclic: keep forward edges only for some seeds.
+                    let after = after
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, a): (usize, Option<Vec<usize>>)| {
+                            a.map(|v| {
+                                v.into_iter()
+                                    .filter(|&d| d != i && (d < i || seed % 4 == 0))
+                                    .collect()
+                            })
+                        })
+                        .collect();
+                    GraphSpec {
+                        after,
+                        when,
+                        input,
+                        comp_input,
+                        compensated,
+                        pivot,
+                    }
+                },
+            )
+    })
+}
+
 proptest! {
     #![proptest_config(config())]
+
+    #[test]
+    fn the_loader_decides_graphs_as_their_definition_says(spec in graph_spec()) {
+        let text = spec.toml();
+        let parsed = definition::parse(Path::new(FILE), &text);
+        match (spec.fault(), parsed) {
+            (None, Ok(d)) => {
+                check_valid(&d)?;
+                for i in 0..spec.after.len() {
+                    let mut want = spec.deps(i);
+                    want.sort_unstable();
+                    prop_assert_eq!(d.deps(i), want);
+                }
+            }
+            (Some(fault), Err(e)) => {
+                check_error(&text, &e)?;
+                if fault == "cycle" {
+                    prop_assert!(e.message.contains("cycle"), "{}", e);
+                }
+            }
+            (fault, result) => {
+                prop_assert!(false, "expected {:?}, got {:?}\n{}", fault, result.map(|_| ()), text);
+            }
+        }
+    }
 
     #[test]
     fn the_loader_never_panics_on_arbitrary_text(text in any::<String>()) {
@@ -196,6 +610,14 @@ proptest! {
     fn the_loader_never_panics_on_toml_shaped_text(text in "[a-z_\\[\\]=\"{}, .0-9\n#]{0,200}") {
         if let Err(e) = definition::parse(Path::new(FILE), &text) {
             check_error(&text, &e)?;
+        }
+    }
+
+    #[test]
+    fn graph_definitions_are_either_sound_or_refused_with_a_line(text in graph_toml()) {
+        match definition::parse(Path::new(FILE), &text) {
+            Ok(d) => check_valid(&d)?,
+            Err(e) => check_error(&text, &e)?,
         }
     }
 
@@ -510,6 +932,27 @@ fn the_near_valid_generator_reaches_the_range_checks() {
         })
         .count();
     assert!(accepted >= 10, "only {accepted} of 256 accepted");
+}
+
+/// The graph generator too: a good share accepted, and graphs among them.
+#[test]
+fn the_graph_generator_reaches_accepted_graphs() {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = graph_toml();
+    let accepted: Vec<Definition> = (0..512)
+        .filter_map(|_| {
+            let text = strategy.new_tree(&mut runner).unwrap().current();
+            definition::parse(Path::new(FILE), &text).ok()
+        })
+        .collect();
+    let graphs = accepted.iter().filter(|d| !d.is_linear()).count();
+    let with_data = accepted.iter().filter(|d| d.needs_data()).count();
+    assert!(
+        accepted.len() >= 25 && graphs >= 10 && with_data >= 5,
+        "{} accepted, {graphs} graphs, {with_data} with expressions",
+        accepted.len()
+    );
 }
 
 fn issue_definition(timeout: Duration, backoff: Duration) -> Definition {
