@@ -2135,9 +2135,10 @@ nested = { list = [1, "${input.x}"], deeper = { id = "${steps.a.output.id}" } }
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("food_delivery.toml"), &text).unwrap();
         let e = load_dir_linear(&dir).unwrap_err();
+        let table_line = text.lines().position(|l| l == "[steps.input]").unwrap() + 1;
         assert_eq!(
             (e.line, e.field.as_str()),
-            (at(&text, "[steps.input]"), "steps[0].input"),
+            (table_line, "steps[0].input"),
             "{e}"
         );
         assert!(e.message.contains("not yet run by this build"), "{e}");
