@@ -132,19 +132,14 @@ impl Definition {
 
     /// Every step waiting for `i`, directly or not, ascending.
     pub fn descendants(&self, i: usize) -> Vec<usize> {
-        let children: Vec<Vec<usize>> = (0..self.steps.len()).map(|_| Vec::new()).collect();
-        let children = self
-            .steps
-            .iter()
-            .enumerate()
-            .fold(children, |mut acc, (j, _)| {
-                for d in self.deps(j) {
-                    if let Some(c) = acc.get_mut(d) {
-                        c.push(j);
-                    }
+        let mut children = vec![Vec::new(); self.steps.len()];
+        for j in 0..self.steps.len() {
+            for d in self.deps(j) {
+                if let Some(c) = children.get_mut(d) {
+                    c.push(j);
                 }
-                acc
-            });
+            }
+        }
         self.reach(i, |_, j| children.get(j).cloned().unwrap_or_default())
     }
 
@@ -1977,6 +1972,19 @@ nested = { list = [1, "${input.x}"], deeper = { id = "${steps.a.output.id}" } }
             .collect();
         let text = format!("name = \"s\"\nversion = 1\n{most}");
         assert!(parse_str(&text).is_ok());
+    }
+
+    #[test]
+    fn deeply_nested_toml_in_a_mapping_is_refused_without_overflowing() {
+        for n in [9, 100, 10_000] {
+            let deep = format!("input = {{ a = {}1{} }}", "[".repeat(n), "]".repeat(n));
+            let text = GOOD.replace("action = \"do_c\"", &format!("action = \"do_c\"\n{deep}"));
+            let handle = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || parse_str(&text).map(|_| ()))
+                .unwrap();
+            assert!(handle.join().unwrap().is_err(), "{n}");
+        }
     }
 
     #[test]
