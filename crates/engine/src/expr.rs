@@ -441,6 +441,11 @@ fn compile_here(source: &str, purpose: Purpose) -> Result<Compiled, String> {
     })?;
     let mut reads = Reads::default();
     walk(program.expression(), 1, &mut Vec::new(), &mut reads)?;
+    for (name, method) in &reads.functions {
+        if !function_exists(name, *method) {
+            return Err(format!("unknown function `{name}`"));
+        }
+    }
     if purpose == Purpose::Condition
         && let Some(kind) = not_bool(program.expression())
     {
@@ -474,6 +479,25 @@ fn compile_here(source: &str, purpose: Purpose) -> Result<Compiled, String> {
         }
     }
     Ok(compiled)
+}
+
+/// Whether the standard environment has a function `name` (a method when `method`). The `cel`
+/// crate does not list its functions, so this asks it: calling an unknown function fails as an
+/// undeclared reference, a known one with no arguments as anything else.
+fn function_exists(name: &str, method: bool) -> bool {
+    let probe = if method {
+        format!("null.{name}()")
+    } else {
+        format!("{name}()")
+    };
+    let Ok(program) = env().compile(&probe) else {
+        return false;
+    };
+    let ctx = cel::Context::with_env(env());
+    !matches!(
+        program.execute(&ctx),
+        Err(cel::ExecutionError::UndeclaredReference(r)) if r.as_str() == name
+    )
 }
 
 /// How deep brackets nest, outside string literals.
@@ -510,6 +534,8 @@ fn nesting(source: &str) -> usize {
 struct Reads {
     steps: BTreeSet<String>,
     any: bool,
+    /// Named functions called, and whether as a method (`x.f()`).
+    functions: BTreeSet<(String, bool)>,
 }
 
 /// Collects what an expression reads, refusing anything but `input…`, `saga.id` and
@@ -550,6 +576,15 @@ fn walk(
             }
         }
         Expr::Call(call) => {
+            // Operators are spelled `_+_`, `!_`, `@in`…: only named functions can be misspelt.
+            if call
+                .func_name
+                .starts_with(|c: char| c.is_ascii_alphabetic())
+            {
+                reads
+                    .functions
+                    .insert((call.func_name.clone(), call.target.is_some()));
+            }
             if let Some(target) = &call.target {
                 walk(target, next, bound, reads)?;
             }
@@ -619,6 +654,9 @@ fn read(name: &str, fields: &[&str], bound: &[String], reads: &mut Reads) -> Res
             )),
             _ => Err("read a step's output as steps.<name>.output".into()),
         },
+        // Type names, for `type(x) == int`.
+        "bool" | "int" | "uint" | "double" | "string" | "bytes" | "list" | "map" | "null_type"
+        | "type" => Ok(()),
         other => Err(format!(
             "unknown variable `{other}`: an expression may read {VARIABLES}"
         )),
@@ -964,9 +1002,24 @@ action = "d"
             ("steps['a'].output == 1", "steps.<name>.output"),
             ("x.y == 1", "unknown variable `x`"),
             ("pkg.Msg{a: 1} == null", "message types"),
+            ("sizee(input.x) > 1", "unknown function `sizee`"),
+            (
+                "input.s.startsWith('a') && input.s.startWith('b')",
+                "unknown function `startWith`",
+            ),
+            ("matches(input.s, 'a.*')", "unknown function `matches`"),
         ] {
             let e = Condition::compile(source).unwrap_err();
             assert!(e.contains(needle), "{source}: {e}");
+        }
+        for known in [
+            "size(input.s) > 0 && int(input.n) > 0 && uint(input.n) > 0u && double(input.n) > 0.0",
+            "string(input.n) == '1' && bytes(input.s) == b'' && bool('true') && dyn(input.n) == 1",
+            "type(input.n) == int && input.s.contains('a') && input.s.startsWith('a')",
+            "input.s.endsWith('a') && input.s.size() == 1 && 'a' in input.list",
+            "input.list.exists_one(x, x == 1) && input.list.map(x, x * 2).filter(x, x > 2) == []",
+        ] {
+            assert!(Condition::compile(known).is_ok(), "{known}");
         }
         let c = Condition::compile(
             "has(steps.a.output.x) && input.items.all(i, i.n > 0) && saga.id != '' && \
