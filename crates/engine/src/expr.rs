@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::definition::Definition;
 
-/// Longest expression, in bytes. Conditions and field mappings are one-liners; the bound keeps
-/// parsing and evaluation (both recursive in the `cel` crate) far from any stack limit.
+/// Longest expression, in bytes. Conditions and field mappings are one-liners: anything longer
+/// is a program, which belongs in a participant, and would slow every load down.
 pub const MAX_EXPR_LEN: usize = 4096;
 /// Deepest nesting of brackets, and of operations in the parsed expression. The `cel` crate's
 /// parser and evaluator recurse on it, with frames of tens of kilobytes in a debug build: the
@@ -90,7 +90,7 @@ impl Condition {
     }
 
     /// Evaluates the condition for step `step` of `def`: only the outputs of the step's
-    /// ancestors are visible.
+    /// ancestors are visible (a skipped one's is null).
     pub fn eval(&self, def: &Definition, step: usize, data: &Data) -> Result<bool, String> {
         let failed = |e: String| bounded(format!("`when` ({}): {e}", excerpt(&self.0.source)));
         match execute(&self.0, Some(def), step, data).map_err(failed)? {
