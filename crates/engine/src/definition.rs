@@ -1988,6 +1988,51 @@ nested = { list = [1, "${input.x}"], deeper = { id = "${steps.a.output.id}" } }
     }
 
     #[test]
+    fn a_corridor_only_build_refuses_each_graph_key_at_its_line() {
+        let dir = std::env::temp_dir().join(format!("saga-linear-{}", std::process::id()));
+        for (from, to, field) in [
+            (
+                "name = \"c\"",
+                "name = \"c\"\nafter = [\"a\", \"b\"]",
+                "steps[2].after",
+            ),
+            (
+                "name = \"c\"",
+                "name = \"c\"\nwhen = \"input.x == 1\"",
+                "steps[2].when",
+            ),
+            (
+                "action = \"do_c\"",
+                "action = \"do_c\"\ninput = { x = 1 }",
+                "steps[2].input",
+            ),
+            (
+                "action = \"do_a\"",
+                "action = \"do_a\"\ncompensation_input = { x = \"${steps.a.output.x}\" }",
+                "steps[0].compensation_input",
+            ),
+        ] {
+            let text = GOOD.replace(from, to);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("s.toml"), &text).unwrap();
+            let e = load_dir_linear(&dir).unwrap_err();
+            let line = at(&text, to.lines().last().unwrap());
+            assert_eq!((e.line, e.field.as_str()), (line, field), "{e}");
+            assert!(
+                e.to_string()
+                    .ends_with("checked but not yet run by this build"),
+                "{e}"
+            );
+            assert!(load_dir(&dir).is_ok());
+        }
+        // Writing the default out is still a corridor.
+        let text = GOOD.replace("name = \"b\"", "name = \"b\"\nafter = [\"a\"]");
+        std::fs::write(dir.join("s.toml"), &text).unwrap();
+        assert_eq!(load_dir_linear(&dir).unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn an_expression_too_long_is_refused() {
         let long = format!("when = \"input.x == '{}'\"", "y".repeat(expr::MAX_EXPR_LEN));
         let (text, line) = graph_with("when = \"input.go == true\"", &long);
