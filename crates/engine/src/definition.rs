@@ -35,6 +35,9 @@ pub struct Step {
     #[serde(with = "millis")]
     pub timeout: Duration,
     pub retry: RetryPolicy,
+    /// Indices of the steps this one waits for; None: the previous step (see Definition::deps).
+    #[serde(default)]
+    pub after: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +79,14 @@ impl RetryPolicy {
 impl Definition {
     pub fn step_index(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
+    }
+
+    /// The steps `i` waits for (resolves the None default to the previous step).
+    pub fn deps(&self, i: usize) -> Vec<usize> {
+        match self.steps.get(i).and_then(|s| s.after.clone()) {
+            Some(after) => after,
+            None => i.checked_sub(1).into_iter().collect(),
+        }
     }
 
     pub fn participants(&self) -> impl Iterator<Item = &str> {
@@ -296,6 +307,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
                 .map(|c| c.get_ref().trim().to_string()),
             timeout,
             retry,
+            after: None,
         });
     }
 

@@ -3,6 +3,8 @@
 //! - [`definition`]: saga definition files (`sagas/*.toml`), parsed and validated, with errors
 //!   that name the file, line and field.
 //! - [`engine`]: the state machine: (definition, state, event, time) -> (state, effects).
+//! - [`graph`]: the same for sagas as graphs: one state machine per step, parallel branches.
+//! - [`explore`]: the exhaustive checker that drives [`graph`] through every order of replies.
 //!
 //! Nothing here reads the clock, draws random numbers or does I/O: the driver in `sagad` passes
 //! time, ids and jitter in and carries the effects out.
@@ -21,3 +23,5 @@
 
 pub mod definition;
 pub mod engine;
+pub mod explore;
+pub mod graph;

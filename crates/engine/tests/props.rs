@@ -266,6 +266,7 @@ fn any_definition() -> impl Strategy<Value = Definition> {
                             max_backoff: max,
                             multiplier,
                         },
+                        after: None,
                     },
                 )
                 .collect();
@@ -525,6 +526,7 @@ fn issue_definition(timeout: Duration, backoff: Duration) -> Definition {
                 max_backoff: backoff,
                 multiplier: 2.0,
             },
+            after: None,
         }],
         pivot: 0,
         compensation_max_attempts: 1,
