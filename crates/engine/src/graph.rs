@@ -102,7 +102,10 @@ pub enum StepState {
     /// Given up on after a timeout: maybe applied, so compensated like a success.
     Unknown,
     /// Past the pivot, its command could not be built (`reason`): an operator must act.
-    Held { attempt: u32, reason: String },
+    Held {
+        attempt: u32,
+        reason: String,
+    },
     Compensating {
         attempt: u32,
         command_id: Uuid,
@@ -116,7 +119,10 @@ pub enum StepState {
     },
     Compensated,
     /// The compensation failed `attempt` times (0: could not be built), last for `reason`.
-    CompFailed { attempt: u32, reason: String },
+    CompFailed {
+        attempt: u32,
+        reason: String,
+    },
 }
 
 impl StepState {
@@ -540,9 +546,7 @@ impl<'a> Graph<'a> {
                     )));
                 }
                 let first = state.current().next();
-                let kind = first
-                    .and_then(|i| m.at(i).kind())
-                    .unwrap_or(Kind::Action);
+                let kind = first.and_then(|i| m.at(i).kind()).unwrap_or(Kind::Action);
                 m.operator_action_at(&Repair::Compensate, first, kind, by);
                 // Whatever is out or between attempts may have been applied: undo it too;
                 // compensations tolerate undoing nothing.
@@ -687,7 +691,8 @@ impl Machine<'_> {
     }
 
     fn name(&self, i: usize) -> String {
-        self.step(i).map_or_else(|| format!("#{i}"), |s| s.name.clone())
+        self.step(i)
+            .map_or_else(|| format!("#{i}"), |s| s.name.clone())
     }
 
     fn has_compensation(&self, i: usize) -> bool {
@@ -760,7 +765,12 @@ impl Machine<'_> {
             (_, Outcome::Success { .. }) => self.compensated(i, command_id),
             (st, Outcome::Failure { reason, .. }) => {
                 let d = json!({"reason": reason});
-                self.history(HistoryKind::CompensationFailed, Some(i), Some(command_id), d);
+                self.history(
+                    HistoryKind::CompensationFailed,
+                    Some(i),
+                    Some(command_id),
+                    d,
+                );
                 self.compensation_failed(i, st.attempt(), reason);
             }
         }
@@ -890,7 +900,12 @@ impl Machine<'_> {
     }
 
     fn compensated(&mut self, i: usize, command_id: Uuid) {
-        self.history(HistoryKind::StepCompensated, Some(i), Some(command_id), json!({}));
+        self.history(
+            HistoryKind::StepCompensated,
+            Some(i),
+            Some(command_id),
+            json!({}),
+        );
         self.set(i, StepState::Compensated);
     }
 
@@ -1048,10 +1063,12 @@ impl Machine<'_> {
     }
 
     fn ready(&self, i: usize) -> bool {
-        self.g
-            .deps(i)
-            .iter()
-            .all(|&d| matches!(self.s.steps.get(d), Some(StepState::Succeeded | StepState::Skipped)))
+        self.g.deps(i).iter().all(|&d| {
+            matches!(
+                self.s.steps.get(d),
+                Some(StepState::Succeeded | StepState::Skipped)
+            )
+        })
     }
 
     /// Every ready step is evaluated first (its `when`, then its input), skipping cascading to
@@ -1124,8 +1141,7 @@ impl Machine<'_> {
 
     fn backward(&mut self) {
         for i in (0..self.s.steps.len()).rev() {
-            if self.needs_compensation(i) && self.g.descendants(i).iter().all(|&d| self.quiet(d))
-            {
+            if self.needs_compensation(i) && self.g.descendants(i).iter().all(|&d| self.quiet(d)) {
                 self.dispatch(i, Kind::Compensation, 1);
             }
         }
@@ -1182,7 +1198,12 @@ impl Machine<'_> {
             }
             Status::NeedsOperator => {
                 let (at, reason) = self.why_stopped();
-                self.history(HistoryKind::NeedsOperator, at, None, json!({"reason": reason}));
+                self.history(
+                    HistoryKind::NeedsOperator,
+                    at,
+                    None,
+                    json!({"reason": reason}),
+                );
             }
             Status::Running | Status::Compensating | Status::Resolved => return,
         }
@@ -1194,7 +1215,10 @@ impl Machine<'_> {
         let first = self.blocking().first().copied();
         let (error, reason) = match first.map(|i| (i, self.at(i).clone())) {
             Some((i, StepState::CompFailed { attempt: 0, reason })) => (
-                format!("compensation of step {} cannot be sent: {reason}", self.name(i)),
+                format!(
+                    "compensation of step {} cannot be sent: {reason}",
+                    self.name(i)
+                ),
                 reason,
             ),
             Some((i, StepState::CompFailed { attempt, reason })) => (
@@ -1243,7 +1267,9 @@ impl Machine<'_> {
         let current: Vec<usize> = self.s.current().collect();
         match current.as_slice() {
             [i] => Ok(*i),
-            [] => Err(Refused("no step is running, waiting to retry or blocked".into())),
+            [] => Err(Refused(
+                "no step is running, waiting to retry or blocked".into(),
+            )),
             many => Err(Refused(format!(
                 "steps {} are current: name the step to repair",
                 many.iter()
@@ -1281,5 +1307,733 @@ impl Machine<'_> {
                 end: AttemptEnd::Superseded,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::definition::RetryPolicy;
+    use std::collections::HashMap;
+    use std::time::Duration;
+    use time::macros::datetime;
+
+    const T0: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
+
+    /// Steps as (name, after, compensated?); `after` None: the previous step.
+    pub(crate) fn graph_def(steps: &[(&str, Option<&[usize]>, bool)], pivot: usize) -> Definition {
+        Definition {
+            name: "g".into(),
+            version: 1,
+            description: String::new(),
+            steps: steps
+                .iter()
+                .map(|(name, after, comp)| Step {
+                    name: (*name).into(),
+                    participant: format!("p_{name}"),
+                    action: format!("do_{name}"),
+                    compensation: comp.then(|| format!("undo_{name}")),
+                    timeout: Duration::from_secs(10),
+                    retry: RetryPolicy {
+                        max_attempts: 2,
+                        initial_backoff: Duration::from_millis(100),
+                        max_backoff: Duration::from_secs(1),
+                        multiplier: 2.0,
+                    },
+                    after: after.map(<[usize]>::to_vec),
+                })
+                .collect(),
+            pivot,
+            compensation_max_attempts: 2,
+        }
+    }
+
+    /// a -> (b ∥ c) -> d (pivot) -> e
+    fn diamond() -> Definition {
+        graph_def(
+            &[
+                ("a", Some(&[]), true),
+                ("b", Some(&[0]), true),
+                ("c", Some(&[0]), true),
+                ("d", Some(&[1, 2]), true),
+                ("e", Some(&[3]), false),
+            ],
+            3,
+        )
+    }
+
+    #[derive(Default)]
+    struct Script {
+        conditions: HashMap<usize, Result<bool, String>>,
+        inputs: HashMap<(usize, Kind), Result<Value, String>>,
+    }
+
+    impl Facts for Script {
+        fn condition(&self, step: usize) -> Result<Option<bool>, String> {
+            self.conditions.get(&step).cloned().transpose()
+        }
+        fn command_input(&self, step: usize, kind: Kind) -> Result<Option<Value>, String> {
+            self.inputs.get(&(step, kind)).cloned().transpose()
+        }
+    }
+
+    struct H<'a> {
+        g: Graph<'a>,
+        s: GraphState,
+        now: OffsetDateTime,
+        ids: u128,
+        facts: Script,
+    }
+
+    impl<'a> H<'a> {
+        fn new(def: &'a Definition) -> Self {
+            H {
+                g: Graph::new(def),
+                s: GraphState::new(def),
+                now: T0,
+                ids: 0,
+                facts: Script::default(),
+            }
+        }
+
+        fn ctx(&mut self) -> Ctx {
+            self.ids += 1;
+            Ctx {
+                now: self.now,
+                next_command_id: Uuid::from_u128(self.ids),
+                jitter: 0.0,
+            }
+        }
+
+        fn ix(&self, name: &str) -> usize {
+            self.g.def().step_index(name).unwrap()
+        }
+
+        fn st(&self, name: &str) -> &StepState {
+            &self.s.steps[self.ix(name)]
+        }
+
+        fn ev(&mut self, e: Event) -> Vec<Effect> {
+            let ctx = self.ctx();
+            let t = self.g.apply(&self.s, e, ctx, &self.facts);
+            self.s = t.state;
+            t.effects
+        }
+
+        fn start(&mut self) -> Vec<String> {
+            sends(self.g.def(), &self.ev(Event::Start))
+        }
+
+        fn cmd(&self, name: &str) -> Uuid {
+            self.st(name)
+                .command_id()
+                .unwrap_or_else(|| panic!("{name} has no command out: {:?}", self.st(name)))
+        }
+
+        fn reply(&mut self, name: &str, outcome: Outcome) -> Vec<String> {
+            let command_id = self.cmd(name);
+            let e = self.ev(Event::Reply {
+                command_id,
+                outcome,
+                answers: None,
+            });
+            sends(self.g.def(), &e)
+        }
+
+        fn ok(&mut self, name: &str) -> Vec<String> {
+            let out = json!({ "by": name });
+            self.reply(name, Outcome::Success { output: out })
+        }
+
+        fn fail(&mut self, name: &str) -> Vec<String> {
+            let reason = "no".into();
+            self.reply(
+                name,
+                Outcome::Failure {
+                    reason,
+                    retryable: false,
+                },
+            )
+        }
+
+        fn transient(&mut self, name: &str) -> Vec<String> {
+            let reason = "busy".into();
+            self.reply(
+                name,
+                Outcome::Failure {
+                    reason,
+                    retryable: true,
+                },
+            )
+        }
+
+        /// Moves the clock to the saga's wake-up time and delivers the timer.
+        fn tick(&mut self) -> Vec<String> {
+            self.now = self.s.wake_at().expect("a timer is due");
+            let e = self.ev(Event::Timer);
+            sends(self.g.def(), &e)
+        }
+    }
+
+    fn sends(def: &Definition, effects: &[Effect]) -> Vec<String> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send(c) => Some(format!(
+                    "{}:{}:{}",
+                    def.steps[c.step].name,
+                    c.kind.as_str(),
+                    c.attempt
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kinds(effects: &[Effect]) -> Vec<HistoryKind> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::History { kind, .. } => Some(*kind),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ready_steps_leave_together_each_with_its_own_command_id() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        assert_eq!(h.start(), ["a:action:1"]);
+        let e = h.ev(Event::Reply {
+            command_id: h.cmd("a"),
+            outcome: Outcome::Success { output: json!({}) },
+            answers: None,
+        });
+        assert_eq!(sends(&def, &e), ["b:action:1", "c:action:1"]);
+        let ids: Vec<Uuid> = e
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send(c) => Some(c.command_id),
+                _ => None,
+            })
+            .collect();
+        // The first is the driver's id; the second is derived from it, the same on replay.
+        assert_eq!(ids[0], Uuid::from_u128(2));
+        assert_eq!(ids[1], command_id(Uuid::from_u128(2), 1));
+        assert_ne!(ids[0], ids[1]);
+        assert_eq!(h.s.status, Status::Running);
+    }
+
+    #[test]
+    fn a_join_waits_for_every_branch() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        assert!(h.ok("c").is_empty());
+        assert_eq!(*h.st("d"), StepState::Pending);
+        assert_eq!(h.ok("b"), ["d:action:1"]);
+        assert_eq!(h.ok("d"), ["e:action:1"]);
+        assert!(h.ok("e").is_empty());
+        assert_eq!(h.s.status, Status::Completed);
+        assert_eq!(h.s.wake_at(), None);
+    }
+
+    #[test]
+    fn a_step_whose_condition_is_false_is_skipped_never_sent_nor_compensated() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.facts.conditions.insert(2, Ok(false));
+        h.start();
+        let e = h.ev(Event::Reply {
+            command_id: h.cmd("a"),
+            outcome: Outcome::Success { output: json!({}) },
+            answers: None,
+        });
+        assert_eq!(sends(&def, &e), ["b:action:1"]);
+        assert!(kinds(&e).contains(&HistoryKind::StepSkipped));
+        assert!(e.contains(&Effect::SaveOutput {
+            step: 2,
+            output: Value::Null
+        }));
+        assert_eq!(*h.st("c"), StepState::Skipped);
+        // The join counts a skipped step as done.
+        assert_eq!(h.ok("b"), ["d:action:1"]);
+        assert_eq!(h.fail("d"), ["b:compensation:1"]);
+        assert_eq!(h.ok("b"), ["a:compensation:1"]);
+        assert!(h.ok("a").is_empty());
+        assert_eq!(h.s.status, Status::Compensated);
+        assert_eq!(*h.st("c"), StepState::Skipped);
+    }
+
+    #[test]
+    fn skipping_cascades_and_a_condition_is_evaluated_once() {
+        // a -> b(when) -> c: when b is skipped, c is ready in the same transition.
+        let def = graph_def(
+            &[("a", None, true), ("b", None, true), ("c", None, false)],
+            2,
+        );
+        let mut h = H::new(&def);
+        h.facts.conditions.insert(1, Ok(false));
+        h.start();
+        assert_eq!(h.ok("a"), ["c:action:1"]);
+        // Changing the answer later changes nothing: it is never asked again.
+        h.facts.conditions.insert(1, Ok(true));
+        h.ok("c");
+        assert_eq!(h.s.status, Status::Completed);
+        assert_eq!(*h.st("b"), StepState::Skipped);
+    }
+
+    #[test]
+    fn a_condition_or_input_that_fails_to_evaluate_fails_the_step_for_good() {
+        for (cond, input) in [
+            (Some(Err("no such key `coupon`".to_string())), None),
+            (None, Some(Err("`order_id` missing".to_string()))),
+        ] {
+            let def = diamond();
+            let mut h = H::new(&def);
+            if let Some(c) = cond.clone() {
+                h.facts.conditions.insert(2, c);
+            }
+            if let Some(i) = input.clone() {
+                h.facts.inputs.insert((2, Kind::Action), i);
+            }
+            h.start();
+            // Nothing goes out: the saga turns at once and undoes `a`.
+            assert_eq!(h.ok("a"), ["a:compensation:1"]);
+            assert_eq!(*h.st("b"), StepState::Pending);
+            assert_eq!(*h.st("c"), StepState::Failed);
+            let error = h.s.error.clone().unwrap();
+            assert!(error.contains("step c failed"), "{error}");
+            assert!(
+                error.contains("missing") || error.contains("coupon"),
+                "{error}"
+            );
+            h.ok("a");
+            assert_eq!(h.s.status, Status::Compensated);
+        }
+    }
+
+    #[test]
+    fn mapped_inputs_travel_in_the_command() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.facts
+            .inputs
+            .insert((0, Kind::Action), Ok(json!({"amount": 5})));
+        h.facts
+            .inputs
+            .insert((0, Kind::Compensation), Ok(json!({"refund": 5})));
+        let e = h.ev(Event::Start);
+        let Some(Effect::Send(c)) = e.iter().find(|e| matches!(e, Effect::Send(_))) else {
+            panic!("{e:?}")
+        };
+        assert_eq!(c.input, Some(json!({"amount": 5})));
+        h.ok("a");
+        h.fail("b");
+        h.ok("c");
+        h.ok("c");
+        let id = h.cmd("a");
+        assert!(matches!(h.st("a"), StepState::Compensating { .. }), "{id}");
+    }
+
+    #[test]
+    fn a_failure_in_one_branch_awaits_its_sibling_then_compensates_it_after_a_success() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        // b fails for good while c is out: nothing is undone yet, nothing new goes.
+        assert!(h.fail("b").is_empty());
+        assert_eq!(h.s.status, Status::Compensating);
+        assert!(matches!(h.st("c"), StepState::Running { .. }));
+        // c succeeds after all: it is undone first, then a.
+        assert_eq!(h.ok("c"), ["c:compensation:1"]);
+        assert_eq!(h.ok("c"), ["a:compensation:1"]);
+        h.ok("a");
+        assert_eq!(h.s.status, Status::Compensated);
+        assert_eq!(*h.st("b"), StepState::Failed);
+    }
+
+    #[test]
+    fn an_awaited_sibling_that_fails_is_not_compensated_and_is_not_retried() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        h.fail("b");
+        // A retryable failure: the saga has turned, so no new attempt.
+        assert_eq!(h.transient("c"), ["a:compensation:1"]);
+        assert_eq!(*h.st("c"), StepState::Failed);
+        h.ok("a");
+        assert_eq!(h.s.status, Status::Compensated);
+    }
+
+    #[test]
+    fn an_awaited_sibling_whose_deadline_passes_is_compensated() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        h.fail("b");
+        assert_eq!(h.tick(), ["c:compensation:1"]);
+        assert_eq!(h.ok("c"), ["a:compensation:1"]);
+    }
+
+    #[test]
+    fn a_sibling_between_attempts_when_the_saga_turns_gets_no_new_attempt() {
+        let mut def = diamond();
+        def.steps[2].timeout = Duration::from_secs(3);
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        // c times out once (maybe applied) and waits to retry; b fails for good.
+        h.now = h.s.steps[2].wake_at().unwrap();
+        let e = h.ev(Event::Timer);
+        assert!(sends(&def, &e).is_empty());
+        assert!(matches!(
+            h.st("c"),
+            StepState::RetryWait {
+                timed_out: true,
+                ..
+            }
+        ));
+        assert_eq!(h.fail("b"), ["c:compensation:1"]);
+        assert_eq!(
+            *h.st("c"),
+            StepState::Compensating {
+                attempt: 1,
+                command_id: h.cmd("c"),
+                deadline: h.now + time::Duration::seconds(3)
+            }
+        );
+    }
+
+    #[test]
+    fn compensation_runs_in_reverse_across_the_join_branches_in_parallel() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        h.ok("b");
+        h.ok("c");
+        // The pivot fails for good: both branches are undone together, a only after both.
+        assert_eq!(h.fail("d"), ["c:compensation:1", "b:compensation:1"]);
+        assert!(h.ok("b").is_empty());
+        assert_eq!(h.ok("c"), ["a:compensation:1"]);
+        h.ok("a");
+        assert_eq!(h.s.status, Status::Compensated);
+    }
+
+    #[test]
+    fn an_exhausted_compensation_stops_for_an_operator_once_independent_ones_ran() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        h.ok("b");
+        h.ok("c");
+        h.fail("d");
+        // b's compensation fails twice (the maximum) while c's is still out.
+        h.fail("b");
+        assert_eq!(h.tick(), ["b:compensation:2"]);
+        let e = h.ev(Event::Reply {
+            command_id: h.cmd("b"),
+            outcome: Outcome::Failure {
+                reason: "locked".into(),
+                retryable: true,
+            },
+            answers: None,
+        });
+        assert!(!kinds(&e).contains(&HistoryKind::NeedsOperator));
+        assert_eq!(h.s.status, Status::Compensating);
+        // c is undone; a is not (it depends on b's), and the saga waits for an operator.
+        let e = h.ev(Event::Reply {
+            command_id: h.cmd("c"),
+            outcome: Outcome::Success { output: json!({}) },
+            answers: None,
+        });
+        assert!(sends(&def, &e).is_empty());
+        assert!(e.contains(&Effect::Lifecycle(Status::NeedsOperator)));
+        assert_eq!(h.s.status, Status::NeedsOperator);
+        assert_eq!(h.s.wake_at(), None);
+        assert_eq!(*h.st("a"), StepState::Succeeded);
+        assert_eq!(
+            h.s.error.as_deref(),
+            Some("compensation of step b failed 2 times, last: locked")
+        );
+        // Retrying it by hand carries on where it stopped.
+        let by = Operator {
+            actor: "ops".into(),
+            reason: "unlocked".into(),
+        };
+        let ctx = h.ctx();
+        let t =
+            h.g.repair(&h.s, Repair::RetryNow, None, &by, ctx, &NoData)
+                .unwrap();
+        assert_eq!(sends(&def, &t.effects), ["b:compensation:3"]);
+        assert_eq!(t.state.status, Status::Compensating);
+    }
+
+    #[test]
+    fn a_compensation_whose_input_cannot_be_built_needs_an_operator() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.facts
+            .inputs
+            .insert((1, Kind::Compensation), Err("no authorization".into()));
+        h.start();
+        h.ok("a");
+        h.ok("b");
+        assert!(h.fail("c").is_empty());
+        assert_eq!(h.s.status, Status::NeedsOperator);
+        assert!(h.s.error.as_deref().unwrap().contains("cannot be sent"));
+    }
+
+    #[test]
+    fn after_the_pivot_steps_are_retried_until_they_succeed() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        h.ok("b");
+        h.ok("c");
+        h.ok("d");
+        for attempt in 2..7 {
+            // Even a "definitive" failure, even a timeout, and beyond max_attempts.
+            if attempt % 2 == 0 {
+                assert!(h.fail("e").is_empty());
+            } else {
+                assert!(h.tick().is_empty());
+            }
+            assert_eq!(h.tick(), [format!("e:action:{attempt}")]);
+        }
+        h.ok("e");
+        assert_eq!(h.s.status, Status::Completed);
+        assert!(h.s.steps.iter().all(|s| *s == StepState::Succeeded));
+    }
+
+    #[test]
+    fn after_the_pivot_an_input_that_cannot_be_built_holds_the_step_for_an_operator() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.facts.inputs.insert((4, Kind::Action), Err("bad".into()));
+        h.start();
+        h.ok("a");
+        h.ok("b");
+        h.ok("c");
+        let e = h.ev(Event::Reply {
+            command_id: h.cmd("d"),
+            outcome: Outcome::Success { output: json!({}) },
+            answers: None,
+        });
+        assert!(sends(&def, &e).is_empty());
+        assert!(matches!(h.st("e"), StepState::Held { .. }));
+        assert_eq!(h.s.status, Status::NeedsOperator);
+        let by = Operator {
+            actor: "ops".into(),
+            reason: "fixed the data".into(),
+        };
+        h.facts.inputs.clear();
+        let ctx = h.ctx();
+        let t =
+            h.g.repair(&h.s, Repair::RetryNow, Some("e"), &by, ctx, &h.facts)
+                .unwrap();
+        assert_eq!(sends(&def, &t.effects), ["e:action:1"]);
+        assert_eq!(t.state.status, Status::Running);
+    }
+
+    #[test]
+    fn the_timer_is_the_earliest_deadline_of_any_step() {
+        let mut def = diamond();
+        def.steps[2].timeout = Duration::from_secs(3);
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        assert_eq!(h.s.wake_at(), Some(T0 + time::Duration::seconds(3)));
+        // Only c is due; b is left alone.
+        let e = h.tick();
+        assert!(e.is_empty());
+        assert!(matches!(h.st("b"), StepState::Running { .. }));
+        assert!(matches!(h.st("c"), StepState::RetryWait { .. }));
+        let at = h.s.steps[2].wake_at().unwrap();
+        assert_eq!(h.s.wake_at(), Some(at));
+        assert_eq!(h.tick(), ["c:action:2"]);
+        assert_eq!(h.s.wake_at(), Some(at + time::Duration::seconds(3)));
+    }
+
+    #[test]
+    fn late_and_duplicate_replies_are_recorded_and_change_nothing_but_a_late_success() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        let first_b = h.cmd("b");
+        h.now = T0 + time::Duration::seconds(10);
+        h.ev(Event::Timer);
+        // Both timed out; b's and c's retries are pending.
+        assert!(matches!(h.st("b"), StepState::RetryWait { .. }));
+        let before = h.s.clone();
+        let late_failure = h.ev(Event::Reply {
+            command_id: first_b,
+            outcome: Outcome::Failure {
+                reason: "late".into(),
+                retryable: false,
+            },
+            answers: Some((1, Kind::Action)),
+        });
+        assert_eq!(kinds(&late_failure), [HistoryKind::LateReply]);
+        assert_eq!(h.s, before);
+        // A late success of a step being retried counts.
+        let e = h.ev(Event::Reply {
+            command_id: first_b,
+            outcome: Outcome::Success { output: json!(1) },
+            answers: Some((1, Kind::Action)),
+        });
+        assert_eq!(
+            kinds(&e),
+            [HistoryKind::LateReply, HistoryKind::StepSucceeded]
+        );
+        assert_eq!(*h.st("b"), StepState::Succeeded);
+        // Its duplicate, or a late success of another kind, changes nothing.
+        let before = h.s.clone();
+        for answers in [Some((1, Kind::Action)), Some((2, Kind::Compensation)), None] {
+            let e = h.ev(Event::Reply {
+                command_id: first_b,
+                outcome: Outcome::Success { output: json!(1) },
+                answers,
+            });
+            assert_eq!(kinds(&e), [HistoryKind::LateReply]);
+            assert_eq!(h.s, before);
+        }
+        // Once the saga ended, replies are only recorded.
+        h.tick();
+        h.ok("c");
+        h.ok("d");
+        h.ok("e");
+        assert_eq!(h.s.status, Status::Completed);
+        let done = h.s.clone();
+        let e = h.ev(Event::Reply {
+            command_id: first_b,
+            outcome: Outcome::Success { output: json!(1) },
+            answers: Some((4, Kind::Action)),
+        });
+        assert_eq!(kinds(&e), [HistoryKind::LateReply]);
+        assert_eq!(h.s, done);
+        for e in [Event::Start, Event::Timer] {
+            assert!(h.ev(e).is_empty());
+        }
+    }
+
+    #[test]
+    fn repairs_name_the_step_when_several_are_current() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        let by = Operator {
+            actor: "ops".into(),
+            reason: "ticket 7".into(),
+        };
+        let ctx = h.ctx();
+        let e =
+            h.g.repair(&h.s, Repair::RetryNow, None, &by, ctx, &NoData)
+                .unwrap_err();
+        assert_eq!(e.0, "steps b, c are current: name the step to repair");
+        let e =
+            h.g.repair(&h.s, Repair::RetryNow, Some("zz"), &by, ctx, &NoData)
+                .unwrap_err();
+        assert!(e.0.contains("no step `zz`"), "{e}");
+        let e =
+            h.g.repair(&h.s, Repair::RetryNow, Some("d"), &by, ctx, &NoData)
+                .unwrap_err();
+        assert!(e.0.contains("step d is pending"), "{e}");
+
+        let t =
+            h.g.repair(
+                &h.s,
+                Repair::Skip {
+                    output: json!({"by": "hand"}),
+                },
+                Some("c"),
+                &by,
+                ctx,
+                &NoData,
+            )
+            .unwrap();
+        assert!(t.effects.contains(&Effect::SaveOutput {
+            step: 2,
+            output: json!({"by": "hand"})
+        }));
+        assert!(t.effects.contains(&Effect::AttemptEnded {
+            command_id: h.cmd("c"),
+            end: AttemptEnd::Superseded
+        }));
+        h.s = t.state;
+        assert_eq!(*h.st("c"), StepState::Succeeded);
+        // Only b is current now: no name needed.
+        let ctx = h.ctx();
+        let t =
+            h.g.repair(&h.s, Repair::RetryNow, None, &by, ctx, &NoData)
+                .unwrap();
+        assert_eq!(sends(&def, &t.effects), ["b:action:2"]);
+
+        // Aborting undoes what is out too, in reverse order.
+        let ctx = h.ctx();
+        let t =
+            h.g.repair(&t.state, Repair::Compensate, None, &by, ctx, &NoData)
+                .unwrap();
+        assert_eq!(
+            sends(&def, &t.effects),
+            ["c:compensation:1", "b:compensation:1"]
+        );
+        assert_eq!(t.state.status, Status::Compensating);
+        let e =
+            h.g.repair(&t.state, Repair::Resolve, None, &by, ctx, &NoData)
+                .unwrap_err();
+        assert!(e.0.contains("needs an operator"));
+    }
+
+    #[test]
+    fn the_state_round_trips_through_json() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        h.fail("b");
+        h.tick();
+        let text = serde_json::to_string(&h.s).unwrap();
+        let back: GraphState = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, h.s);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["status"], "compensating");
+        assert_eq!(v["steps"][1], "failed");
+        assert_eq!(v["steps"][0], "succeeded");
+        assert_eq!(v["steps"][2]["compensating"]["attempt"], 1);
+    }
+
+    #[test]
+    fn derived_command_ids_are_deterministic_and_distinct() {
+        let base = Uuid::from_u128(0x0123_4567_89ab_cdef);
+        let ids: Vec<Uuid> = (0..100).map(|n| command_id(base, n)).collect();
+        assert_eq!(ids[0], base);
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), 100);
+        assert_eq!(
+            ids,
+            (0..100).map(|n| command_id(base, n)).collect::<Vec<_>>()
+        );
+        assert_eq!(ids[1].get_version_num(), 8);
+    }
+
+    #[test]
+    fn a_step_waiting_for_a_step_that_does_not_exist_stops_for_an_operator() {
+        let def = graph_def(&[("a", Some(&[]), true), ("b", Some(&[7]), false)], 0);
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        assert_eq!(h.s.status, Status::NeedsOperator);
+        assert!(h.s.error.as_deref().unwrap().contains("b can never run"));
     }
 }

@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use saga_engine::definition::{Definition, RetryPolicy, Step};
-use saga_engine::engine::{
-    self, Ctx, Event, Kind, Operator, Outcome, Repair, SagaState,
-};
+use saga_engine::engine::{self, Ctx, Event, Kind, Operator, Outcome, Repair, SagaState};
 use saga_engine::graph::{self, Graph, GraphState, NoData};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -116,7 +114,10 @@ enum Op {
     /// The same reply as the previous one, again.
     Duplicate,
     /// A timer exactly at the wake-up time, or after a jump of the clock.
-    Timer { at_wake: bool, jump_secs: i64 },
+    Timer {
+        at_wake: bool,
+        jump_secs: i64,
+    },
     Repair(u8),
 }
 
@@ -184,7 +185,13 @@ fn same(
     prop_assert_eq!(&e, &g, "effects differ after {}", what);
     prop_assert_eq!(es.status, gs.status, "status after {}: {:?}", what, gs);
     prop_assert_eq!(&es.error, &gs.error, "error after {}", what);
-    prop_assert_eq!(es.wake_at(), gs.wake_at(), "wake-up after {}: {:?}", what, gs);
+    prop_assert_eq!(
+        es.wake_at(),
+        gs.wake_at(),
+        "wake-up after {}: {:?}",
+        what,
+        gs
+    );
     Ok(())
 }
 
