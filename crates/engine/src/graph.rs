@@ -320,6 +320,8 @@ pub struct Graph<'a> {
     /// Every step that waits for `i`, directly or not (`i` itself excluded, even in a cycle).
     descendants: Vec<Vec<usize>>,
     after_pivot: Vec<bool>,
+    /// Whether history entries carry their detail (the checker does without).
+    details: bool,
 }
 
 impl<'a> Graph<'a> {
@@ -364,7 +366,15 @@ impl<'a> Graph<'a> {
             deps,
             descendants,
             after_pivot,
+            details: true,
         }
+    }
+
+    /// The same graph producing history entries without their detail (`Value::Null`): the
+    /// checker looks at states and commands only, and building details dominated its walk.
+    pub(crate) fn without_details(mut self) -> Self {
+        self.details = false;
+        self
     }
 
     pub fn def(&self) -> &'a Definition {
@@ -565,7 +575,7 @@ impl<'a> Graph<'a> {
                     HistoryKind::CompensationStarted,
                     first,
                     None,
-                    json!({"reason": by.reason}),
+                    || json!({"reason": by.reason}),
                 );
             }
             Repair::Resolve => {
@@ -583,7 +593,7 @@ impl<'a> Graph<'a> {
                     HistoryKind::SagaResolved,
                     None,
                     None,
-                    json!({"actor": by.actor}),
+                    || json!({"actor": by.actor}),
                 );
                 m.effects.push(Effect::Lifecycle(Status::Resolved));
             }
@@ -699,12 +709,20 @@ impl Machine<'_> {
         self.step(i).is_some_and(|s| s.compensation.is_some())
     }
 
-    fn history(&mut self, kind: HistoryKind, step: Option<usize>, cmd: Option<Uuid>, d: Value) {
+    /// `d` builds the entry's detail, only when details are kept (see `Graph::without_details`).
+    fn history(
+        &mut self,
+        kind: HistoryKind,
+        step: Option<usize>,
+        cmd: Option<Uuid>,
+        d: impl FnOnce() -> Value,
+    ) {
+        let detail = if self.g.details { d() } else { Value::Null };
         self.effects.push(Effect::History {
             kind,
             step,
             command_id: cmd,
-            detail: d,
+            detail,
         });
     }
 
@@ -734,7 +752,7 @@ impl Machine<'_> {
             HistoryKind::SagaStarted,
             None,
             None,
-            json!({"definition_version": version}),
+            || json!({"definition_version": version}),
         );
         self.effects.push(Effect::Lifecycle(Status::Running));
     }
@@ -757,14 +775,14 @@ impl Machine<'_> {
                 self.action_succeeded(i, command_id, output)
             }
             (StepState::Running { attempt, .. }, Outcome::Failure { reason, retryable }) => {
-                let d = json!({"reason": reason, "retryable": retryable});
+                let d = || json!({"reason": reason, "retryable": retryable});
                 self.history(HistoryKind::StepFailed, Some(i), Some(command_id), d);
                 // The participant answered: its local transaction did not happen.
                 self.action_failed(i, attempt, reason, retryable, false);
             }
             (_, Outcome::Success { .. }) => self.compensated(i, command_id),
             (st, Outcome::Failure { reason, .. }) => {
-                let d = json!({"reason": reason});
+                let d = || json!({"reason": reason});
                 self.history(
                     HistoryKind::CompensationFailed,
                     Some(i),
@@ -784,7 +802,7 @@ impl Machine<'_> {
             command_id,
             end: AttemptEnd::Replied(outcome.clone()),
         });
-        let d = outcome_detail(&outcome);
+        let d = || outcome_detail(&outcome);
         self.history(HistoryKind::LateReply, None, Some(command_id), d);
         let (Some((i, kind)), Outcome::Success { output }) = (answers, outcome) else {
             return;
@@ -861,7 +879,7 @@ impl Machine<'_> {
             command_id,
             end: AttemptEnd::TimedOut,
         });
-        let d = json!({"kind": kind.as_str(), "timeout_ms": millis(timeout)});
+        let d = || json!({"kind": kind.as_str(), "timeout_ms": millis(timeout)});
         self.history(HistoryKind::StepTimedOut, Some(i), Some(command_id), d);
         format!(
             "{} of step {} got no reply within {}",
@@ -874,7 +892,7 @@ impl Machine<'_> {
     // ---- per-step transitions ----
 
     fn action_succeeded(&mut self, i: usize, command_id: Uuid, output: Value) {
-        let d = json!({"output": output});
+        let d = || json!({"output": output});
         self.history(HistoryKind::StepSucceeded, Some(i), Some(command_id), d);
         self.effects.push(Effect::SaveOutput { step: i, output });
         self.set(i, StepState::Succeeded);
@@ -904,7 +922,7 @@ impl Machine<'_> {
             HistoryKind::StepCompensated,
             Some(i),
             Some(command_id),
-            json!({}),
+            || json!({}),
         );
         self.set(i, StepState::Compensated);
     }
@@ -937,12 +955,14 @@ impl Machine<'_> {
                 Kind::Compensation => StepState::CompRetryWait { attempt, at },
             },
         );
-        let d = json!({
-            "kind": kind.as_str(),
-            "next_attempt": next_attempt,
-            "delay_ms": millis(delay),
-            "reason": reason,
-        });
+        let d = || {
+            json!({
+                "kind": kind.as_str(),
+                "next_attempt": next_attempt,
+                "delay_ms": millis(delay),
+                "reason": reason,
+            })
+        };
         self.history(HistoryKind::RetryScheduled, Some(i), None, d);
     }
 
@@ -953,7 +973,7 @@ impl Machine<'_> {
         }
         self.s.turned = true;
         self.s.error = Some(format!("step {} failed: {reason}", self.name(i)));
-        let d = json!({"reason": reason, "attempts": attempts});
+        let d = || json!({"reason": reason, "attempts": attempts});
         self.history(HistoryKind::CompensationStarted, Some(i), None, d);
         // Between attempts nothing is out: no new attempt goes; whether the step may have been
         // applied is what its last attempt said.
@@ -984,7 +1004,7 @@ impl Machine<'_> {
     fn cannot_build(&mut self, i: usize, kind: Kind, attempts: u32, reason: String) {
         match kind {
             Kind::Action => {
-                let d = json!({"reason": reason, "retryable": false});
+                let d = || json!({"reason": reason, "retryable": false});
                 self.history(HistoryKind::StepFailed, Some(i), None, d);
                 if self.g.is_after_pivot(i) {
                     self.set(
@@ -1000,7 +1020,7 @@ impl Machine<'_> {
                 }
             }
             Kind::Compensation => {
-                let d = json!({"reason": reason});
+                let d = || json!({"reason": reason});
                 self.history(HistoryKind::CompensationFailed, Some(i), None, d);
                 self.set(
                     i,
@@ -1041,7 +1061,7 @@ impl Machine<'_> {
             deadline,
             input,
         }));
-        let d = json!({"kind": kind.as_str(), "attempt": attempt});
+        let d = || json!({"kind": kind.as_str(), "attempt": attempt});
         self.history(HistoryKind::CommandSent, Some(i), Some(command_id), d);
     }
 
@@ -1098,7 +1118,7 @@ impl Machine<'_> {
                             HistoryKind::StepSkipped,
                             Some(i),
                             None,
-                            json!({"when": false}),
+                            || json!({"when": false}),
                         );
                         self.effects.push(Effect::SaveOutput {
                             step: i,
@@ -1191,10 +1211,10 @@ impl Machine<'_> {
         match new {
             Status::Completed => {
                 self.s.error = None;
-                self.history(HistoryKind::SagaCompleted, None, None, json!({}));
+                self.history(HistoryKind::SagaCompleted, None, None, || json!({}));
             }
             Status::Compensated => {
-                self.history(HistoryKind::SagaCompensated, None, None, json!({}));
+                self.history(HistoryKind::SagaCompensated, None, None, || json!({}));
             }
             Status::NeedsOperator => {
                 let (at, reason) = self.why_stopped();
@@ -1202,7 +1222,7 @@ impl Machine<'_> {
                     HistoryKind::NeedsOperator,
                     at,
                     None,
-                    json!({"reason": reason}),
+                    || json!({"reason": reason}),
                 );
             }
             Status::Running | Status::Compensating | Status::Resolved => return,
@@ -1295,7 +1315,7 @@ impl Machine<'_> {
         if let (Repair::Skip { output }, Value::Object(d)) = (repair, &mut d) {
             d.insert("output".into(), output.clone());
         }
-        self.history(HistoryKind::OperatorAction, at, None, d);
+        self.history(HistoryKind::OperatorAction, at, None, || d);
     }
 
     /// Whatever the repair, a command of step `i` still in flight is abandoned: its reply, if it
