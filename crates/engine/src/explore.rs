@@ -35,7 +35,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::definition::Definition;
-use crate::engine::{AttemptEnd, Ctx, Event, Kind, Outcome, Status};
+use crate::engine::{AttemptEnd, Ctx, Event, HistoryKind, Kind, Outcome, Status};
 use crate::graph::{Effect, Facts, Graph, GraphState, StepState};
 
 /// Which steps use data. The checker cannot know what an expression will say, only that it is
@@ -154,6 +154,7 @@ pub fn check_shape(def: &Definition, shape: &Shape) -> Report {
         state: GraphState::new(&bounded_def),
         answers: Answers::new(def.steps.len()),
         late: Vec::new(),
+        applied: vec![Applied::NotSent; def.steps.len()],
     };
     for (next, effects, taken) in x.step(&start, Move::Start) {
         x.visit(&start, next, &effects, taken, 0);
@@ -256,25 +257,22 @@ pub fn check_transition(
                             | StepState::CompFailed { .. }
                     )
                 );
-                // The step completed before, or its attempt ended in this very transition with
-                // a success or a timeout; an action that failed has nothing to undo.
-                let failed_now = was.and_then(StepState::command_id).is_some_and(|id| {
-                    effects.iter().any(|e| {
-                        matches!(e, Effect::AttemptEnded { command_id, end: AttemptEnd::Replied(Outcome::Failure { .. }) } if *command_id == id)
-                    })
+                // The step completed before, or this very transition saw it succeed (late
+                // successes included) or time out; an action that failed has nothing to undo.
+                let now_done = effects.iter().any(|e| {
+                    matches!(e, Effect::History { kind: HistoryKind::StepSucceeded | HistoryKind::StepTimedOut, step: Some(s), .. } if *s == i)
                 });
                 let completed = match was {
                     Some(StepState::Succeeded | StepState::Unknown) => true,
-                    Some(StepState::Running { .. }) => !failed_now,
-                    Some(StepState::RetryWait { timed_out, .. }) => *timed_out,
-                    _ => false,
+                    Some(StepState::RetryWait { timed_out, .. }) => *timed_out || now_done,
+                    _ => now_done,
                 };
                 if starts && !completed {
                     return Err(format!(
                         "the compensation of {step} started though the step {}",
                         match was {
                             Some(StepState::Running { .. }) => "failed".to_string(),
-                            other => format!("is {}", other.map_or("missing", StepState::as_str)),
+                            other => format!("was {}", other.map_or("missing", StepState::as_str)),
                         }
                     ));
                 }
@@ -350,8 +348,10 @@ pub fn check_end(g: &Graph, state: &GraphState) -> Result<(), String> {
     }
 }
 
-/// Runs [`check_transition`] over a trace (`start`, then each transition's effects and state)
-/// and [`check_end`] on its last state if the saga stopped there.
+/// Runs [`check_transition`] over a trace (`start`, then each transition's effects and state),
+/// and, if the saga stopped at its last state, [`check_end`] and the rule that every step whose
+/// action may have been applied (its last attempt succeeded or timed out, as the trace's effects
+/// say) was compensated, unless a failed compensation holds it.
 pub fn check_trace(
     g: &Graph,
     start: &GraphState,
@@ -359,17 +359,45 @@ pub fn check_trace(
 ) -> Result<(), Violation> {
     let mut before = start;
     let mut path = Vec::new();
+    let mut applied = vec![Applied::NotSent; start.steps.len()];
     for (n, (effects, after)) in trace.iter().enumerate() {
         path.push(format!("transition {n}"));
         check_transition(g, before, effects, after).map_err(|message| Violation {
             message,
             path: path.clone(),
         })?;
+        for e in effects {
+            let seen = match e {
+                Effect::History {
+                    kind: HistoryKind::StepSucceeded,
+                    step: Some(i),
+                    ..
+                } => Some((*i, Applied::Maybe)),
+                Effect::AttemptEnded { command_id, end } => before
+                    .steps
+                    .iter()
+                    .position(|s| {
+                        matches!(s, StepState::Running { command_id: c, .. } if c == command_id)
+                    })
+                    .map(|i| match end {
+                        AttemptEnd::Replied(Outcome::Failure { .. }) => (i, Applied::No),
+                        _ => (i, Applied::Maybe),
+                    }),
+                _ => None,
+            };
+            if let Some((i, a)) = seen
+                && let Some(slot) = applied.get_mut(i)
+            {
+                *slot = a;
+            }
+        }
         before = after;
     }
     let stopped = before.status != Status::Running && before.status != Status::Compensating;
     if stopped || before.wake_at().is_none() {
-        check_end(g, before).map_err(|message| Violation { message, path })?;
+        check_end(g, before)
+            .and_then(|()| check_undone(g, before, &applied))
+            .map_err(|message| Violation { message, path })?;
     }
     Ok(())
 }
@@ -477,6 +505,19 @@ struct World {
     answers: Answers,
     /// Attempts that timed out and may still answer late: (step, kind, command).
     late: Vec<(usize, Kind, Uuid)>,
+    /// Per step, what its last action attempt says about the participant, as the walk saw it
+    /// happen (not as the machine recorded it): the check that what may have been applied is
+    /// undone does not trust the machine's own bookkeeping.
+    applied: Vec<Applied>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    NotSent,
+    /// It succeeded, or its deadline passed (maybe applied).
+    Maybe,
+    /// Its participant answered with a failure.
+    No,
 }
 
 /// A state packed into bytes with what does not matter to the machine left out (command ids,
@@ -499,23 +540,32 @@ fn answer_byte(a: Option<Answer>) -> u8 {
 impl World {
     fn key(&self) -> Key {
         let n = self.state.steps.len();
+        let turned = self.state.turned;
         let mut k = Vec::with_capacity(n * 5 + 2 + self.late.len() * 3);
         for (i, s) in self.state.steps.iter().enumerate() {
+            // Once the saga turned, the machine treats some states alike from then on: they are
+            // one state here, which keeps wide graphs walkable. Pending and Failed steps never
+            // run again; an Unknown step is undone like a Succeeded one; an awaited action gets
+            // no new attempt, so its number no longer matters. Attempts of a compensation that
+            // failed for good and of a held step are only for the operator.
             let (tag, attempt, flag) = match s {
                 StepState::Pending => (0, 0, false),
+                StepState::Failed if turned => (0, 0, false),
                 StepState::Skipped => (1, 0, false),
+                StepState::Running { .. } if turned => (2, 0, false),
                 StepState::Running { attempt, .. } => (2, *attempt, false),
                 StepState::RetryWait {
                     attempt, timed_out, ..
                 } => (3, *attempt, *timed_out),
                 StepState::Succeeded => (4, 0, false),
+                StepState::Unknown if turned => (4, 0, false),
                 StepState::Failed => (5, 0, false),
                 StepState::Unknown => (6, 0, false),
-                StepState::Held { attempt, .. } => (7, *attempt, false),
+                StepState::Held { .. } => (7, 0, false),
                 StepState::Compensating { attempt, .. } => (8, *attempt, false),
                 StepState::CompRetryWait { attempt, .. } => (9, *attempt, false),
                 StepState::Compensated => (10, 0, false),
-                StepState::CompFailed { attempt, .. } => (11, *attempt, false),
+                StepState::CompFailed { .. } => (11, 0, false),
             };
             let input = self.answers.input.get(i).copied().unwrap_or([None; 2]);
             k.extend([
@@ -526,13 +576,47 @@ impl World {
                 answer_byte(input[0]) << 2 | answer_byte(input[1]),
             ]);
         }
-        k.push(u8::from(self.state.turned));
+        k.push(u8::from(turned));
         k.push(byte(status_index(self.state.status)));
+        k.extend(self.applied.iter().map(|&a| a as u8));
         for &(i, kind, _) in &self.late {
             k.extend(u16::try_from(i).unwrap_or(u16::MAX).to_le_bytes());
             k.push(byte(kind_index(kind)));
         }
         k
+    }
+
+    /// Forgets the answers the machine will never ask for again on this path (a `when` once its
+    /// step left Pending, an input once its command can no longer be sent), so that paths that
+    /// differ only in them meet.
+    fn forget_dead_answers(&mut self) {
+        for (i, st) in self.state.steps.iter().enumerate() {
+            if *st != StepState::Pending
+                && let Some(w) = self.answers.when.get_mut(i)
+            {
+                *w = None;
+            }
+            let Some([action, compensation]) = self.answers.input.get_mut(i) else {
+                continue;
+            };
+            let action_again = matches!(
+                st,
+                StepState::Pending | StepState::Running { .. } | StepState::RetryWait { .. }
+            ) && !self.state.turned;
+            if !action_again {
+                *action = None;
+            }
+            if matches!(
+                st,
+                StepState::Skipped
+                    | StepState::Failed
+                    | StepState::Compensated
+                    | StepState::CompFailed { .. }
+            ) || (self.state.turned && *st == StepState::Pending)
+            {
+                *compensation = None;
+            }
+        }
     }
 }
 
@@ -821,11 +905,25 @@ impl Explorer<'_> {
             }
             late.retain(|&(i, k, _)| late_counts(k, t.state.steps.get(i)));
             late.sort_by_key(|&(i, k, _)| (i, kind_index(k)));
-            let next = World {
+            let mut applied = w.applied.clone();
+            if taken.kind == Kind::Action
+                && let Some(a) = match mv {
+                    Move::Success(i) | Move::Late(i, Kind::Action, _) => Some((i, Applied::Maybe)),
+                    Move::Failure(i, _) => Some((i, Applied::No)),
+                    Move::Fire(i) if !taken.between_attempts => Some((i, Applied::Maybe)),
+                    _ => None,
+                }
+                && let Some(slot) = applied.get_mut(a.0)
+            {
+                *slot = a.1;
+            }
+            let mut next = World {
                 state: t.state,
                 answers,
                 late,
+                applied,
             };
+            next.forget_dead_answers();
             let taken = Taken {
                 decided,
                 ..taken.clone()
@@ -864,7 +962,9 @@ impl Explorer<'_> {
         let moves = self.moves(&w);
         if moves.is_empty() || w.state.status.is_terminal() {
             self.ends += 1;
-            if let Err(e) = check_end(self.g, &w.state) {
+            if let Err(e) = check_end(self.g, &w.state)
+                .and_then(|()| check_undone(self.g, &w.state, &w.applied))
+            {
                 self.violation(e, None);
             }
         } else {
@@ -878,6 +978,36 @@ impl Explorer<'_> {
         }
         self.path.pop();
     }
+}
+
+/// Every step whose action may have been applied (its last attempt succeeded or timed out) is
+/// undone when the saga ends compensated, or, when it waits for an operator, unless a failed
+/// compensation of a descendant (or its own) holds it.
+fn check_undone(g: &Graph, state: &GraphState, applied: &[Applied]) -> Result<(), String> {
+    let stopped = matches!(state.status, Status::Compensated | Status::NeedsOperator);
+    if !stopped || !state.turned {
+        return Ok(());
+    }
+    let held = |i: usize| {
+        g.descendants(i).iter().chain([&i]).any(|&d| {
+            matches!(
+                state.steps.get(d),
+                Some(StepState::CompFailed { .. } | StepState::Held { .. })
+            )
+        })
+    };
+    for (i, a) in applied.iter().enumerate() {
+        let undone = state.steps.get(i) == Some(&StepState::Compensated);
+        if *a == Applied::Maybe && has_compensation(g, i) && !undone && !held(i) {
+            return Err(format!(
+                "the action of {} may have been applied (it succeeded or timed out) but the saga \
+                 stopped {} without compensating it",
+                name(g, i),
+                state.status.as_str()
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn answer_text(a: Answer) -> &'static str {
@@ -1114,10 +1244,10 @@ impl fmt::Display for Report {
             writeln!(f, "{}", text.trim_end_matches('|').trim_end())
         };
         line(f, headers)?;
-        let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
-        line(f, [&rule[0], &rule[1], &rule[2], &rule[3]])?;
+        let rule = widths.map(|w| "-".repeat(w));
+        line(f, rule.each_ref().map(String::as_str))?;
         for row in &cells {
-            line(f, [&row[0], &row[1], &row[2], &row[3]])?;
+            line(f, row.each_ref().map(String::as_str))?;
         }
         Ok(())
     }

@@ -811,15 +811,18 @@ impl Machine<'_> {
             return;
         }
         let newer = self.at(i).command_id();
-        let counts = match (kind, self.at(i)) {
-            (Kind::Action, StepState::Running { .. })
-            | (Kind::Action, StepState::RetryWait { .. })
-            | (Kind::Action, StepState::Held { .. }) => true,
-            (Kind::Compensation, StepState::Compensating { .. })
-            | (Kind::Compensation, StepState::CompRetryWait { .. })
-            | (Kind::Compensation, StepState::CompFailed { .. }) => true,
-            _ => false,
-        };
+        let counts = matches!(
+            (kind, self.at(i)),
+            (
+                Kind::Action,
+                StepState::Running { .. } | StepState::RetryWait { .. } | StepState::Held { .. }
+            ) | (
+                Kind::Compensation,
+                StepState::Compensating { .. }
+                    | StepState::CompRetryWait { .. }
+                    | StepState::CompFailed { .. }
+            )
+        );
         if !counts {
             return;
         }
