@@ -36,6 +36,7 @@ fn one_step(name: &str, participant: &str, timeout: Duration, backoff: Duration)
                 max_backoff: backoff,
                 multiplier: 2.0,
             },
+            after: None,
         }],
         pivot: 0,
         compensation_max_attempts: 3,

@@ -36,7 +36,7 @@ pub struct Step {
     pub timeout: Duration,
     pub retry: RetryPolicy,
     /// Indices of the steps this one waits for; None: the previous step (see Definition::deps).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<Vec<usize>>,
 }
 
@@ -83,10 +83,17 @@ impl Definition {
 
     /// The steps `i` waits for (resolves the None default to the previous step).
     pub fn deps(&self, i: usize) -> Vec<usize> {
-        match self.steps.get(i).and_then(|s| s.after.clone()) {
-            Some(after) => after,
+        let mut deps: Vec<usize> = match self.steps.get(i).and_then(|s| s.after.as_ref()) {
+            Some(after) => after
+                .iter()
+                .copied()
+                .filter(|&d| d < self.steps.len() && d != i)
+                .collect(),
             None => i.checked_sub(1).into_iter().collect(),
-        }
+        };
+        deps.sort_unstable();
+        deps.dedup();
+        deps
     }
 
     pub fn participants(&self) -> impl Iterator<Item = &str> {

@@ -1130,7 +1130,7 @@ impl Machine<'_> {
                         skipped = true;
                         continue;
                     }
-                    Err(e) => Err(format!("when: {e}")),
+                    Err(e) => Err(e),
                     Ok(_) => self
                         .facts
                         .command_input(i, Kind::Action)
@@ -2051,12 +2051,21 @@ mod tests {
     }
 
     #[test]
-    fn a_step_waiting_for_a_step_that_does_not_exist_stops_for_an_operator() {
-        let def = graph_def(&[("a", Some(&[]), true), ("b", Some(&[7]), false)], 0);
+    fn steps_waiting_for_each_other_stop_the_saga_for_an_operator() {
+        // Only a hand-built definition has a cycle (the loader refuses them).
+        let def = graph_def(
+            &[
+                ("a", Some(&[]), true),
+                ("b", Some(&[0, 2]), false),
+                ("c", Some(&[1]), false),
+            ],
+            0,
+        );
         let mut h = H::new(&def);
         h.start();
         h.ok("a");
         assert_eq!(h.s.status, Status::NeedsOperator);
-        assert!(h.s.error.as_deref().unwrap().contains("b can never run"));
+        let error = h.s.error.as_deref().unwrap();
+        assert!(error.contains("steps b, c can never run"), "{error}");
     }
 }
