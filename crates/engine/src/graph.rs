@@ -46,7 +46,8 @@ use uuid::Uuid;
 
 use crate::definition::{Definition, Step};
 use crate::engine::{
-    AttemptEnd, Ctx, Event, HistoryKind, Kind, Operator, Outcome, Refused, Repair, Status, later,
+    AttemptEnd, Ctx, Event, HistoryKind, Kind, Operator, Outcome, Refused, Repair, SagaState,
+    Status, Waiting, later,
 };
 
 /// What the machine learns from the saga's data. The driver answers through `expr`; the checker
@@ -230,6 +231,81 @@ impl GraphState {
             steps: vec![StepState::Pending; def.steps.len()],
             error: None,
         }
+    }
+
+    /// A saga stored on the linear machine's shape ([`SagaState`]: one cursor), for migrating
+    /// sagas in flight. On the corridor it came from, the result behaves exactly as the linear
+    /// machine would have from there on (a property test converts at random points and compares).
+    /// Ended sagas keep their status; which of their steps were undone is not in the old shape,
+    /// so each step with a compensation shows as compensated.
+    pub fn from_linear(def: &Definition, old: &SagaState) -> GraphState {
+        let n = def.steps.len();
+        let mut g = GraphState::new(def);
+        g.error = old.error.clone();
+        g.status = old.status;
+        if old.status == Status::Running && old.attempt == 0 {
+            g.error = None;
+            return g;
+        }
+        g.started = true;
+        let at = old.step;
+        let has_compensation =
+            |i: usize| def.steps.get(i).is_some_and(|s| s.compensation.is_some());
+        let current = match (old.kind, old.waiting) {
+            (
+                Kind::Action,
+                Waiting::Reply {
+                    command_id,
+                    deadline,
+                },
+            ) => StepState::Running {
+                attempt: old.attempt,
+                command_id,
+                deadline,
+            },
+            // Whether the last attempt timed out only matters for a sibling of a failing step,
+            // and a corridor has none: assume the worse.
+            (Kind::Action, Waiting::Retry { at }) => StepState::RetryWait {
+                attempt: old.attempt,
+                at,
+                timed_out: true,
+            },
+            (
+                Kind::Compensation,
+                Waiting::Reply {
+                    command_id,
+                    deadline,
+                },
+            ) => StepState::Compensating {
+                attempt: old.attempt,
+                command_id,
+                deadline,
+            },
+            (Kind::Compensation, Waiting::Retry { at }) => StepState::CompRetryWait {
+                attempt: old.attempt,
+                at,
+            },
+            (Kind::Compensation, Waiting::Nothing) => StepState::CompFailed {
+                attempt: old.attempt,
+                reason: old.error.clone().unwrap_or_default(),
+            },
+            (Kind::Action, Waiting::Nothing) => StepState::Pending,
+        };
+        let backwards = old.kind == Kind::Compensation;
+        g.turned = backwards || matches!(old.status, Status::Compensated);
+        for (i, st) in g.steps.iter_mut().enumerate().take(n) {
+            *st = match old.status {
+                Status::Completed => StepState::Succeeded,
+                Status::Compensated if has_compensation(i) => StepState::Compensated,
+                Status::Compensated => StepState::Pending,
+                _ if i < at => StepState::Succeeded,
+                _ if i == at => current.clone(),
+                // Past the cursor of a compensating saga: undone, or nothing to undo.
+                _ if backwards && has_compensation(i) => StepState::Compensated,
+                _ => StepState::Pending,
+            };
+        }
+        g
     }
 
     /// When the timer sweeper must deliver [`Event::Timer`]: the earliest deadline or retry time

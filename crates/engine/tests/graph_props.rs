@@ -205,6 +205,7 @@ proptest! {
         def in linear_definition(),
         ops in prop::collection::vec(op(), 0..40),
         jitter in extreme_f64(),
+        convert_at in prop::option::of(0usize..40),
     ) {
         let g = Graph::new(&def);
         let mut es = SagaState::new();
@@ -235,6 +236,13 @@ proptest! {
 
         for (n, op) in ops.into_iter().enumerate() {
             let what = format!("op {n}: {op:?}");
+            if convert_at == Some(n) {
+                // A saga stored on the old shape, migrated: it carries on exactly as it would
+                // have.
+                gs = GraphState::from_linear(&def, &es);
+                prop_assert_eq!(gs.status, es.status);
+                prop_assert_eq!(gs.wake_at(), es.wake_at());
+            }
             let event = match op {
                 Op::Reply { to, success, retryable, answers } => {
                     let command_id = match to {
