@@ -23,11 +23,13 @@
 //! RetryWait(n) --at----------------------------------> Running(n+1)     A sent
 //! RetryWait(n) --turn--------------------------------> Failed | Unknown (as its last attempt)
 //! Running|RetryWait|Held --late success of this step-> Succeeded        (the newer attempt dropped)
+//! RetryWait(n) --at, input error----------------------> Failed + turn | Held (> pivot)
 //! Succeeded|Unknown --turned, descendants quiet------> Compensating(1)  C sent (none: stays)
+//! Succeeded|Unknown --same, input error--------------> CompFailed       (needs_operator)
 //! Compensating(n) --success--------------------------> Compensated
 //! Compensating(n) --failure|deadline, n < max--------> CompRetryWait(n)
 //! Compensating(n) --failure|deadline, n = max--------> CompFailed       (needs_operator)
-//! CompRetryWait(n) --at------------------------------> Compensating(n+1)
+//! CompRetryWait(n) --at------------------------------> Compensating(n+1) (input error: CompFailed)
 //! Compensating|CompRetryWait|CompFailed --late success of this C--> Compensated
 //! Skipped | Failed | Compensated ------------------------> absorb everything
 //! ```
