@@ -10,10 +10,15 @@
 //! retried; every `when` true, false and failing, every mapped input built or failing (decided
 //! the first time the machine asks, then fixed for the path: the data does not change).
 //!
-//! So that the walk ends and stays small, two bounds, neither of which hides a kind of path:
-//! attempts are capped at 2 (one retry shows "retried then succeeded" and "exhausted" alike),
-//! and a step after the pivot, which is retried forever, is assumed to succeed from its second
-//! attempt (a participant that never answers is an outage, not a definition bug).
+//! So that the walk ends and stays small:
+//! - attempts are capped at 2 (one retry shows "retried then succeeded" and "exhausted" alike),
+//!   and a step after the pivot, which is retried forever, is assumed to succeed from its second
+//!   attempt (a participant that never answers is an outage, not a definition bug);
+//! - once the saga turned, states the machine treats alike from then on are one (see
+//!   `World::key`), and answers the machine will not ask again are forgotten;
+//! - past [`MAX_STATES`] the walk stops and the report says the definition is not proven. The
+//!   cost grows with the number of branches that run at the same time: three parallel branches
+//!   with conditions and mappings take a few thousand states, five a few hundred thousand.
 //!
 //! A path fails the check when it
 //! - sends a command for a skipped step, an action after the saga turned, or an action before
@@ -21,11 +26,15 @@
 //! - starts a compensation while a descendant is still in flight or not yet compensated, or
 //!   compensates a step that did not complete;
 //! - ends compensated with a completed (or unknown) compensatable step not compensated, or
-//!   waits for an operator with such a step that nothing blocks;
+//!   waits for an operator with such a step that no failed compensation holds;
+//! - stops without compensating a step whose action may have been applied (its last attempt
+//!   succeeded or timed out), judged from what the walk saw happen, not from the machine's
+//!   states;
 //! - never ends: a state repeats, the path exceeds its length bound, or the saga is running with
 //!   nothing in flight.
 //!
-//! [`check_transition`] and [`check_end`] are those rules as functions, usable on any trace.
+//! [`check_transition`], [`check_end`] and [`check_trace`] are those rules as functions, usable
+//! on any trace (the property tests run them on random interleavings).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -80,7 +89,7 @@ impl Shape {
 /// Paths longer than this never end.
 const MAX_DEPTH: usize = 1_000;
 /// States beyond this: the definition is too large to check exhaustively.
-const MAX_STATES: usize = 500_000;
+pub const MAX_STATES: usize = 500_000;
 /// Violations kept in a report (the first ones found).
 const MAX_VIOLATIONS: usize = 5;
 /// Attempts explored per action and compensation.
@@ -259,8 +268,13 @@ pub fn check_transition(
                 );
                 // The step completed before, or this very transition saw it succeed (late
                 // successes included) or time out; an action that failed has nothing to undo.
-                let now_done = effects.iter().any(|e| {
-                    matches!(e, Effect::History { kind: HistoryKind::StepSucceeded | HistoryKind::StepTimedOut, step: Some(s), .. } if *s == i)
+                let now_done = effects.iter().any(|e| match e {
+                    Effect::History {
+                        kind: HistoryKind::StepSucceeded | HistoryKind::StepTimedOut,
+                        step,
+                        ..
+                    } => *step == Some(i),
+                    _ => false,
                 });
                 let completed = match was {
                     Some(StepState::Succeeded | StepState::Unknown) => true,

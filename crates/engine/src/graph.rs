@@ -512,7 +512,16 @@ impl<'a> Graph<'a> {
                 answers,
             } => m.reply(command_id, outcome, answers),
             Event::Timer => {
-                for i in 0..state.steps.len() {
+                // Deadlines first: one of them may turn the saga around, and then the retries
+                // due at the same time must not go out. A step whose deadline passed waits for
+                // its back-off until the next timer, even a zero one.
+                let (deadlines, backoffs): (Vec<usize>, Vec<usize>) = (0..state.steps.len())
+                    .filter(|&i| {
+                        let due = state.steps.get(i).and_then(StepState::wake_at);
+                        due.is_some_and(|t| t <= ctx.now)
+                    })
+                    .partition(|&i| state.steps.get(i).and_then(StepState::command_id).is_some());
+                for i in deadlines.into_iter().chain(backoffs) {
                     m.fire(i);
                 }
             }
@@ -1807,6 +1816,29 @@ mod tests {
                 attempt: 1,
                 command_id: h.cmd("c"),
                 deadline: h.now + time::Duration::seconds(3)
+            }
+        );
+    }
+
+    #[test]
+    fn a_timer_that_turns_the_saga_sends_no_retry_due_at_the_same_time() {
+        let mut def = diamond();
+        def.steps[2].retry.max_attempts = 1;
+        let mut h = H::new(&def);
+        h.start();
+        h.ok("a");
+        // b waits to retry; c's only attempt runs out; both are due at the next timer.
+        assert!(h.transient("b").is_empty());
+        h.now = T0 + time::Duration::seconds(10);
+        let e = h.ev(Event::Timer);
+        assert_eq!(sends(&def, &e), ["c:compensation:1"]);
+        assert_eq!(*h.st("b"), StepState::Failed);
+        assert_eq!(
+            *h.st("c"),
+            StepState::Compensating {
+                attempt: 1,
+                command_id: h.cmd("c"),
+                deadline: h.now + time::Duration::seconds(10)
             }
         );
     }
