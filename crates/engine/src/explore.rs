@@ -1049,6 +1049,12 @@ enum Fault {
     /// The pivot times out (so everything before it, and it, is undone) and this step's
     /// compensation fails every attempt.
     CompensationFails(usize),
+    /// The step's `when` fails to evaluate.
+    WhenFails(usize),
+    /// The step's mapped input cannot be built.
+    InputFails(usize),
+    /// The pivot times out and this step's compensation input cannot be built.
+    CompensationInputFails(usize),
 }
 
 /// One row per failure point, each run with every other command succeeding, replies in the
@@ -1068,6 +1074,17 @@ fn explain(g: &Graph, shape: &Shape) -> Vec<ExplainRow> {
             .filter(|&i| has_compensation(g, i))
             .map(Fault::CompensationFails),
     );
+    faults.extend(conditions.iter().map(|&i| Fault::WhenFails(i)));
+    faults.extend(
+        (0..n)
+            .filter(|&i| shape.maps(i, Kind::Action))
+            .map(Fault::InputFails),
+    );
+    faults.extend(
+        (0..n)
+            .filter(|&i| has_compensation(g, i) && shape.maps(i, Kind::Compensation))
+            .map(Fault::CompensationInputFails),
+    );
     let mut rows = Vec::new();
     for fault in faults {
         for falses in &assignments {
@@ -1085,6 +1102,15 @@ fn explain(g: &Graph, shape: &Shape) -> Vec<ExplainRow> {
             for slot in &mut answers.input {
                 *slot = [Some(Answer::True); 2];
             }
+            let slot = match fault {
+                Fault::WhenFails(i) => answers.slot(Query::When(i)),
+                Fault::InputFails(i) => answers.slot(Query::Input(i, 0)),
+                Fault::CompensationInputFails(i) => answers.slot(Query::Input(i, 1)),
+                _ => None,
+            };
+            if let Some(slot) = slot {
+                *slot = Some(Answer::Fails);
+            }
             let (compensations, status) = scenario(g, shape, &answers, fault);
             let failure = match fault {
                 Fault::Nothing => "nothing".to_string(),
@@ -1095,13 +1121,27 @@ fn explain(g: &Graph, shape: &Shape) -> Vec<ExplainRow> {
                     name(g, g.def().pivot),
                     name(g, i)
                 ),
+                Fault::WhenFails(i) => format!("when of {} fails", name(g, i)),
+                Fault::InputFails(i) => format!("input of {} cannot be built", name(g, i)),
+                Fault::CompensationInputFails(i) => format!(
+                    "{} times out, compensation input of {} cannot be built",
+                    name(g, g.def().pivot),
+                    name(g, i)
+                ),
             };
             let conditions = if conditions.is_empty() {
                 "-".to_string()
             } else {
                 conditions
                     .iter()
-                    .map(|&i| format!("{}={}", name(g, i), !falses.contains(&i)))
+                    .map(|&i| {
+                        let value = match fault {
+                            Fault::WhenFails(f) if f == i => "fails",
+                            _ if falses.contains(&i) => "false",
+                            _ => "true",
+                        };
+                        format!("{}={value}", name(g, i))
+                    })
                     .collect::<Vec<_>>()
                     .join(" ")
             };
@@ -1168,7 +1208,11 @@ fn scenario(g: &Graph, shape: &Shape, answers: &Answers, fault: Fault) -> (Strin
                 (Fault::Fails(f), Kind::Action) if f == i => Some(false),
                 (Fault::CompensationFails(f), Kind::Compensation) if f == i => Some(false),
                 (Fault::TimesOut(f), Kind::Action) if f == i => None,
-                (Fault::CompensationFails(_), Kind::Action) if i == pivot => None,
+                (Fault::CompensationFails(_) | Fault::CompensationInputFails(_), Kind::Action)
+                    if i == pivot =>
+                {
+                    None
+                }
                 _ => Some(true),
             };
             match outcome {
@@ -1382,6 +1426,16 @@ mod tests {
             row("nothing", "redeem_coupon=true").status,
             Status::Completed
         );
+        let when = row("when of redeem_coupon fails", "redeem_coupon=fails");
+        assert_eq!(
+            (when.compensations.as_str(), when.status),
+            ("create_order", Status::Compensated)
+        );
+        let refund = row(
+            "dispatch_rider times out, compensation input of authorize_payment cannot be built",
+            "redeem_coupon=true",
+        );
+        assert_eq!(refund.status, Status::NeedsOperator);
         let shown = r.to_string();
         assert!(shown.contains("| compensations, in order"), "{shown}");
     }
