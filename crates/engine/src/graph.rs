@@ -2128,6 +2128,95 @@ mod tests {
         assert!(e.0.contains("needs an operator"));
     }
 
+    fn ops() -> Operator {
+        Operator {
+            actor: "ops".into(),
+            reason: "ticket 9".into(),
+        }
+    }
+
+    /// The diamond compensating after its pivot failed, b's compensation exhausted, c's done.
+    fn stuck_on_b(def: &Definition) -> H<'_> {
+        let mut h = H::new(def);
+        h.start();
+        h.ok("a");
+        h.ok("b");
+        h.ok("c");
+        h.fail("d");
+        h.ok("c");
+        h.fail("b");
+        h.tick();
+        h.fail("b");
+        assert_eq!(h.s.status, Status::NeedsOperator);
+        h
+    }
+
+    #[test]
+    fn a_late_success_of_an_exhausted_compensation_carries_the_saga_on() {
+        let def = diamond();
+        let mut h = stuck_on_b(&def);
+        let e = h.ev(Event::Reply {
+            command_id: Uuid::from_u128(999),
+            outcome: Outcome::Success { output: json!({}) },
+            answers: Some((1, Kind::Compensation)),
+        });
+        assert_eq!(sends(&def, &e), ["a:compensation:1"]);
+        assert_eq!(*h.st("b"), StepState::Compensated);
+        assert_eq!(h.s.status, Status::Compensating);
+    }
+
+    #[test]
+    fn skipping_a_compensation_by_hand_moves_on_and_resolve_closes_a_stuck_saga() {
+        let def = diamond();
+        let mut h = stuck_on_b(&def);
+        let ctx = h.ctx();
+        let t =
+            h.g.repair(
+                &h.s,
+                Repair::Skip {
+                    output: Value::Null,
+                },
+                Some("b"),
+                &ops(),
+                ctx,
+                &NoData,
+            )
+            .unwrap();
+        assert_eq!(sends(&def, &t.effects), ["a:compensation:1"]);
+
+        let h = stuck_on_b(&def);
+        let t =
+            h.g.repair(&h.s, Repair::Resolve, None, &ops(), ctx, &NoData)
+                .unwrap();
+        assert_eq!(t.state.status, Status::Resolved);
+        assert_eq!(t.state.wake_at(), None);
+        assert!(t.effects.contains(&Effect::Lifecycle(Status::Resolved)));
+        let refused =
+            h.g.repair(&t.state, Repair::RetryNow, Some("b"), &ops(), ctx, &NoData)
+                .unwrap_err();
+        assert!(refused.0.contains("resolved"), "{refused}");
+    }
+
+    #[test]
+    fn compensate_is_refused_past_the_pivot_and_before_the_start() {
+        let def = diamond();
+        let mut h = H::new(&def);
+        let ctx = h.ctx();
+        let e =
+            h.g.repair(&h.s, Repair::Compensate, None, &ops(), ctx, &NoData)
+                .unwrap_err();
+        assert!(e.0.contains("not started"), "{e}");
+        h.start();
+        h.ok("a");
+        h.ok("b");
+        h.ok("c");
+        h.ok("d");
+        let e =
+            h.g.repair(&h.s, Repair::Compensate, None, &ops(), ctx, &NoData)
+                .unwrap_err();
+        assert!(e.0.contains("past its pivot (d)"), "{e}");
+    }
+
     #[test]
     fn the_state_round_trips_through_json() {
         let def = diamond();
