@@ -409,8 +409,8 @@ impl<'a> Graph<'a> {
         let mut children = vec![Vec::new(); n];
         for (i, ds) in deps.iter().enumerate() {
             for &d in ds {
-                // A dependency on a step that does not exist is never satisfied: the step never
-                // runs and the saga stops for an operator (see `derive_status`).
+                // `deps` leaves out steps that do not exist; a cycle (only in a hand-built
+                // definition) never becomes ready and stops the saga for an operator.
                 if let Some(c) = children.get_mut(d) {
                     c.push(i);
                 }
