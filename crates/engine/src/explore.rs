@@ -917,7 +917,13 @@ impl Explorer<'_> {
                     }
                 }
             }
-            late.retain(|&(i, k, _)| late_counts(k, t.state.steps.get(i)));
+            // While a newer attempt is out, an older one's late success does what the newer
+            // one's success does (explored anyway), and under the attempt caps a step that
+            // sent its second attempt never waits to retry again: such entries are dropped.
+            late.retain(|&(i, k, _)| {
+                let st = t.state.steps.get(i);
+                late_counts(k, st) && st.and_then(StepState::command_id).is_none()
+            });
             late.sort_by_key(|&(i, k, _)| (i, kind_index(k)));
             let mut applied = w.applied.clone();
             if taken.kind == Kind::Action
