@@ -25,7 +25,7 @@
 )]
 
 pub use saga_contract as contract;
-pub use saga_engine::{definition, engine};
+pub use saga_engine::{definition, engine, explore, graph};
 
 pub mod api;
 pub mod app;

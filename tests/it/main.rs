@@ -4,6 +4,7 @@ mod admin;
 mod api;
 mod auth;
 mod bounds;
+mod check;
 mod contract;
 mod demo;
 mod helpers;

@@ -232,6 +232,8 @@ pub enum HistoryKind {
     NeedsOperator,
     OperatorAction,
     SagaResolved,
+    /// A graph step whose `when` was false: no command, never compensated.
+    StepSkipped,
 }
 
 impl HistoryKind {
@@ -252,6 +254,7 @@ impl HistoryKind {
             HistoryKind::NeedsOperator => "needs_operator",
             HistoryKind::OperatorAction => "operator_action",
             HistoryKind::SagaResolved => "saga_resolved",
+            HistoryKind::StepSkipped => "step_skipped",
         }
     }
 }

@@ -5,6 +5,8 @@
 //! - [`engine`]: the state machine: (definition, state, event, time) -> (state, effects).
 //! - [`expr`]: CEL expressions in definitions (`when` conditions, mapped command inputs), the
 //!   only module that knows the `cel` crate.
+//! - [`graph`]: the same for sagas as graphs: one state machine per step, parallel branches.
+//! - [`explore`]: the exhaustive checker that drives [`graph`] through every order of replies.
 //!
 //! Nothing here reads the clock, draws random numbers or does I/O: the driver in `sagad` passes
 //! time, ids and jitter in and carries the effects out.
@@ -23,4 +25,6 @@
 
 pub mod definition;
 pub mod engine;
+pub mod explore;
 pub mod expr;
+pub mod graph;
