@@ -20,15 +20,14 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
-use sqlx::Connection as _;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::contract::{self, ReplyBody, ReplyOutcome};
-use crate::definition::Registry;
+use crate::driver::{Driver, DriverError, ReplyResult};
 use crate::engine::Outcome;
-use crate::store::{ReplyResult, Store, StoreError, outbox, participants};
+use crate::store::{OutboxTx, StoreError};
 use crate::telemetry;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +36,6 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
     #[error("the broker connection or the consumer ended")]
     ConsumerEnded,
     #[error("broker refused message {0}")]
@@ -144,10 +141,10 @@ pub struct RelaySettings {
 /// rows other replicas left behind. Rows are deleted in the transaction that claimed them, after
 /// the broker confirmed every message, so a crash in between re-publishes (at least once, same
 /// `message_id`).
-pub async fn run_relay(store: Store, settings: RelaySettings, shutdown: CancellationToken) {
-    let connected = &store.metrics().relay_connected;
+pub async fn run_relay(driver: Driver, settings: RelaySettings, shutdown: CancellationToken) {
+    let connected = &driver.metrics().relay_connected;
     reconnecting("outbox relay", connected, &shutdown, || {
-        relay_session(&store, &settings, &shutdown)
+        relay_session(&driver, &settings, &shutdown)
     })
     .await
 }
@@ -181,7 +178,7 @@ async fn reconnecting<F, Fut>(
 }
 
 async fn relay_session(
-    store: &Store,
+    driver: &Driver,
     settings: &RelaySettings,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
@@ -194,18 +191,10 @@ async fn relay_session(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    // A connection of its own: the relay's transactions need no fsync wait (losing one only
-    // publishes its rows again, which the contract allows: same message_id, participants
-    // de-duplicate), and it never waits for the pool behind the API and the reply consumer.
-    // It keeps the pool's planner settings (see `session_settings`), which matter most here:
-    // the outbox only churns, growing with dead rows until autovacuum comes by, so a
-    // sequential-scan claim would read every dead page on every batch.
-    let mut db = store.dedicated_connection().await?;
-    sqlx::query("SET synchronous_commit = off")
-        .execute(&mut db)
-        .await?;
+    // A connection of its own (see `OutboxSession`).
+    let mut db = driver.store().outbox_session().await?;
     info!("outbox relay connected");
-    store
+    driver
         .metrics()
         .relay_connected
         .store(true, Ordering::Relaxed);
@@ -225,12 +214,12 @@ async fn relay_session(
                     let _ = conn.close(200, "shutdown".into()).await;
                     return Ok(());
                 }
-                _ = store.outbox_ready() => {}
+                _ = driver.outbox_ready() => {}
                 _ = tokio::time::sleep(settings.poll_interval) => { probe = true; }
             }
         }
         let published = publish_batch(
-            store,
+            driver,
             tx,
             &channel,
             settings.batch_size,
@@ -242,18 +231,18 @@ async fn relay_session(
 }
 
 async fn publish_batch(
-    store: &Store,
-    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    driver: &Driver,
+    mut tx: OutboxTx<'_>,
     channel: &Channel,
     limit: i64,
     probe: bool,
 ) -> Result<usize, BrokerError> {
-    let now = OffsetDateTime::now_utc();
-    let mut rows = outbox::take(&mut tx, limit).await?;
+    let now = driver.clock().now();
+    let mut rows = tx.take(limit).await?;
     let mut probes = Vec::new();
     if probe {
-        for participant in participants::due_for_probe(&mut tx, now).await? {
-            if let Some(row) = outbox::take_one(&mut tx, &participant).await? {
+        for participant in tx.due_for_probe(now).await? {
+            if let Some(row) = tx.take_one(&participant).await? {
                 probes.push(participant);
                 rows.push(row);
             }
@@ -312,9 +301,10 @@ async fn publish_batch(
         .filter(|r| r.exchange == contract::COMMANDS_EXCHANGE && now - r.created_at > WAITED)
         .map(|r| r.message_id)
         .collect();
-    outbox::restart_deadlines(&mut tx, &waited, now).await?;
+    tx.restart_deadlines(&waited, now).await?;
     for participant in &probes {
-        participants::probe_sent(&mut tx, participant, now, store.circuit().cooldown).await?;
+        tx.probe_sent(participant, now, driver.circuit().cooldown)
+            .await?;
     }
     tx.commit().await?;
     debug!(count = published, "published outbox batch");
@@ -384,21 +374,19 @@ pub struct ConsumerSettings {
 /// Consumes `saga.replies`: applies each reply in its own transaction and acks it only after
 /// the commit. Malformed or unknown replies are moved to the dead-letter queue with the reason.
 pub async fn run_reply_consumer(
-    store: Store,
-    registry: Arc<Registry>,
+    driver: Driver,
     settings: ConsumerSettings,
     shutdown: CancellationToken,
 ) {
-    let connected = &store.metrics().consumer_connected;
+    let connected = &driver.metrics().consumer_connected;
     reconnecting("reply consumer", connected, &shutdown, || {
-        consume_session(&store, &registry, &settings, &shutdown)
+        consume_session(&driver, &settings, &shutdown)
     })
     .await
 }
 
 async fn consume_session(
-    store: &Store,
-    registry: &Registry,
+    driver: &Driver,
     settings: &ConsumerSettings,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
@@ -429,7 +417,7 @@ async fn consume_session(
         header_budget: header_budget(conn.configuration().frame_max()),
     };
     info!(queue = contract::REPLIES_QUEUE, "reply consumer connected");
-    store
+    driver
         .metrics()
         .consumer_connected
         .store(true, Ordering::Relaxed);
@@ -452,7 +440,7 @@ async fn consume_session(
         // run at once so one slow commit does not stall the queue.
         .ready_chunks(REPLY_BATCH)
         .for_each_concurrent(CONCURRENT_BATCHES, |batch| {
-            handle_batch(store, registry, &out, batch)
+            handle_batch(driver, &out, batch)
         });
     // The connection is watched too (see `disconnected`). Batches still running are then
     // dropped: a transaction not committed rolls back, and every unacked reply comes back after
@@ -525,8 +513,7 @@ fn reply_span(delivery: &lapin::message::Delivery) -> tracing::Span {
 /// cannot be read or a value the database refuses, its replies are retried one at a time so
 /// the others still go through.
 async fn handle_batch(
-    store: &Store,
-    registry: &Registry,
+    driver: &Driver,
     channel: &ReplyChannel,
     deliveries: Vec<lapin::message::Delivery>,
 ) {
@@ -539,7 +526,7 @@ async fn handle_batch(
                 valid.push((Incoming { delivery, span }, reply));
             }
             Err(reason) => {
-                dead_letter(store, channel, delivery, &reason)
+                dead_letter(driver, channel, delivery, &reason)
                     .instrument(span)
                     .await
             }
@@ -552,36 +539,28 @@ async fn handle_batch(
         .iter()
         .map(|(_, r)| (r.command_id, outcome_of(r)))
         .collect();
-    match store
-        .apply_replies(registry, replies, OffsetDateTime::now_utc())
-        .await
-    {
+    match driver.apply_replies(replies).await {
         Ok(results) => {
             // Acked together, for the same reason the relay publishes together.
             let settled = valid
                 .into_iter()
                 .zip(results)
                 .map(|((incoming, reply), result)| {
-                    settle(store, channel, incoming, reply.command_id, result)
+                    settle(driver, channel, incoming, reply.command_id, result)
                 });
             futures::future::join_all(settled).await;
         }
         // A saga that cannot be read, or a value the database refuses: one at a time, so the
         // other replies still go through and the culprit is dead-lettered, not redelivered
         // for ever.
-        Err(e) if matches!(e, StoreError::Corrupt(_)) || e.refused_value().is_some() => {
+        Err(e) if e.is_corrupt() || e.refused_value().is_some() => {
             for (incoming, reply) in valid {
-                let result = store
-                    .apply_reply(
-                        registry,
-                        reply.command_id,
-                        outcome_of(&reply),
-                        OffsetDateTime::now_utc(),
-                    )
+                let result = driver
+                    .apply_reply(reply.command_id, outcome_of(&reply))
                     .await;
                 match result {
-                    Ok(result) => settle(store, channel, incoming, reply.command_id, result).await,
-                    Err(e) => give_back(store, channel, incoming, reply.command_id, e).await,
+                    Ok(result) => settle(driver, channel, incoming, reply.command_id, result).await,
+                    Err(e) => give_back(driver, channel, incoming, reply.command_id, e).await,
                 }
             }
         }
@@ -610,7 +589,7 @@ fn outcome_of(reply: &ReplyBody) -> Outcome {
 }
 
 async fn settle(
-    store: &Store,
+    driver: &Driver,
     channel: &ReplyChannel,
     incoming: Incoming,
     command_id: uuid::Uuid,
@@ -626,7 +605,7 @@ async fn settle(
             }
             ReplyResult::UnknownCommand => {
                 let reason = format!("unknown command id {command_id}: no saga sent it");
-                dead_letter(store, channel, delivery, &reason).await
+                dead_letter(driver, channel, delivery, &reason).await
             }
         }
     }
@@ -637,27 +616,27 @@ async fn settle(
 /// A reply that failed on its own: dead-lettered if its saga is unreadable or the database
 /// refuses its values, else requeued.
 async fn give_back(
-    store: &Store,
+    driver: &Driver,
     channel: &ReplyChannel,
     incoming: Incoming,
     command_id: uuid::Uuid,
-    e: StoreError,
+    e: DriverError,
 ) {
     let Incoming { delivery, span } = incoming;
     async {
         if let Some(refused) = e.refused_value() {
             warn!(%command_id, error = %refused, "reply the database cannot store");
             dead_letter(
-                store,
+                driver,
                 channel,
                 delivery,
                 &format!("the database cannot store a value of this reply: {refused}"),
             )
             .await
-        } else if let StoreError::Corrupt(e) = e {
+        } else if let DriverError::Corrupt(e) | DriverError::Store(StoreError::Corrupt(e)) = e {
             error!(%command_id, error = %e, "reply for a corrupt saga");
             dead_letter(
-                store,
+                driver,
                 channel,
                 delivery,
                 &format!("saga state cannot be read: {e}"),
@@ -804,7 +783,7 @@ fn dead_letter_headers(original: &FieldTable, reason: &str, budget: usize) -> Fi
 /// the copy cannot be published, the original is rejected without requeue: the queue's own
 /// dead-letter exchange takes it (without our reason), so one message can never loop.
 async fn dead_letter(
-    store: &Store,
+    driver: &Driver,
     out: &ReplyChannel,
     delivery: lapin::message::Delivery,
     reason: &str,
@@ -839,7 +818,7 @@ async fn dead_letter(
     .await;
     match published {
         Ok(confirm) if confirm.is_ack() => {
-            store.metrics().dead_lettered();
+            driver.metrics().dead_lettered();
             ack(&delivery).await
         }
         other => {
@@ -849,7 +828,7 @@ async fn dead_letter(
                 ..BasicNackOptions::default()
             };
             match delivery.nack(reject).await {
-                Ok(true) => store.metrics().dead_lettered(),
+                Ok(true) => driver.metrics().dead_lettered(),
                 Ok(false) => {}
                 Err(e) => {
                     warn!(error = %e, "reject failed; the broker will redeliver on reconnect")

@@ -53,8 +53,12 @@ pub fn status_from_pb(s: pb::SagaStatus) -> Option<engine::Status> {
     })
 }
 
-/// The filter part of a ListSagas request (shared with Redrive); paging is the caller's.
-pub fn filter_from_pb(req: &pb::ListSagasRequest) -> Result<ListFilter, Status> {
+/// The filter part of a ListSagas request (shared with Redrive); paging is the caller's. `now`
+/// is what `stuck_for` counts back from.
+pub fn filter_from_pb(
+    req: &pb::ListSagasRequest,
+    now: OffsetDateTime,
+) -> Result<ListFilter, Status> {
     let statuses = req
         .statuses
         .iter()
@@ -89,11 +93,7 @@ pub fn filter_from_pb(req: &pb::ListSagasRequest) -> Result<ListFilter, Status> 
                 return Err(too_long());
             }
             let d = time::Duration::try_from(d).map_err(|_| too_long())?;
-            Some(
-                OffsetDateTime::now_utc()
-                    .checked_sub(d)
-                    .ok_or_else(too_long)?,
-            )
+            Some(now.checked_sub(d).ok_or_else(too_long)?)
         }
     };
     Ok(ListFilter {

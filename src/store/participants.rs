@@ -9,7 +9,7 @@ use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use super::{CircuitSettings, Result, Store, StoreError};
+use super::{CircuitSettings, OutboxTx, Result, Store, StoreError};
 use crate::contract;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,13 +90,14 @@ impl Store {
         Ok(())
     }
 
+    /// Sets or clears an operator's pause; false if there is no such participant.
     pub async fn set_paused(
         &self,
         name: &str,
         paused: bool,
         actor: &str,
         reason: &str,
-    ) -> Result<ParticipantRecord> {
+    ) -> Result<bool> {
         let updated = sqlx::query(
             "UPDATE participants SET paused = $2, \
                paused_by = CASE WHEN $2 THEN $3 END, paused_reason = CASE WHEN $2 THEN $4 END, \
@@ -109,24 +110,15 @@ impl Store {
         .bind(reason)
         .execute(self.pool())
         .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!(
-                "no participant named {name:?}"
-            )));
-        }
-        info!(
-            participant = name,
-            paused, actor, reason, "participant dispatch changed by an operator"
-        );
-        if !paused {
-            // The held commands can go now (other replicas' relays find them on their next poll).
-            self.wake_relay();
-        }
-        self.participants()
+        Ok(updated.rows_affected() > 0)
+    }
+
+    pub async fn participant(&self, name: &str) -> Result<Option<ParticipantRecord>> {
+        Ok(self
+            .participants()
             .await?
             .into_iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| StoreError::NotFound(format!("no participant named {name:?}")))
+            .find(|p| p.name == name))
     }
 
     pub async fn participants(&self) -> Result<Vec<ParticipantRecord>> {
@@ -158,34 +150,33 @@ impl Store {
     }
 }
 
-/// Participants whose circuit is open and whose cool-down has passed: one command each may go
-/// out as a probe.
-pub async fn due_for_probe(
-    tx: &mut Transaction<'_, Postgres>,
-    now: OffsetDateTime,
-) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT name FROM participants WHERE NOT paused AND circuit = 'open' AND probe_at <= $1",
-    )
-    .bind(now)
-    .fetch_all(&mut **tx)
-    .await?)
-}
-
-/// The probe for `participant` went out: hold the rest until its outcome is known (or, if it is
-/// lost, until the cool-down passes again).
-pub async fn probe_sent(
-    tx: &mut Transaction<'_, Postgres>,
-    participant: &str,
-    now: OffsetDateTime,
-    cooldown: std::time::Duration,
-) -> Result<()> {
-    sqlx::query("UPDATE participants SET circuit = 'half_open', probe_at = $2 + $3, circuit_changed_at = $2 WHERE name = $1")
-        .bind(participant)
+impl OutboxTx<'_> {
+    /// Participants whose circuit is open and whose cool-down has passed: one command each may go
+    /// out as a probe.
+    pub async fn due_for_probe(&mut self, now: OffsetDateTime) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT name FROM participants WHERE NOT paused AND circuit = 'open' AND probe_at <= $1",
+        )
         .bind(now)
-        .bind(cooldown)
-        .execute(&mut **tx)
-        .await?;
-    info!(participant, "circuit half-open: probe command sent");
-    Ok(())
+        .fetch_all(self.conn())
+        .await?)
+    }
+
+    /// The probe for `participant` went out: hold the rest until its outcome is known (or, if it is
+    /// lost, until the cool-down passes again).
+    pub async fn probe_sent(
+        &mut self,
+        participant: &str,
+        now: OffsetDateTime,
+        cooldown: std::time::Duration,
+    ) -> Result<()> {
+        sqlx::query("UPDATE participants SET circuit = 'half_open', probe_at = $2 + $3, circuit_changed_at = $2 WHERE name = $1")
+            .bind(participant)
+            .bind(now)
+            .bind(cooldown)
+            .execute(self.conn())
+            .await?;
+        info!(participant, "circuit half-open: probe command sent");
+        Ok(())
+    }
 }

@@ -44,8 +44,9 @@ struct Ended {
     healthy: Option<bool>,
 }
 
+/// The rows a batch of transitions writes, staged in memory until [`Tx::write`](super::Tx::write).
 #[derive(Default)]
-pub(super) struct Writes {
+pub struct Writes {
     sagas: Vec<SagaWrite>,
     saga_index: HashMap<Uuid, usize>,
     // New attempts, column by column.
@@ -78,7 +79,7 @@ pub(super) struct Writes {
 impl Writes {
     /// Stages a transition of `record` and moves the record to its new state, so that a later
     /// transition of the same saga in this batch starts from it. Returns the new status.
-    pub(super) fn stage(
+    pub fn stage(
         &mut self,
         def: &Definition,
         record: &mut SagaRecord,
@@ -334,8 +335,7 @@ impl Writes {
 
     /// Writes a transition batch in the caller's transaction: one statement for every table
     /// (a round trip each would cost more than the writes themselves), then one `UPDATE` per
-    /// participant that failed, which is rare. Call [`Store::committed`](super::Store) with the
-    /// result once the transaction has committed.
+    /// participant that failed, which is rare. The result is for after the commit.
     pub(super) async fn flush(
         self,
         tx: &mut Transaction<'_, Postgres>,
@@ -546,24 +546,25 @@ fn bind_states<'q>(
         )
 }
 
-/// What a committed batch still has to do outside the database: metrics, logs, waking the relay.
-pub(super) struct Flushed {
-    pub(super) lifecycle: Vec<(String, Status)>,
-    pub(super) steps: Vec<StepEnded>,
+/// What a written batch still has to do outside the database once committed: metrics, logs,
+/// waking the relay and watchers.
+pub struct Flushed {
+    pub lifecycle: Vec<(String, Status)>,
+    pub steps: Vec<StepEnded>,
     /// Participants whose open circuit this batch closed.
-    pub(super) reclosed: BTreeSet<String>,
+    pub reclosed: BTreeSet<String>,
     /// Whether outbox rows were written.
-    pub(super) outbox: bool,
+    pub outbox: bool,
     /// Sagas whose state or history the batch changed, for watchers.
-    pub(super) changed: Vec<Uuid>,
+    pub changed: Vec<Uuid>,
 }
 
-pub(super) struct StepEnded {
-    pub(super) participant: String,
-    pub(super) step: String,
-    pub(super) kind: String,
-    pub(super) outcome: &'static str,
-    pub(super) took: std::time::Duration,
+pub struct StepEnded {
+    pub participant: String,
+    pub step: String,
+    pub kind: String,
+    pub outcome: &'static str,
+    pub took: std::time::Duration,
 }
 
 /// The writes every statement shares: new attempts, history entries and outbox rows, each
