@@ -24,6 +24,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
+use crate::breaker;
 use crate::contract::{self, ReplyBody, ReplyOutcome};
 use crate::driver::{Driver, DriverError, ReplyResult};
 use crate::engine::Outcome;
@@ -298,7 +299,10 @@ async fn publish_batch(
     // from now; fresh ones keep the deadline set when they were created.
     let waited: Vec<uuid::Uuid> = rows
         .iter()
-        .filter(|r| r.exchange == contract::COMMANDS_EXCHANGE && now - r.created_at > WAITED)
+        .filter(|r| {
+            r.exchange == contract::COMMANDS_EXCHANGE
+                && breaker::restarts_deadline(r.created_at, now)
+        })
         .map(|r| r.message_id)
         .collect();
     tx.restart_deadlines(&waited, now).await?;
@@ -310,9 +314,6 @@ async fn publish_batch(
     debug!(count = published, "published outbox batch");
     Ok(published)
 }
-
-/// How long a command may sit in the outbox before its deadline is restarted on publishing.
-const WAITED: time::Duration = time::Duration::seconds(1);
 
 fn message_properties(
     message_id: uuid::Uuid,

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{Gauges, Metrics, ParticipantGauge};
-use crate::store::{Circuit, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::supervisor::{Readiness, TaskState};
 
 #[derive(Clone)]
@@ -32,11 +32,7 @@ async fn gauges(store: &Store) -> Result<Gauges, StoreError> {
         .await?
         .into_iter()
         .map(|p| ParticipantGauge {
-            circuit: match p.circuit {
-                Circuit::Closed => 0,
-                Circuit::Open => 1,
-                Circuit::HalfOpen => 2,
-            },
+            circuit: p.circuit.gauge(),
             paused: p.paused,
             name: p.name,
         })

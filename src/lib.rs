@@ -6,6 +6,7 @@
 //!   definitions, the [`clock`], the metrics and the after-commit signals.
 //! - [`store`]: PostgreSQL, persistence only: saga rows, attempts, history, outbox, participants.
 //! - [`broker`]: RabbitMQ: the outbox relay and the reply consumer.
+//! - [`breaker`]: dispatch control per participant: pauses and the circuit breaker's decisions.
 //! - [`contract`]: the AMQP wire contract shared with participants, re-exported from the
 //!   `saga-contract` crate (`crates/contract`).
 //! - [`timers`]: the sweeper that fires reply deadlines and retry back-offs.
@@ -32,6 +33,7 @@ pub use saga_engine::{definition, engine};
 
 pub mod api;
 pub mod app;
+pub mod breaker;
 pub mod broker;
 pub mod cli;
 pub mod clock;

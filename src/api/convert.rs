@@ -5,6 +5,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tonic::Status;
 
+use crate::breaker::Circuit;
 use crate::engine::{self, Kind};
 use crate::proto::v1 as pb;
 use crate::store::{self, ListFilter};
@@ -193,9 +194,9 @@ pub fn participant_to_pb(p: store::ParticipantRecord) -> pb::Participant {
         paused_reason: p.paused_reason.unwrap_or_default(),
         paused_at: p.paused_at.map(timestamp),
         circuit: match p.circuit {
-            store::Circuit::Closed => pb::CircuitState::Closed,
-            store::Circuit::Open => pb::CircuitState::Open,
-            store::Circuit::HalfOpen => pb::CircuitState::HalfOpen,
+            Circuit::Closed => pb::CircuitState::Closed,
+            Circuit::Open => pb::CircuitState::Open,
+            Circuit::HalfOpen => pb::CircuitState::HalfOpen,
         } as i32,
         consecutive_failures: p.consecutive_failures,
         circuit_changed_at: p.circuit_changed_at.map(timestamp),

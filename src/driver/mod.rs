@@ -18,13 +18,13 @@ use tokio::sync::{Notify, broadcast};
 use tracing::info;
 use uuid::Uuid;
 
+use crate::breaker::CircuitSettings;
 use crate::clock::Clock;
 use crate::definition::{Definition, Registry};
 use crate::engine::{self, Ctx, Event, Operator, Outcome, Repair, SagaState, Status};
 use crate::metrics::Metrics;
 use crate::store::{
-    CircuitSettings, Flushed, ParticipantRecord, ReplyTargets, SagaRecord, Store, StoreError,
-    Writes,
+    Flushed, ParticipantRecord, ReplyTargets, SagaRecord, Store, StoreError, Writes,
 };
 
 /// Why the driver did not do what it was asked, in the caller's terms; the API maps these to

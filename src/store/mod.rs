@@ -15,6 +15,7 @@ use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::breaker::CircuitSettings;
 use crate::definition::{Definition, Registry};
 use crate::engine::{Kind, SagaState, Status, Waiting};
 
@@ -34,7 +35,7 @@ pub mod outbox;
 pub mod participants;
 
 pub use outbox::{OutboxMessage, OutboxSession, OutboxTx};
-pub use participants::{Circuit, ParticipantRecord};
+pub use participants::ParticipantRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -136,23 +137,6 @@ pub struct ListFilter {
     /// Only sagas with an id below this one (the previous page's last id).
     pub before: Option<Uuid>,
     pub limit: u32,
-}
-
-/// When a participant's circuit opens, and how long it stays open before a probe.
-#[derive(Debug, Clone, Copy)]
-pub struct CircuitSettings {
-    /// Consecutive timeouts or transient failures that open the circuit.
-    pub failure_threshold: u32,
-    pub cooldown: Duration,
-}
-
-impl Default for CircuitSettings {
-    fn default() -> Self {
-        CircuitSettings {
-            failure_threshold: 5,
-            cooldown: Duration::from_secs(5),
-        }
-    }
 }
 
 #[derive(Clone)]

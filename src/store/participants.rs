@@ -1,35 +1,16 @@
-//! Dispatch control per participant: operator pauses and the circuit breaker.
-//!
-//! Both work the same way: the relay leaves a held participant's commands in the outbox, and
-//! the timer sweeper does not run the deadline of a command that is still in the outbox, so a
-//! held participant's sagas wait instead of failing in a storm. When the commands go out, their
-//! deadlines start again from the moment of publishing.
+//! Participants' rows: operator pauses and circuit state, as the breaker
+//! ([`crate::breaker`]) decides them.
 
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::Row;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use super::{CircuitSettings, OutboxTx, Result, Store, StoreError};
+use super::{OutboxTx, Result, Store, StoreError};
+use crate::breaker::{self, Circuit, CircuitSettings};
 use crate::contract;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Circuit {
-    Closed,
-    Open,
-    HalfOpen,
-}
-
-impl Circuit {
-    fn parse(s: &str) -> Result<Circuit> {
-        match s {
-            "closed" => Ok(Circuit::Closed),
-            "open" => Ok(Circuit::Open),
-            "half_open" => Ok(Circuit::HalfOpen),
-            other => Err(StoreError::Corrupt(format!(
-                "unknown circuit state {other:?}"
-            ))),
-        }
-    }
+fn parse_circuit(s: &str) -> Result<Circuit> {
+    Circuit::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown circuit state {s:?}")))
 }
 
 #[derive(Debug, Clone)]
@@ -47,33 +28,43 @@ pub struct ParticipantRecord {
 }
 
 /// A timeout or transient failure: counts towards opening the participant's circuit (or
-/// re-opens it after a failed probe).
+/// re-opens it after a failed probe), as [`breaker::after_failure`] decides.
 pub(super) async fn record_failure(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut sqlx::PgConnection,
     participant: &str,
     now: OffsetDateTime,
-    circuit: CircuitSettings,
+    settings: CircuitSettings,
 ) -> Result<()> {
     let row = sqlx::query(
-        "UPDATE participants SET consecutive_failures = consecutive_failures + 1, \
-           circuit = CASE WHEN circuit = 'half_open' OR consecutive_failures + 1 >= $2 THEN 'open' ELSE circuit END, \
-           probe_at = CASE WHEN circuit = 'half_open' OR consecutive_failures + 1 >= $2 THEN $3 + $4 ELSE probe_at END, \
-           circuit_changed_at = CASE WHEN circuit = 'closed' AND consecutive_failures + 1 >= $2 THEN $3 \
-                                     ELSE circuit_changed_at END \
-         WHERE name = $1 RETURNING circuit, consecutive_failures",
+        "SELECT circuit, consecutive_failures FROM participants WHERE name = $1 FOR UPDATE",
     )
     .bind(participant)
-    .bind(circuit.failure_threshold as i32)
-    .bind(now)
-    .bind(circuit.cooldown)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(&mut *conn)
     .await?;
-    if let Some(row) = row {
-        let state: String = row.try_get("circuit")?;
-        let failures: i32 = row.try_get("consecutive_failures")?;
-        if state == "open" && failures as u32 >= circuit.failure_threshold {
-            warn!(participant, failures, cooldown = ?circuit.cooldown, "circuit open: holding commands until a probe succeeds");
-        }
+    let Some(row) = row else {
+        return Ok(());
+    };
+    let circuit = parse_circuit(row.try_get("circuit")?)?;
+    let failures = row.try_get::<i32, _>("consecutive_failures")?.max(0) as u32;
+    let next = breaker::after_failure(circuit, failures, settings);
+    sqlx::query(
+        "UPDATE participants SET consecutive_failures = $2, circuit = $3, \
+           probe_at = CASE WHEN $4 THEN $6 + $7 ELSE probe_at END, \
+           circuit_changed_at = CASE WHEN $5 THEN $6 ELSE circuit_changed_at END \
+         WHERE name = $1",
+    )
+    .bind(participant)
+    .bind(i32::try_from(next.consecutive_failures).unwrap_or(i32::MAX))
+    .bind(next.circuit.as_str())
+    .bind(next.probe_after_cooldown)
+    .bind(next.changed)
+    .bind(now)
+    .bind(settings.cooldown)
+    .execute(&mut *conn)
+    .await?;
+    if next.holds_commands(settings) {
+        let failures = next.consecutive_failures;
+        warn!(participant, failures, cooldown = ?settings.cooldown, "circuit open: holding commands until a probe succeeds");
     }
     Ok(())
 }
@@ -139,7 +130,7 @@ impl Store {
                     paused_by: r.try_get("paused_by")?,
                     paused_reason: r.try_get("paused_reason")?,
                     paused_at: r.try_get("paused_at")?,
-                    circuit: Circuit::parse(r.try_get("circuit")?)?,
+                    circuit: parse_circuit(r.try_get("circuit")?)?,
                     consecutive_failures: r.try_get::<i32, _>("consecutive_failures")?.max(0)
                         as u32,
                     circuit_changed_at: r.try_get("circuit_changed_at")?,
@@ -170,10 +161,11 @@ impl OutboxTx<'_> {
         now: OffsetDateTime,
         cooldown: std::time::Duration,
     ) -> Result<()> {
-        sqlx::query("UPDATE participants SET circuit = 'half_open', probe_at = $2 + $3, circuit_changed_at = $2 WHERE name = $1")
+        sqlx::query("UPDATE participants SET circuit = $4, probe_at = $2 + $3, circuit_changed_at = $2 WHERE name = $1")
             .bind(participant)
             .bind(now)
             .bind(cooldown)
+            .bind(breaker::AFTER_PROBE_SENT.as_str())
             .execute(self.conn())
             .await?;
         info!(participant, "circuit half-open: probe command sent");

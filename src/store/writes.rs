@@ -12,7 +12,8 @@ use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{CircuitSettings, Result, SagaRecord, StoreError, participants};
+use super::{Result, SagaRecord, StoreError, participants};
+use crate::breaker::{self, CircuitSettings};
 use crate::contract::{self, CommandBody};
 use crate::definition::Definition;
 use crate::engine::{self, AttemptEnd, Effect, Kind, Outcome, Status, Waiting};
@@ -290,8 +291,7 @@ impl Writes {
     }
 
     fn end_attempt(&mut self, command_id: Uuid, end: AttemptEnd) {
-        // Business refusals say nothing about the participant's health; only silence and
-        // transient errors count against its circuit.
+        let healthy = breaker::health(&end);
         let ended = match end {
             AttemptEnd::Replied(Outcome::Success { output }) => Ended {
                 command_id,
@@ -300,16 +300,16 @@ impl Writes {
                 reason: None,
                 timed_out: false,
                 superseded: false,
-                healthy: Some(true),
+                healthy,
             },
-            AttemptEnd::Replied(Outcome::Failure { reason, retryable }) => Ended {
+            AttemptEnd::Replied(Outcome::Failure { reason, .. }) => Ended {
                 command_id,
                 outcome: Some("failure"),
                 output: None,
                 reason: Some(reason),
                 timed_out: false,
                 superseded: false,
-                healthy: Some(!retryable),
+                healthy,
             },
             AttemptEnd::TimedOut => Ended {
                 command_id,
@@ -318,7 +318,7 @@ impl Writes {
                 reason: None,
                 timed_out: true,
                 superseded: false,
-                healthy: Some(false),
+                healthy,
             },
             AttemptEnd::Superseded => Ended {
                 command_id,
@@ -327,7 +327,7 @@ impl Writes {
                 reason: None,
                 timed_out: false,
                 superseded: true,
-                healthy: None,
+                healthy,
             },
         };
         self.ended.push(ended);
@@ -392,7 +392,7 @@ impl Writes {
                 continue;
             };
             if !healthy {
-                participants::record_failure(tx, &participant, now, circuit).await?;
+                participants::record_failure(&mut *tx, &participant, now, circuit).await?;
             }
             let sent_at: OffsetDateTime = row.try_get("sent_at")?;
             flushed.steps.push(StepEnded {
