@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
 use sqlx::{Postgres, Row, Transaction};
@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{Result, SagaRecord, StoreError, participants};
 use crate::breaker::{self, CircuitSettings};
-use crate::contract::{self, CommandBody};
+use crate::contract::{self, CommandBody, render};
 use crate::definition::Definition;
 use crate::engine::{self, AttemptEnd, Effect, Kind, Outcome, Status, Waiting};
 
@@ -203,32 +203,15 @@ impl Writes {
             definition_version: def.version,
             step: step.name.clone(),
             kind: cmd.kind.as_str().to_string(),
-            command: command.clone(),
+            command,
             attempt: cmd.attempt,
             input: record.input.clone(),
             outputs: record.outputs.clone(),
         };
-        let properties = json!({
-            "type": command,
-            "correlation_id": record.id.to_string(),
-            "reply_to": contract::REPLIES_QUEUE,
-            "parent": record.traceparent,
-            "headers": {
-                contract::H_SAGA_ID: record.id.to_string(),
-                contract::H_DEFINITION: def.name,
-                contract::H_STEP: step.name,
-                contract::H_KIND: cmd.kind.as_str(),
-                contract::H_ATTEMPT: cmd.attempt,
-            },
-        });
-        self.outbox(
-            record.id,
-            contract::COMMANDS_EXCHANGE,
-            step.participant.clone(),
-            cmd.command_id,
-            properties,
-            &body,
-        )
+        let out = render::command(&step.participant, &body, record.traceparent.as_deref())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.outbox(record.id, out);
+        Ok(())
     }
 
     /// A lifecycle event goes through the outbox too, so it is published exactly when the
@@ -254,40 +237,20 @@ impl Writes {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
         };
-        let properties = json!({
-            "type": format!("saga.{event}"),
-            "correlation_id": record.id.to_string(),
-            "parent": record.traceparent,
-            "headers": { contract::H_SAGA_ID: record.id.to_string(), contract::H_DEFINITION: def.name },
-        });
         self.lifecycle.push((record.id, def.name.clone(), status));
-        self.outbox(
-            record.id,
-            contract::EVENTS_EXCHANGE,
-            format!("{}.{event}", def.name),
-            body.event_id,
-            properties,
-            &body,
-        )
+        let out = render::lifecycle(&body, record.traceparent.as_deref())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.outbox(record.id, out);
+        Ok(())
     }
 
-    fn outbox(
-        &mut self,
-        saga_id: Uuid,
-        exchange: &'static str,
-        routing_key: String,
-        message_id: Uuid,
-        properties: Value,
-        body: &impl serde::Serialize,
-    ) -> Result<()> {
-        let bytes = serde_json::to_vec(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    fn outbox(&mut self, saga_id: Uuid, out: render::Outgoing) {
         self.o_saga.push(saga_id);
-        self.o_exchange.push(exchange);
-        self.o_routing_key.push(routing_key);
-        self.o_message_id.push(message_id);
-        self.o_properties.push(properties);
-        self.o_body.push(bytes);
-        Ok(())
+        self.o_exchange.push(out.exchange);
+        self.o_routing_key.push(out.routing_key);
+        self.o_message_id.push(out.message_id);
+        self.o_properties.push(out.properties);
+        self.o_body.push(out.body);
     }
 
     fn end_attempt(&mut self, command_id: Uuid, end: AttemptEnd) {
