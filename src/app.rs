@@ -15,12 +15,15 @@ use tonic::transport::{Identity, ServerTlsConfig};
 use crate::api::SagaApi;
 use crate::api::admin::AdminApi;
 use crate::api::auth::{Authenticator, Scope, Secret, Tokens};
+use crate::breaker::CircuitSettings;
 use crate::broker::{self, ConsumerSettings, RelaySettings};
+use crate::clock::Clock;
 use crate::config::{Settings, SettingsError, redact_url};
 use crate::definition::{self, DefinitionError, Registry};
+use crate::driver::Driver;
 use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::saga_service_server::SagaServiceServer;
-use crate::store::{CircuitSettings, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::supervisor::{Policy, Readiness, Supervisor};
 use crate::telemetry;
 use crate::timers;
@@ -55,8 +58,7 @@ pub enum StartupError {
 pub struct Application {
     addr: SocketAddr,
     metrics_addr: SocketAddr,
-    store: Store,
-    registry: Arc<Registry>,
+    driver: Driver,
     tasks: Supervisor,
     readiness: Readiness,
     shutdown: CancellationToken,
@@ -84,12 +86,7 @@ impl Application {
         let tls = load_tls(&settings)?;
         let amqp_ca = broker::load_amqp_ca(&settings.amqp_url, settings.amqp_ca_file.as_deref())
             .map_err(StartupError::Amqp)?;
-        let store = Store::connect(&settings.database_url, settings.db_max_connections)
-            .await?
-            .with_circuit(CircuitSettings {
-                failure_threshold: settings.circuit_failures.max(1),
-                cooldown: settings.circuit_cooldown,
-            });
+        let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
         store.migrate().await?;
         let registry = Arc::new(store.sync_definitions(&defs).await?);
         for d in &defs {
@@ -102,6 +99,12 @@ impl Application {
         participants.sort();
         participants.dedup();
         store.register_participants(&participants).await?;
+        let driver = Driver::new(store, registry)
+            .with_clock(Clock::System)
+            .with_circuit(CircuitSettings {
+                failure_threshold: settings.circuit_failures.max(1),
+                cooldown: settings.circuit_cooldown,
+            });
 
         // Declared now so participants and clients find the queues as soon as we are up. If the
         // broker is down this only warns: the relay and consumer declare again on connect.
@@ -145,23 +148,25 @@ impl Application {
         );
         let readiness = tasks.readiness();
         tasks.spawn("start writer", {
-            let (store, shutdown) = (store.clone(), shutdown.clone());
-            move || store.start_writer(shutdown.clone())
+            let (driver, shutdown) = (driver.clone(), shutdown.clone());
+            move || driver.start_writer(shutdown.clone())
         });
         let metrics_listener = Rebind::new(metrics_listener, metrics_addr);
         tasks.spawn("metrics endpoint", {
-            let (store, readiness, shutdown) = (store.clone(), readiness.clone(), shutdown.clone());
+            let (driver, readiness, shutdown) =
+                (driver.clone(), readiness.clone(), shutdown.clone());
             move || {
-                let (listener, store, readiness, shutdown) = (
+                let (listener, store, metrics, readiness, shutdown) = (
                     metrics_listener.clone(),
-                    store.clone(),
+                    driver.store().clone(),
+                    driver.metrics().clone(),
                     readiness.clone(),
                     shutdown.clone(),
                 );
                 async move {
                     let listener = listener.get().await?;
-                    let metrics = store.metrics().clone();
-                    crate::metrics::serve_http(listener, store, metrics, readiness, shutdown).await;
+                    crate::endpoints::serve_http(listener, store, metrics, readiness, shutdown)
+                        .await;
                     Ok::<(), std::io::Error>(())
                 }
             }
@@ -176,9 +181,9 @@ impl Application {
         };
         // Several relays overlap their confirm round trips; SKIP LOCKED shares the rows out.
         for i in 0..settings.relay_workers.max(1) {
-            let (store, relay, shutdown) = (store.clone(), relay.clone(), shutdown.clone());
+            let (driver, relay, shutdown) = (driver.clone(), relay.clone(), shutdown.clone());
             tasks.spawn(&format!("outbox relay {i}"), move || {
-                broker::run_relay(store.clone(), relay.clone(), shutdown.clone())
+                broker::run_relay(driver.clone(), relay.clone(), shutdown.clone())
             });
         }
         let consumer = ConsumerSettings {
@@ -188,24 +193,18 @@ impl Application {
             prefetch: settings.reply_prefetch,
         };
         tasks.spawn("reply consumer", {
-            let (store, registry, shutdown) = (store.clone(), registry.clone(), shutdown.clone());
-            move || {
-                broker::run_reply_consumer(
-                    store.clone(),
-                    registry.clone(),
-                    consumer.clone(),
-                    shutdown.clone(),
-                )
-            }
+            let (driver, shutdown) = (driver.clone(), shutdown.clone());
+            move || broker::run_reply_consumer(driver.clone(), consumer.clone(), shutdown.clone())
         });
         tasks.spawn("timer sweeper", {
-            let (store, registry, shutdown) = (store.clone(), registry.clone(), shutdown.clone());
+            let (driver, shutdown) = (driver.clone(), shutdown.clone());
             let poll = settings.timer_poll;
-            move || timers::run_sweeper(store.clone(), registry.clone(), poll, shutdown.clone())
+            move || timers::run_sweeper(driver.clone(), poll, shutdown.clone())
         });
         let (health_reporter, health) = tonic_health::server::health_reporter();
         tasks.spawn("gRPC health", {
-            let (store, readiness, shutdown) = (store.clone(), readiness.clone(), shutdown.clone());
+            let (store, readiness, shutdown) =
+                (driver.store().clone(), readiness.clone(), shutdown.clone());
             move || {
                 report_health(
                     health_reporter.clone(),
@@ -222,14 +221,13 @@ impl Application {
             max_watches_per_token: settings.max_watches_per_token,
         };
         tasks.spawn("gRPC server", {
-            let (store, registry, shutdown) = (store.clone(), registry.clone(), shutdown.clone());
+            let (driver, shutdown) = (driver.clone(), shutdown.clone());
             move || {
                 serve(
                     listener.clone(),
                     grpc.clone(),
                     health.clone(),
-                    store.clone(),
-                    registry.clone(),
+                    driver.clone(),
                     shutdown.clone(),
                 )
             }
@@ -238,8 +236,7 @@ impl Application {
         Ok(Application {
             addr,
             metrics_addr,
-            store,
-            registry,
+            driver,
             tasks,
             readiness,
             shutdown,
@@ -256,12 +253,16 @@ impl Application {
         self.metrics_addr
     }
 
+    pub fn driver(&self) -> &Driver {
+        &self.driver
+    }
+
     pub fn store(&self) -> &Store {
-        &self.store
+        self.driver.store()
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+        self.driver.registry()
     }
 
     /// The supervised tasks' health, as `/readyz` and gRPC health report it.
@@ -279,7 +280,7 @@ impl Application {
             warn!(grace = ?self.grace, "tasks still running after the grace period; aborting them");
             self.tasks.abort_all();
         }
-        self.store.pool().close().await;
+        self.driver.store().close().await;
         info!("stopped");
     }
 }
@@ -528,8 +529,7 @@ async fn serve(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-    store: Store,
-    registry: Arc<Registry>,
+    driver: Driver,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let listener = listener
@@ -552,11 +552,11 @@ async fn serve(
     };
     let (reflection, reflection_v1alpha) = reflection.unzip();
     let sagas = SagaServiceServer::new(
-        SagaApi::new(store.clone(), registry.clone()).with_watch_limit(max_watches_per_token),
+        SagaApi::new(driver.clone()).with_watch_limit(max_watches_per_token),
     )
     .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let admin = AdminServiceServer::new(AdminApi::new(store, registry))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let admin =
+        AdminServiceServer::new(AdminApi::new(driver)).max_decoding_message_size(MAX_REQUEST_BYTES);
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         builder = builder

@@ -257,7 +257,7 @@ impl Settings {
                 ));
             }
         }
-        if let Err(e) = sqlx::postgres::PgConnectOptions::from_str(&self.database_url) {
+        if let Err(e) = crate::store::check_url(&self.database_url) {
             return Err(err(
                 "--database-url",
                 "SAGA_DATABASE_URL",

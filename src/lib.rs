@@ -2,14 +2,18 @@
 //!
 //! - [`definition`], [`engine`]: the pure core, re-exported from the `saga-engine` crate
 //!   (`crates/engine`): definition files and the state machine, (saga, event, now) -> (saga, effects).
-//! - [`store`]: PostgreSQL: saga rows, attempts, history, outbox; one transaction per transition.
+//! - [`driver`]: the one place a saga moves: lock, engine, write, commit, signal; owns the
+//!   definitions, the [`clock`], the metrics and the after-commit signals.
+//! - [`store`]: PostgreSQL, persistence only: saga rows, attempts, history, outbox, participants.
 //! - [`broker`]: RabbitMQ: the outbox relay and the reply consumer.
+//! - [`breaker`]: dispatch control per participant: pauses and the circuit breaker's decisions.
 //! - [`contract`]: the AMQP wire contract shared with participants, re-exported from the
 //!   `saga-contract` crate (`crates/contract`).
 //! - [`timers`]: the sweeper that fires reply deadlines and retry back-offs.
 //! - [`supervisor`]: restarts failed long-lived tasks and reports them in readiness.
 //! - [`api`]: the gRPC service; [`proto`]: its generated code; [`codec`]: its protobuf codec.
-//! - [`app`]: start-up and shutdown; [`config`]: settings; [`telemetry`]: logs and traces.
+//! - [`app`]: start-up and shutdown; [`config`]: settings; [`telemetry`]: logs and traces;
+//!   [`metrics`]: the Prometheus figures, served with the health checks by [`endpoints`].
 //! - [`demo`]: demo participants (order, payment, delivery) that follow the contract.
 //! - [`cli`]: `sagactl`'s formatting and checks (pure, unit-tested).
 // A panic in a task of a long-running server stops work for every saga behind it (until its
@@ -29,11 +33,15 @@ pub use saga_engine::{definition, engine, explore, graph};
 
 pub mod api;
 pub mod app;
+pub mod breaker;
 pub mod broker;
 pub mod cli;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod demo;
+pub mod driver;
+pub mod endpoints;
 pub mod metrics;
 pub mod proto;
 pub mod store;

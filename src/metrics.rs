@@ -1,32 +1,22 @@
-//! Prometheus metrics and the HTTP endpoints `/metrics`, `/healthz` and `/readyz`.
+//! Prometheus metrics. The HTTP endpoints that serve them are in [`crate::endpoints`].
 //!
 //! Each [`Application`](crate::app::Application) owns its registry (no global state), so several
 //! orchestrators in one process (the tests) do not mix their figures. Counters move as
-//! transitions happen; gauges that describe the database (outbox backlog, circuits) are read
-//! from it at scrape time, so every replica reports the shared truth.
+//! transitions happen; gauges that describe the database (outbox backlog, circuits) are given
+//! at scrape time by the caller, which reads them there, so every replica reports the shared
+//! truth.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use serde_json::json;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::engine::Status;
-use crate::store::{Circuit, Store};
-use crate::supervisor::{Readiness, TaskState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SagaLabels {
@@ -165,118 +155,37 @@ impl Metrics {
         self.dead_lettered.inc();
     }
 
-    /// Reads the database-backed gauges, then renders everything in the text format.
-    async fn render(&self, store: &Store) -> Result<String, crate::store::StoreError> {
-        let (backlog, oldest) = store.outbox_backlog().await?;
-        self.outbox_backlog.set(backlog);
-        self.outbox_oldest_seconds.set(oldest.as_secs_f64());
-        for p in store.participants().await? {
+    /// Sets the database-backed gauges from `gauges`, then renders everything in the text
+    /// format.
+    pub fn render(&self, gauges: &Gauges) -> Result<String, std::fmt::Error> {
+        self.outbox_backlog.set(gauges.outbox_backlog);
+        self.outbox_oldest_seconds
+            .set(gauges.outbox_oldest.as_secs_f64());
+        for p in &gauges.participants {
             let labels = ParticipantLabels {
-                participant: p.name,
+                participant: p.name.clone(),
             };
-            let state = match p.circuit {
-                Circuit::Closed => 0,
-                Circuit::Open => 1,
-                Circuit::HalfOpen => 2,
-            };
-            self.circuit.get_or_create(&labels).set(state);
+            self.circuit.get_or_create(&labels).set(p.circuit);
             self.paused.get_or_create(&labels).set(i64::from(p.paused));
         }
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .map_err(|e| crate::store::StoreError::Corrupt(e.to_string()))?;
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
 }
 
-#[derive(Clone)]
-struct HttpState {
-    store: Store,
-    metrics: Arc<Metrics>,
-    readiness: Readiness,
+/// What the database says at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    pub outbox_backlog: i64,
+    pub outbox_oldest: Duration,
+    pub participants: Vec<ParticipantGauge>,
 }
 
-/// Serves `/metrics`, `/healthz` (the process is up) and `/readyz` (the database answers, both
-/// broker connections are up and every supervised task runs) until `shutdown`.
-pub async fn serve_http(
-    listener: TcpListener,
-    store: Store,
-    metrics: Arc<Metrics>,
-    readiness: Readiness,
-    shutdown: CancellationToken,
-) {
-    let app = Router::new()
-        .route("/metrics", get(scrape))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
-        .with_state(HttpState {
-            store,
-            metrics,
-            readiness,
-        });
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::warn!(error = %e, "metrics endpoint stopped");
-    }
-}
-
-async fn scrape(State(s): State<HttpState>) -> impl IntoResponse {
-    match s.metrics.render(&s.store).await {
-        Ok(text) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            text,
-        ),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            format!("{e}\n"),
-        ),
-    }
-}
-
-async fn ready(State(s): State<HttpState>) -> impl IntoResponse {
-    let database = s.store.ping(Duration::from_secs(2)).await;
-    let relay = s.metrics.relay_connected.load(Ordering::Relaxed);
-    let consumer = s.metrics.consumer_connected.load(Ordering::Relaxed);
-    let mut tasks = serde_json::Map::new();
-    let mut failing = Vec::new();
-    for (name, state, restarts) in s.readiness.tasks() {
-        let (state, cause) = match state {
-            TaskState::Running => ("running", None),
-            TaskState::Down { cause } => ("down", Some(cause)),
-            TaskState::CrashLooping { cause } => ("crash-looping", Some(cause)),
-        };
-        if cause.is_some() {
-            failing.push(name.clone());
-        }
-        tasks.insert(
-            name,
-            json!({"state": state, "restarts": restarts, "last_error": cause}),
-        );
-    }
-    let ready = database && relay && consumer && failing.is_empty();
-    let body = json!({
-        "ready": ready,
-        "database": database,
-        "broker_publisher": relay,
-        "broker_consumer": consumer,
-        "failing_tasks": failing,
-        "tasks": tasks,
-    });
-    let code = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
+#[derive(Debug, Clone)]
+pub struct ParticipantGauge {
+    pub name: String,
+    /// 0 closed, 1 open, 2 half-open.
+    pub circuit: i64,
+    pub paused: bool,
 }

@@ -3,39 +3,35 @@
 //!
 //! Timers are the `wake_at` column of the saga row, not in-memory state, so they survive
 //! restarts and are shared by replicas (`FOR UPDATE SKIP LOCKED` hands each due saga to one).
+//! "Due" is by the driver's clock, so a test drives deadlines with [`try_sweep`] and a manual
+//! clock instead of waiting for them.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::definition::Registry;
-use crate::store::Store;
+use crate::driver::{Driver, DriverError};
 
 const BATCH: i64 = 256;
 
-pub async fn run_sweeper(
-    store: Store,
-    registry: Arc<Registry>,
-    poll: Duration,
-    shutdown: CancellationToken,
-) {
+/// One pass: fires every saga due now, batch after batch, and returns how many fired.
+pub async fn try_sweep(driver: &Driver) -> Result<usize, DriverError> {
+    let mut fired = 0;
     loop {
-        // Drain everything due before sleeping again.
-        loop {
-            match store
-                .fire_due_timers(&registry, OffsetDateTime::now_utc(), BATCH)
-                .await
-            {
-                Ok(n) if n as i64 == BATCH => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    warn!(error = %e, "timer sweep failed; retrying");
-                    break;
-                }
-            }
+        let n = driver.fire_due_timers(BATCH).await?;
+        fired += n;
+        if (n as i64) < BATCH {
+            return Ok(fired);
+        }
+    }
+}
+
+/// Sweeps every `poll` until `shutdown`; a failed pass is retried on the next tick.
+pub async fn run_sweeper(driver: Driver, poll: Duration, shutdown: CancellationToken) {
+    loop {
+        if let Err(e) = try_sweep(&driver).await {
+            warn!(error = %e, "timer sweep failed; retrying");
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -4,33 +4,28 @@
 //! saga's history. The engine decides whether a repair fits the saga's state; when it does not,
 //! the call fails with `FAILED_PRECONDITION` and the engine's explanation.
 
-use std::sync::Arc;
-
 use serde_json::Value;
-use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::auth::caller;
 use super::convert::{filter_from_pb, participant_to_pb, saga_to_pb, status_to_pb, timestamp};
 use super::{parse_id, parse_json, status_of};
-use crate::definition::Registry;
+use crate::driver::{Driver, DriverError};
 use crate::engine::{Operator, Repair};
 use crate::proto::v1 as pb;
-use crate::store::Store;
 
 const MAX_REASON: usize = 2000;
 const DEFAULT_REDRIVE_BATCH: u32 = 100;
 const MAX_REDRIVE_BATCH: u32 = 1000;
 
 pub struct AdminApi {
-    store: Store,
-    registry: Arc<Registry>,
+    driver: Driver,
 }
 
 impl AdminApi {
-    pub fn new(store: Store, registry: Arc<Registry>) -> Self {
-        AdminApi { store, registry }
+    pub fn new(driver: Driver) -> Self {
+        AdminApi { driver }
     }
 
     async fn repair<T>(
@@ -43,11 +38,17 @@ impl AdminApi {
         let id = parse_id("saga_id", saga_id)?;
         let by = operator(req, reason)?;
         tracing::info!(saga_id = %id, action = repair.name(), actor = %by.actor, reason = %by.reason, "operator repair");
-        self.store
-            .repair(&self.registry, id, repair, &by, OffsetDateTime::now_utc())
+        self.driver
+            .repair(id, repair, &by)
             .await
             .map_err(status_of)?;
-        let (saga, attempts, history) = self.store.get_saga(id).await.map_err(status_of)?;
+        let (saga, attempts, history) = self
+            .driver
+            .store()
+            .get_saga(id)
+            .await
+            .map_err(status_of)?
+            .ok_or_else(|| status_of(DriverError::SagaNotFound(id)))?;
         Ok(Response::new(pb::RepairResponse {
             saga: Some(saga_to_pb(saga, attempts, history)),
         }))
@@ -125,7 +126,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let by = operator(&req, &req.get_ref().reason)?;
         let r = req.into_inner();
         let f = r.filter.unwrap_or_default();
-        let filter = filter_from_pb(&f)?;
+        let filter = filter_from_pb(&f, self.driver.clock().now())?;
         let narrowed = !filter.statuses.is_empty()
             || filter.definition.is_some()
             || filter.stuck_since.is_some()
@@ -151,14 +152,15 @@ impl pb::admin_service_server::AdminService for AdminApi {
             }
         } as usize;
         let ids = self
-            .store
+            .driver
+            .store()
             .matching_ids(&filter, (r.limit > 0).then_some(r.limit))
             .await
             .map_err(status_of)?;
         let matched = ids.len() as u64;
         tracing::info!(matched, dry_run = r.dry_run, actor = %by.actor, reason = %by.reason, "redrive");
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let (store, registry) = (self.store.clone(), self.registry.clone());
+        let driver = self.driver.clone();
         let dry_run = r.dry_run;
         tokio::spawn(async move {
             let as_strings = |ids: &[Uuid]| ids.iter().map(Uuid::to_string).collect::<Vec<_>>();
@@ -179,10 +181,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
             for (i, chunk) in chunks.into_iter().enumerate() {
                 // Keeps going when the caller hangs up: a half-done redrive is worse than a
                 // finished one nobody watched.
-                match store
-                    .retry_batch(&registry, chunk, &by, OffsetDateTime::now_utc())
-                    .await
-                {
+                match driver.retry_batch(chunk, &by).await {
                     Ok((ok, refused)) => {
                         retried += ok.len() as u64;
                         skipped += refused.len() as u64;
@@ -214,7 +213,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let by = operator(&req, &req.get_ref().reason)?;
         let name = req.get_ref().participant.trim();
         let p = self
-            .store
+            .driver
             .set_paused(name, true, &by.actor, &by.reason)
             .await
             .map_err(status_of)?;
@@ -231,7 +230,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let by = operator(&req, reason)?;
         let name = req.get_ref().participant.trim();
         let p = self
-            .store
+            .driver
             .set_paused(name, false, &by.actor, &by.reason)
             .await
             .map_err(status_of)?;
@@ -242,7 +241,12 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         _req: Request<pb::ListParticipantsRequest>,
     ) -> Result<Response<pb::ListParticipantsResponse>, Status> {
-        let participants = self.store.participants().await.map_err(status_of)?;
+        let participants = self
+            .driver
+            .store()
+            .participants()
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(pb::ListParticipantsResponse {
             participants: participants.into_iter().map(participant_to_pb).collect(),
         }))
@@ -253,7 +257,12 @@ impl pb::admin_service_server::AdminService for AdminApi {
         req: Request<pb::CountSagasRequest>,
     ) -> Result<Response<pb::CountSagasResponse>, Status> {
         let definition = Some(req.get_ref().definition.trim()).filter(|d| !d.is_empty());
-        let (by_status, by_step) = self.store.counts(definition).await.map_err(status_of)?;
+        let (by_status, by_step) = self
+            .driver
+            .store()
+            .counts(definition)
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(pb::CountSagasResponse {
             by_status: by_status
                 .into_iter()

@@ -5,6 +5,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tonic::Status;
 
+use crate::breaker::Circuit;
 use crate::engine::{self, Kind};
 use crate::proto::v1 as pb;
 use crate::store::{self, ListFilter};
@@ -53,8 +54,12 @@ pub fn status_from_pb(s: pb::SagaStatus) -> Option<engine::Status> {
     })
 }
 
-/// The filter part of a ListSagas request (shared with Redrive); paging is the caller's.
-pub fn filter_from_pb(req: &pb::ListSagasRequest) -> Result<ListFilter, Status> {
+/// The filter part of a ListSagas request (shared with Redrive); paging is the caller's. `now`
+/// is what `stuck_for` counts back from.
+pub fn filter_from_pb(
+    req: &pb::ListSagasRequest,
+    now: OffsetDateTime,
+) -> Result<ListFilter, Status> {
     let statuses = req
         .statuses
         .iter()
@@ -89,11 +94,7 @@ pub fn filter_from_pb(req: &pb::ListSagasRequest) -> Result<ListFilter, Status> 
                 return Err(too_long());
             }
             let d = time::Duration::try_from(d).map_err(|_| too_long())?;
-            Some(
-                OffsetDateTime::now_utc()
-                    .checked_sub(d)
-                    .ok_or_else(too_long)?,
-            )
+            Some(now.checked_sub(d).ok_or_else(too_long)?)
         }
     };
     Ok(ListFilter {
@@ -193,9 +194,9 @@ pub fn participant_to_pb(p: store::ParticipantRecord) -> pb::Participant {
         paused_reason: p.paused_reason.unwrap_or_default(),
         paused_at: p.paused_at.map(timestamp),
         circuit: match p.circuit {
-            store::Circuit::Closed => pb::CircuitState::Closed,
-            store::Circuit::Open => pb::CircuitState::Open,
-            store::Circuit::HalfOpen => pb::CircuitState::HalfOpen,
+            Circuit::Closed => pb::CircuitState::Closed,
+            Circuit::Open => pb::CircuitState::Open,
+            Circuit::HalfOpen => pb::CircuitState::HalfOpen,
         } as i32,
         consecutive_failures: p.consecutive_failures,
         circuit_changed_at: p.circuit_changed_at.map(timestamp),

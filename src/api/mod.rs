@@ -3,8 +3,8 @@
 //! conversions ([`convert`]).
 //!
 //! Requests are validated here and refused with `INVALID_ARGUMENT` / `NOT_FOUND` and a message
-//! that says what is wrong; store errors map to statuses in one place ([`status_of`]) and never
-//! leak SQL to callers.
+//! that says what is wrong; driver and store errors map to statuses in one place
+//! ([`status_of`]) and never leak SQL to callers.
 
 pub mod admin;
 pub mod auth;
@@ -16,14 +16,13 @@ use std::time::Duration;
 
 use futures::Stream;
 use serde_json::Value;
-use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::definition::Registry;
+use crate::driver::{Driver, DriverError, ReplyResult};
 use crate::engine;
 use crate::proto::v1 as pb;
-use crate::store::{ReplyResult, Store, StoreError};
+use crate::store::StoreError;
 use auth::{Caller, Scope, caller};
 use convert::{filter_from_pb, history_to_pb, saga_to_pb, status_to_pb, summary_to_pb};
 
@@ -39,18 +38,16 @@ const WATCH_FALLBACK: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_WATCHES_PER_TOKEN: usize = 16;
 
 pub struct SagaApi {
-    store: Store,
-    registry: Arc<Registry>,
+    driver: Driver,
     max_watches: usize,
     /// Open watch streams per token name.
     watches: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl SagaApi {
-    pub fn new(store: Store, registry: Arc<Registry>) -> Self {
+    pub fn new(driver: Driver) -> Self {
         SagaApi {
-            store,
-            registry,
+            driver,
             max_watches: DEFAULT_MAX_WATCHES_PER_TOKEN,
             watches: Default::default(),
         }
@@ -98,29 +95,38 @@ impl Drop for WatchSlot {
     }
 }
 
-/// The single mapping from store errors to gRPC statuses.
-pub fn status_of(e: StoreError) -> Status {
+/// The single mapping from driver and store errors to gRPC statuses.
+pub fn status_of(e: impl Into<DriverError>) -> Status {
+    let e = e.into();
     if let Some(refused) = e.refused_value() {
         return Status::invalid_argument(crate::contract::reason(&format!(
             "the database cannot store a value of this request: {refused}"
         )));
     }
     match e {
-        StoreError::NotFound(m) => Status::not_found(m),
-        StoreError::InvalidArgument(m) => Status::invalid_argument(m),
-        StoreError::AlreadyExists(m) => Status::already_exists(m),
-        StoreError::DefinitionConflict(m) | StoreError::FailedPrecondition(m) => {
+        e @ (DriverError::SagaNotFound(_) | DriverError::ParticipantNotFound(_)) => {
+            Status::not_found(e.to_string())
+        }
+        e @ DriverError::KeyOfAnotherCaller => Status::invalid_argument(e.to_string()),
+        DriverError::KeyTaken(m) => Status::already_exists(m),
+        DriverError::Refused(m) | DriverError::Store(StoreError::DefinitionConflict(m)) => {
             Status::failed_precondition(m)
         }
-        StoreError::Database(e) => {
+        e @ (DriverError::Store(StoreError::Database(_)) | DriverError::Stopping) => {
             tracing::warn!(error = %e, "database unavailable");
             Status::unavailable("the database is unavailable; retry later")
         }
-        e @ (StoreError::Corrupt(_) | StoreError::Migrate(_)) => {
+        e @ (DriverError::Corrupt(_)
+        | DriverError::Store(StoreError::Corrupt(_) | StoreError::Migrate(_))) => {
             tracing::error!(error = %e, "internal error");
             Status::internal("internal error; see the orchestrator's logs")
         }
     }
+}
+
+/// A saga that is not there, as the API reports it.
+fn saga_not_found(id: Uuid) -> Status {
+    status_of(DriverError::SagaNotFound(id))
 }
 
 fn parse_id(field: &str, s: &str) -> Result<Uuid, Status> {
@@ -183,13 +189,19 @@ impl pb::saga_service_server::SagaService for SagaApi {
         let id = parse_id("saga_id", &req.get_ref().saga_id)?;
         let mut after = req.get_ref().after_seq;
         // Fails now, as a status, if the saga does not exist (for this caller).
-        let owner = self.store.saga_owner(id).await.map_err(status_of)?;
+        let owner = self
+            .driver
+            .store()
+            .saga_owner(id)
+            .await
+            .map_err(status_of)?
+            .ok_or_else(|| saga_not_found(id))?;
         let who = caller(&req);
         readable(&who, id, owner.as_deref())?;
         let slot = self.open_watch(&who.name)?;
-        let store = self.store.clone();
+        let store = self.driver.store().clone();
         // Subscribed before the first read, so no commit falls between the read and the wait.
-        let mut changes = store.saga_changes();
+        let mut changes = self.driver.saga_changes();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             let _slot = slot;
@@ -199,7 +211,11 @@ impl pb::saga_service_server::SagaService for SagaApi {
                 let status = store.saga_status(id).await;
                 let events = store.history_after(id, after).await;
                 let (status, events) = match (status, events) {
-                    (Ok(s), Ok(e)) => (s, e),
+                    (Ok(Some(s)), Ok(e)) => (s, e),
+                    (Ok(None), _) => {
+                        let _ = tx.send(Err(saga_not_found(id))).await;
+                        return;
+                    }
                     (Err(e), _) | (_, Err(e)) => {
                         let _ = tx.send(Err(status_of(e))).await;
                         return;
@@ -251,9 +267,10 @@ impl pb::saga_service_server::SagaService for SagaApi {
         if name.is_empty() {
             return Err(Status::invalid_argument("definition is required"));
         }
-        let def = self.registry.latest(name).ok_or_else(|| {
-            let known: Vec<_> = self.registry.startable_names().collect();
-            let why = if self.registry.is_retired(name) {
+        let registry = self.driver.registry();
+        let def = registry.latest(name).ok_or_else(|| {
+            let known: Vec<_> = registry.startable_names().collect();
+            let why = if registry.is_retired(name) {
                 "is retired (no file of it was loaded at start-up; its running sagas still finish)"
             } else {
                 "does not exist"
@@ -280,7 +297,7 @@ impl pb::saga_service_server::SagaService for SagaApi {
         }
         let key = (!key.is_empty()).then_some(key);
         let (id, created, status) = self
-            .store
+            .driver
             .start_saga(
                 &def,
                 input,
@@ -303,7 +320,13 @@ impl pb::saga_service_server::SagaService for SagaApi {
         req: Request<pb::GetSagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
         let id = parse_id("saga_id", &req.get_ref().saga_id)?;
-        let (saga, attempts, history) = self.store.get_saga(id).await.map_err(status_of)?;
+        let (saga, attempts, history) = self
+            .driver
+            .store()
+            .get_saga(id)
+            .await
+            .map_err(status_of)?
+            .ok_or_else(|| saga_not_found(id))?;
         readable(&caller(&req), id, saga.started_by.as_deref())?;
         Ok(Response::new(saga_to_pb(saga, attempts, history)))
     }
@@ -327,11 +350,16 @@ impl pb::saga_service_server::SagaService for SagaApi {
             "" => None,
             t => Some(parse_id("page_token", t)?),
         };
-        let mut filter = filter_from_pb(&req)?;
+        let mut filter = filter_from_pb(&req, self.driver.clock().now())?;
         filter.started_by = only_own;
         filter.before = before;
         filter.limit = limit + 1;
-        let mut sagas = self.store.list_sagas(&filter).await.map_err(status_of)?;
+        let mut sagas = self
+            .driver
+            .store()
+            .list_sagas(&filter)
+            .await
+            .map_err(status_of)?;
         // One extra row tells whether another page exists without a count query.
         let next_page_token = if sagas.len() > limit as usize {
             sagas.truncate(limit as usize);
@@ -356,7 +384,8 @@ impl pb::saga_service_server::SagaService for SagaApi {
         if let Some(auth::BoundParticipants(allowed)) = bound {
             // Checked against the command as sent, so a token cannot answer for another service.
             match self
-                .store
+                .driver
+                .store()
                 .command_participant(command_id)
                 .await
                 .map_err(status_of)?
@@ -397,13 +426,8 @@ impl pb::saga_service_server::SagaService for SagaApi {
             }
         };
         let result = self
-            .store
-            .apply_reply(
-                &self.registry,
-                command_id,
-                outcome,
-                OffsetDateTime::now_utc(),
-            )
+            .driver
+            .apply_reply(command_id, outcome)
             .await
             .map_err(status_of)?;
         match result {

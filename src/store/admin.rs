@@ -1,16 +1,11 @@
-//! Operator queries and repairs: each repair is one transaction through the engine, recorded in
-//! the saga's history with the operator's name and reason.
+//! Operator queries: the sagas a bulk repair selects, and counts per status and step.
 
 use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{
-    ACTIVE, ListFilter, Result, Store, StoreError, Writes, ctx, definition_of, filtered, lock_saga,
-    parse_status, saga_from_row,
-};
-use crate::definition::Registry;
-use crate::engine::{self, Operator, Repair, Status};
+use super::{ACTIVE, ListFilter, Result, Store, filtered, parse_status};
+use crate::engine::Status;
 
 /// How many unfinished sagas wait at one step.
 #[derive(Debug, Clone)]
@@ -24,27 +19,6 @@ pub struct StepCount {
 }
 
 impl Store {
-    pub async fn repair(
-        &self,
-        registry: &Registry,
-        id: Uuid,
-        repair: Repair,
-        by: &Operator,
-        now: OffsetDateTime,
-    ) -> Result<()> {
-        let mut tx = self.pool().begin().await?;
-        let mut record = lock_saga(&mut tx, id).await?;
-        let def = definition_of(registry, &record)?;
-        let t = engine::repair(&def, &record.state, repair, by, ctx(now))
-            .map_err(|refused| StoreError::FailedPrecondition(refused.0))?;
-        let mut writes = Writes::default();
-        writes.stage(&def, &mut record, t, now)?;
-        let flushed = writes.flush(&mut tx, now, self.circuit()).await?;
-        tx.commit().await?;
-        self.committed(flushed);
-        Ok(())
-    }
-
     /// Ids of the sagas a bulk repair would touch, oldest first.
     pub async fn matching_ids(&self, filter: &ListFilter, limit: Option<u32>) -> Result<Vec<Uuid>> {
         let mut q = filtered("SELECT id FROM sagas WHERE true", filter);
@@ -54,50 +28,6 @@ impl Store {
         }
         let rows = q.build().fetch_all(self.pool()).await?;
         rows.iter().map(|r| Ok(r.try_get("id")?)).collect()
-    }
-
-    /// "Retry now" for each saga, in one transaction. Sagas whose state refuses it (finished or
-    /// repaired meanwhile) are skipped, not failed. Returns (retried, skipped).
-    pub async fn retry_batch(
-        &self,
-        registry: &Registry,
-        ids: &[Uuid],
-        by: &Operator,
-        now: OffsetDateTime,
-    ) -> Result<(Vec<Uuid>, Vec<Uuid>)> {
-        let mut tx = self.pool().begin().await?;
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            saga_columns!(),
-            " FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-        ))
-        .bind(ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let (mut retried, mut skipped) = (Vec::new(), Vec::new());
-        let mut writes = Writes::default();
-        for row in rows {
-            let mut record = saga_from_row(&row)?;
-            let def = definition_of(registry, &record)?;
-            match engine::repair(&def, &record.state, Repair::RetryNow, by, ctx(now)) {
-                Ok(t) => {
-                    retried.push(record.id);
-                    writes.stage(&def, &mut record, t, now)?;
-                }
-                Err(_) => skipped.push(record.id),
-            }
-        }
-        let flushed = writes.flush(&mut tx, now, self.circuit()).await?;
-        tx.commit().await?;
-        self.committed(flushed);
-        // Sagas that vanished between the match and the lock count as skipped too.
-        let vanished: Vec<Uuid> = ids
-            .iter()
-            .filter(|id| !retried.contains(id) && !skipped.contains(id))
-            .copied()
-            .collect();
-        skipped.extend(vanished);
-        Ok((retried, skipped))
     }
 
     /// Sagas per status, and unfinished sagas per (definition, step, participant, status) with

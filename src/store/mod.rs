@@ -1,24 +1,23 @@
-//! The PostgreSQL store: saga rows, attempts, history and the outbox.
+//! The PostgreSQL store: saga rows, attempts, history, the outbox and participants.
 //!
-//! Every transition runs in one transaction: lock the saga row, run the engine, write the new
-//! state, the attempts, the history and the outbox rows, commit, then wake the relay. Commands
-//! are never published from here: the outbox relay does that after the commit.
+//! Persistence only: narrow, typed reads and writes, and the transaction a transition runs in
+//! ([`Tx`]: lock the sagas, write the staged rows, commit). What a transition does is the
+//! driver's (`crate::driver`); commands are never published from here: the outbox relay does
+//! that after the commit. Errors say what failed in storage terms; the API maps them.
 
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgConnection, Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::breaker::CircuitSettings;
 use crate::definition::{Definition, Registry};
-use crate::engine::{self, Ctx, Event, Kind, Outcome, SagaState, Status, Waiting};
-use crate::metrics::Metrics;
-use std::collections::{HashMap, HashSet};
-use tokio::sync::Notify;
+use crate::engine::{Kind, SagaState, Status, Waiting};
 
 /// The columns [`saga_from_row`] reads; a macro so queries stay `&'static str` literals.
 macro_rules! saga_columns {
@@ -29,15 +28,14 @@ macro_rules! saga_columns {
 }
 
 mod admin;
-mod starts;
 mod writes;
 pub use admin::StepCount;
-use writes::{Flushed, Writes};
+pub use writes::{Flushed, StepEnded, Writes};
 pub mod outbox;
 pub mod participants;
 
-pub use outbox::OutboxMessage;
-pub use participants::{Circuit, ParticipantRecord};
+pub use outbox::{OutboxMessage, OutboxSession, OutboxTx};
+pub use participants::ParticipantRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -46,19 +44,11 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    InvalidArgument(String),
+    /// A definition file differs from the stored snapshot of the same name and version.
     #[error("{0}")]
     DefinitionConflict(String),
-    /// The request does not fit the saga's state (an operator repair refused by the engine).
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// An idempotency key already names a saga started with a different request.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// A row the engine cannot read: a bug or a hand edit, never the caller's fault.
+    /// A row that cannot be read back (or written from what the engine gave): a bug or a hand
+    /// edit, never the caller's fault.
     #[error("corrupt saga state: {0}")]
     Corrupt(String),
 }
@@ -149,82 +139,9 @@ pub struct ListFilter {
     pub limit: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplyResult {
-    /// The reply moved the saga on.
-    Applied,
-    /// A late reply (its attempt had ended, or the saga had): recorded on the attempt and in
-    /// the history, but it changed nothing.
-    Recorded,
-    /// The command had already been answered: nothing changed.
-    Duplicate,
-    /// No command with this id was ever sent.
-    UnknownCommand,
-}
-
-/// When a participant's circuit opens, and how long it stays open before a probe.
-#[derive(Debug, Clone, Copy)]
-pub struct CircuitSettings {
-    /// Consecutive timeouts or transient failures that open the circuit.
-    pub failure_threshold: u32,
-    pub cooldown: Duration,
-}
-
-impl Default for CircuitSettings {
-    fn default() -> Self {
-        CircuitSettings {
-            failure_threshold: 5,
-            cooldown: Duration::from_secs(5),
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
-    circuit: CircuitSettings,
-    signals: Signals,
-    /// New sagas go to the writer that inserts them in groups (see [`starts`]).
-    starts: tokio::sync::mpsc::Sender<starts::NewSaga>,
-    start_queue: starts::Queue,
-}
-
-/// Saga ids the change feed holds for its slowest watcher.
-const WATCH_FEED: usize = 4096;
-
-/// What a committed transaction tells the rest of the process.
-#[derive(Clone)]
-struct Signals {
-    metrics: Arc<Metrics>,
-    /// Signalled after every commit that wrote outbox rows: the relays of this process wait on
-    /// it (rows another replica wrote are found by their polling).
-    outbox_ready: Arc<Notify>,
-    /// Ids of the sagas each commit changed: the one feed every `WatchSaga` stream filters.
-    changed: tokio::sync::broadcast::Sender<Uuid>,
-}
-
-impl Signals {
-    /// What a batch does once its transaction has committed (never before: a rolled-back batch
-    /// must not count nor wake anyone).
-    fn committed(&self, flushed: Flushed) {
-        for (definition, status) in &flushed.lifecycle {
-            self.metrics.saga_event(definition, *status);
-        }
-        for s in &flushed.steps {
-            self.metrics
-                .step_ended(&s.participant, &s.step, &s.kind, s.outcome, s.took);
-        }
-        for participant in &flushed.reclosed {
-            tracing::info!(participant, "circuit closed: the participant answers again");
-        }
-        if flushed.outbox {
-            self.outbox_ready.notify_one();
-        }
-        for id in flushed.changed {
-            // No receiver (nobody watching) is not an error.
-            let _ = self.changed.send(id);
-        }
-    }
 }
 
 /// Applied to every connection sagad opens. Every statement sagad runs on a busy table is
@@ -241,6 +158,13 @@ async fn session_settings(conn: &mut PgConnection) -> sqlx::Result<()> {
         .execute(conn)
         .await
         .map(drop)
+}
+
+/// Whether `url` is a connection URL the store can use; the error says what is wrong with it.
+pub fn check_url(url: &str) -> std::result::Result<(), String> {
+    PgConnectOptions::from_str(url)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 impl Store {
@@ -281,19 +205,7 @@ impl Store {
             .after_connect(|conn, _| Box::pin(session_settings(conn)))
             .connect_with(options)
             .await?;
-        let signals = Signals {
-            metrics: Arc::new(Metrics::new()),
-            outbox_ready: Arc::new(Notify::new()),
-            changed: tokio::sync::broadcast::channel(WATCH_FEED).0,
-        };
-        let (starts, start_queue) = starts::queue();
-        Ok(Store {
-            starts,
-            start_queue,
-            pool,
-            circuit: CircuitSettings::default(),
-            signals,
-        })
+        Ok(Store { pool })
     }
 
     /// A connection outside the pool, with the pool's session settings.
@@ -303,11 +215,6 @@ impl Store {
         Ok(conn)
     }
 
-    pub fn with_circuit(mut self, circuit: CircuitSettings) -> Store {
-        self.circuit = circuit;
-        self
-    }
-
     /// Whether the database answers within `within`.
     pub async fn ping(&self, within: Duration) -> bool {
         tokio::time::timeout(within, sqlx::query("SELECT 1").execute(&self.pool))
@@ -315,42 +222,18 @@ impl Store {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// The task that writes new sagas (see [`starts`]); `start_saga` waits until it runs.
-    pub fn start_writer(
-        &self,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) -> impl Future<Output = ()> + Send + use<> {
-        starts::run_writer(
-            self.pool.clone(),
-            self.signals.clone(),
-            self.start_queue.clone(),
-            shutdown,
-        )
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.signals.metrics
+    /// Waits for the pool's connections to be returned, then closes them.
+    pub async fn close(&self) {
+        self.pool.close().await
     }
 
-    /// Resolves when outbox rows may be waiting: a permit is kept if no relay is waiting, so a
-    /// commit that lands while every relay is busy is not missed.
-    pub async fn outbox_ready(&self) {
-        self.signals.outbox_ready.notified().await
-    }
-
-    /// Wakes a relay, e.g. when held commands may go out again.
-    /// Ids of the sagas this process's commits change, as they commit. A receiver that falls
-    /// more than the feed's capacity behind gets `Lagged` and must re-read what it watches.
-    pub fn saga_changes(&self) -> tokio::sync::broadcast::Receiver<Uuid> {
-        self.signals.changed.subscribe()
-    }
-
-    pub fn wake_relay(&self) {
-        self.signals.outbox_ready.notify_one();
-    }
-
-    fn committed(&self, flushed: Flushed) {
-        self.signals.committed(flushed)
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        Ok(())
     }
 
     /// Messages waiting in the outbox, and how long the oldest has waited.
@@ -363,19 +246,6 @@ impl Store {
             row.try_get("n")?,
             Duration::from_secs_f64(age.unwrap_or(0.0).max(0.0)),
         ))
-    }
-
-    pub fn circuit(&self) -> CircuitSettings {
-        self.circuit
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    pub async fn migrate(&self) -> Result<()> {
-        sqlx::migrate!("./migrations").run(&self.pool).await?;
-        Ok(())
     }
 
     /// Records the definitions from files and returns every version known, including older
@@ -425,99 +295,47 @@ impl Store {
         Ok(registry)
     }
 
-    /// Starts a saga, or returns the one an earlier call with the same idempotency key started.
-    /// Returns once the saga is committed; concurrent calls share one statement and one commit,
-    /// written by the [`start_writer`](Store::start_writer) task, which must be running.
-    pub async fn start_saga(
+    /// Opens the transaction a batch of transitions runs in.
+    pub async fn begin(&self) -> Result<Tx> {
+        Ok(Tx {
+            tx: self.pool.begin().await?,
+        })
+    }
+
+    /// Inserts new sagas (`records`, each staged in `writes` with its first transition, in the
+    /// same order) with everything those transitions wrote, in one autocommitted statement.
+    /// Returns the ids inserted: a saga whose idempotency key was taken (by an earlier saga, or
+    /// by one before it in `records`) is not, and nothing of it is written.
+    pub async fn insert_new(
         &self,
-        def: &Arc<Definition>,
-        input: Value,
-        idempotency_key: Option<&str>,
-        traceparent: Option<String>,
-        started_by: Option<&str>,
-    ) -> Result<(Uuid, bool, Status)> {
-        let id = Uuid::now_v7();
-        // Kept to tell a retry (same input) from a different request reusing the key.
-        let keyed_input = idempotency_key.map(|_| input.clone());
-        // Its times are those of the group it is written with.
-        let now = OffsetDateTime::now_utc();
-        let record = SagaRecord {
-            id,
-            definition: def.name.clone(),
-            definition_version: def.version,
-            state: SagaState::new(),
-            input,
-            outputs: json!({}),
-            idempotency_key: idempotency_key.map(str::to_owned),
-            created_at: now,
-            updated_at: now,
-            current_step: None,
-            traceparent,
-            started_by: started_by.map(str::to_owned),
-        };
-        let (done, written) = tokio::sync::oneshot::channel();
-        let new = starts::NewSaga {
-            def: def.clone(),
-            record,
-            done,
-        };
-        // Either side gone means the process is stopping.
-        self.starts
-            .send(new)
-            .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let (inserted, status) = written.await.map_err(|_| sqlx::Error::PoolClosed)??;
-        if inserted {
-            return Ok((id, true, status));
-        }
-        // Compared as jsonb, so a retry that spells a number or orders keys differently is
-        // still the same input.
+        writes: Writes,
+        records: &[SagaRecord],
+        now: OffsetDateTime,
+    ) -> Result<(HashSet<Uuid>, Flushed)> {
+        writes.insert_new(&self.pool, records, now).await
+    }
+
+    /// The saga an idempotency key names, compared with `input` as jsonb (so a retry that
+    /// spells a number or orders keys differently is still the same input).
+    pub async fn saga_by_key(&self, key: &str, input: &Value) -> Result<Option<KeyedSaga>> {
         let row = sqlx::query(
             "SELECT id, definition, status, started_by, input = $2 AS same_input \
              FROM sagas WHERE idempotency_key = $1",
         )
-        .bind(idempotency_key)
-        .bind(sqlx::types::Json(keyed_input.unwrap_or_default()))
-        .fetch_one(&self.pool)
+        .bind(key)
+        .bind(sqlx::types::Json(input))
+        .fetch_optional(&self.pool)
         .await?;
-        let existing: Uuid = row.try_get("id")?;
-        let existing_def: String = row.try_get("definition")?;
-        let owner: Option<String> = row.try_get("started_by")?;
-        if owner.as_deref() != started_by {
-            // Another caller's key: say nothing about its saga.
-            return Err(StoreError::InvalidArgument(
-                "idempotency key already used by another caller".into(),
-            ));
-        }
-        if existing_def != def.name {
-            return Err(StoreError::AlreadyExists(format!(
-                "idempotency key already used by saga {existing} of definition {existing_def}"
-            )));
-        }
-        let same_input: Option<bool> = row.try_get("same_input")?;
-        if same_input != Some(true) {
-            return Err(StoreError::AlreadyExists(format!(
-                "idempotency key already used by saga {existing} with a different input"
-            )));
-        }
-        Ok((existing, false, parse_status(&row)?))
-    }
-
-    /// Applies a participant's reply. Safe to call any number of times for the same reply.
-    pub async fn apply_reply(
-        &self,
-        registry: &Registry,
-        command_id: Uuid,
-        outcome: Outcome,
-        now: OffsetDateTime,
-    ) -> Result<ReplyResult> {
-        let results = self
-            .apply_replies(registry, vec![(command_id, outcome)], now)
-            .await?;
-        results
-            .into_iter()
-            .next()
-            .ok_or_else(|| StoreError::Corrupt("a reply was applied without a result".into()))
+        row.map(|row| {
+            Ok(KeyedSaga {
+                id: row.try_get("id")?,
+                definition: row.try_get("definition")?,
+                status: parse_status(&row)?,
+                started_by: row.try_get("started_by")?,
+                same_input: row.try_get::<Option<bool>, _>("same_input")? == Some(true),
+            })
+        })
+        .transpose()
     }
 
     /// The participant a command was sent to, `None` if no such command exists.
@@ -530,140 +348,8 @@ impl Store {
         Ok(row.map(|(p,)| p))
     }
 
-    /// Applies a batch of replies in one transaction (one result per reply, in order). The
-    /// sagas are locked in id order, so concurrent batches cannot deadlock; two replies for the
-    /// same saga apply one after the other; the same reply twice applies once.
-    pub async fn apply_replies(
-        &self,
-        registry: &Registry,
-        replies: Vec<(Uuid, Outcome)>,
-        now: OffsetDateTime,
-    ) -> Result<Vec<ReplyResult>> {
-        let ids: Vec<Uuid> = replies.iter().map(|(id, _)| *id).collect();
-        let mut tx = self.pool.begin().await?;
-        // An attempt's saga, step and kind never change, so reading them along with the lock
-        // is exact; whether it was answered can change while we wait for the lock, see below.
-        let rows = sqlx::query(
-            "SELECT s.*, a.command_id AS reply_to, a.step_index AS reply_step, a.kind AS reply_kind \
-             FROM step_attempts a JOIN sagas s ON s.id = a.saga_id WHERE a.command_id = ANY($1) \
-             ORDER BY s.id FOR UPDATE OF s",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut sagas: HashMap<Uuid, SagaRecord> = HashMap::new();
-        let mut saga_of: HashMap<Uuid, (Uuid, usize, Kind)> = HashMap::new();
-        for row in &rows {
-            let record = saga_from_row(row)?;
-            let step: i32 = row.try_get("reply_step")?;
-            saga_of.insert(
-                row.try_get("reply_to")?,
-                (
-                    record.id,
-                    step as usize,
-                    parse_kind(row.try_get("reply_kind")?)?,
-                ),
-            );
-            sagas.insert(record.id, record);
-        }
-        // The locked rows are the latest versions: a saga still waiting for a command has not
-        // had it answered. Only replies to other commands (late or duplicate) need the attempt
-        // itself, read now that the locks are held.
-        let awaited = |command_id: &Uuid| {
-            saga_of.get(command_id).is_some_and(|(saga, _, _)| {
-                sagas.get(saga).is_some_and(|s| matches!(s.state.waiting, Waiting::Reply { command_id: c, .. } if c == *command_id))
-            })
-        };
-        let others: Vec<Uuid> = saga_of.keys().filter(|c| !awaited(c)).copied().collect();
-        let mut answered: HashSet<Uuid> = HashSet::new();
-        if !others.is_empty() {
-            answered = sqlx::query_scalar(
-                "SELECT command_id FROM step_attempts WHERE command_id = ANY($1) AND replied_at IS NOT NULL",
-            )
-            .bind(&others)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-        }
-        let mut writes = Writes::default();
-        let mut seen = HashSet::new();
-        let mut results = Vec::with_capacity(replies.len());
-        for (command_id, outcome) in replies {
-            let Some(&(saga_id, step, kind)) = saga_of.get(&command_id) else {
-                results.push(ReplyResult::UnknownCommand);
-                continue;
-            };
-            if answered.contains(&command_id) || !seen.insert(command_id) {
-                results.push(ReplyResult::Duplicate);
-                continue;
-            }
-            let record = sagas
-                .get_mut(&saga_id)
-                .ok_or_else(|| StoreError::Corrupt("locked saga vanished".into()))?;
-            let def = definition_of(registry, record)?;
-            let t = engine::apply(
-                &def,
-                &record.state,
-                Event::Reply {
-                    command_id,
-                    outcome,
-                    answers: Some((step, kind)),
-                },
-                ctx(now),
-            );
-            let changed = t.state != record.state;
-            writes.stage(&def, record, t, now)?;
-            results.push(if changed {
-                ReplyResult::Applied
-            } else {
-                ReplyResult::Recorded
-            });
-        }
-        let flushed = writes.flush(&mut tx, now, self.circuit).await?;
-        tx.commit().await?;
-        self.committed(flushed);
-        Ok(results)
-    }
-
-    /// Delivers the timer event to up to `limit` sagas whose wake-up time has passed. Rows locked
-    /// by another replica are skipped, not waited for. Returns how many fired.
-    pub async fn fire_due_timers(
-        &self,
-        registry: &Registry,
-        now: OffsetDateTime,
-        limit: i64,
-    ) -> Result<usize> {
-        let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            saga_columns!(),
-            " FROM sagas WHERE wake_at <= $1 \
-             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = sagas.command_id) \
-             ORDER BY wake_at LIMIT $2 FOR UPDATE OF sagas SKIP LOCKED"
-        ))
-        .bind(now)
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        let n = rows.len();
-        let mut writes = Writes::default();
-        for row in rows {
-            let mut record = saga_from_row(&row)?;
-            let def = definition_of(registry, &record)?;
-            let t = engine::apply(&def, &record.state, Event::Timer, ctx(now));
-            writes.stage(&def, &mut record, t, now)?;
-        }
-        let flushed = writes.flush(&mut tx, now, self.circuit).await?;
-        tx.commit().await?;
-        self.committed(flushed);
-        Ok(n)
-    }
-
-    pub async fn get_saga(
-        &self,
-        id: Uuid,
-    ) -> Result<(SagaRecord, Vec<AttemptRecord>, Vec<HistoryRecord>)> {
+    /// A saga with its attempts and history; `None` if there is no such saga.
+    pub async fn get_saga(&self, id: Uuid) -> Result<Option<SagaDetail>> {
         let row = sqlx::query(concat!(
             "SELECT ",
             saga_columns!(),
@@ -671,8 +357,10 @@ impl Store {
         ))
         .bind(id)
         .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))?;
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
         let saga = saga_from_row(&row)?;
         let attempts = sqlx::query(
             "SELECT command_id, step, participant, kind, attempt, sent_at, replied_at, outcome, output, reason, \
@@ -700,25 +388,27 @@ impl Store {
         })
         .collect::<Result<Vec<_>>>()?;
         let history = self.history_after(id, 0).await?;
-        Ok((saga, attempts, history))
+        Ok(Some((saga, attempts, history)))
     }
 
-    /// The name of the token that started the saga; `NotFound` if there is no such saga.
-    pub async fn saga_owner(&self, id: Uuid) -> Result<Option<String>> {
-        sqlx::query_scalar("SELECT started_by FROM sagas WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))
+    /// The name of the token that started the saga (`Some(None)`: no token); `None` if there
+    /// is no such saga.
+    pub async fn saga_owner(&self, id: Uuid) -> Result<Option<Option<String>>> {
+        Ok(
+            sqlx::query_scalar("SELECT started_by FROM sagas WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
-    pub async fn saga_status(&self, id: Uuid) -> Result<Status> {
+    /// `None` if there is no such saga.
+    pub async fn saga_status(&self, id: Uuid) -> Result<Option<Status>> {
         let row = sqlx::query("SELECT status FROM sagas WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))?;
-        parse_status(&row)
+            .await?;
+        row.as_ref().map(parse_status).transpose()
     }
 
     pub async fn history_after(&self, id: Uuid, after_seq: i64) -> Result<Vec<HistoryRecord>> {
@@ -746,6 +436,155 @@ impl Store {
             .push_bind(i64::from(filter.limit));
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(saga_from_row).collect()
+    }
+}
+
+/// A saga as `GetSaga` shows it: the row, its attempts, its history.
+pub type SagaDetail = (SagaRecord, Vec<AttemptRecord>, Vec<HistoryRecord>);
+
+/// The saga an idempotency key already names.
+#[derive(Debug, Clone)]
+pub struct KeyedSaga {
+    pub id: Uuid,
+    pub definition: String,
+    pub status: Status,
+    pub started_by: Option<String>,
+    /// Whether it was started with the same input (compared as jsonb).
+    pub same_input: bool,
+}
+
+/// A command as sent: which saga, step and kind it belongs to. These never change once the
+/// attempt is written, so reading them along with the saga's lock is exact.
+#[derive(Debug, Clone, Copy)]
+pub struct SentCommand {
+    pub saga_id: Uuid,
+    pub step: usize,
+    pub kind: Kind,
+}
+
+/// What a reply batch locked: the sagas, the commands the replies answer (unknown ids are
+/// missing), and those among them already answered.
+#[derive(Debug, Default)]
+pub struct ReplyTargets {
+    pub sagas: HashMap<Uuid, SagaRecord>,
+    pub commands: HashMap<Uuid, SentCommand>,
+    pub answered: HashSet<Uuid>,
+}
+
+/// The transaction a batch of transitions runs in: the sagas it locks stay locked until
+/// [`Tx::commit`]; dropped without a commit, it rolls back.
+pub struct Tx {
+    tx: Transaction<'static, Postgres>,
+}
+
+impl Tx {
+    /// Locks one saga; `None` if there is no such saga.
+    pub async fn lock_saga(&mut self, id: Uuid) -> Result<Option<SagaRecord>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            saga_columns!(),
+            " FROM sagas WHERE id = $1 FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.as_ref().map(saga_from_row).transpose()
+    }
+
+    /// Locks the sagas of `ids` that exist, in id order (so concurrent batches cannot deadlock).
+    pub async fn lock_sagas(&mut self, ids: &[Uuid]) -> Result<Vec<SagaRecord>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            saga_columns!(),
+            " FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+        ))
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter().map(saga_from_row).collect()
+    }
+
+    /// Locks up to `limit` sagas whose wake-up time has passed at `now`, skipping rows another
+    /// replica holds, and those whose command still waits in the outbox (a held participant's
+    /// deadline only runs once its command is out).
+    pub async fn lock_due(&mut self, now: OffsetDateTime, limit: i64) -> Result<Vec<SagaRecord>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            saga_columns!(),
+            " FROM sagas WHERE wake_at <= $1 \
+             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = sagas.command_id) \
+             ORDER BY wake_at LIMIT $2 FOR UPDATE OF sagas SKIP LOCKED"
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter().map(saga_from_row).collect()
+    }
+
+    /// Locks the sagas the commands `command_ids` belong to, in id order.
+    pub async fn lock_reply_targets(&mut self, command_ids: &[Uuid]) -> Result<ReplyTargets> {
+        let rows = sqlx::query(
+            "SELECT s.*, a.command_id AS reply_to, a.step_index AS reply_step, a.kind AS reply_kind \
+             FROM step_attempts a JOIN sagas s ON s.id = a.saga_id WHERE a.command_id = ANY($1) \
+             ORDER BY s.id FOR UPDATE OF s",
+        )
+        .bind(command_ids)
+        .fetch_all(&mut *self.tx)
+        .await?;
+        let mut targets = ReplyTargets::default();
+        for row in &rows {
+            let record = saga_from_row(row)?;
+            let step: i32 = row.try_get("reply_step")?;
+            targets.commands.insert(
+                row.try_get("reply_to")?,
+                SentCommand {
+                    saga_id: record.id,
+                    step: step as usize,
+                    kind: parse_kind(row.try_get("reply_kind")?)?,
+                },
+            );
+            targets.sagas.insert(record.id, record);
+        }
+        // The locked rows are the latest versions: a saga still waiting for a command has not
+        // had it answered. Only replies to other commands (late or duplicate) need the attempt
+        // itself, read now that the locks are held.
+        let awaited = |command_id: &Uuid, sent: &SentCommand| {
+            targets.sagas.get(&sent.saga_id).is_some_and(|s| {
+                matches!(s.state.waiting, Waiting::Reply { command_id: c, .. } if c == *command_id)
+            })
+        };
+        let others: Vec<Uuid> = targets
+            .commands
+            .iter()
+            .filter(|(c, sent)| !awaited(c, sent))
+            .map(|(c, _)| *c)
+            .collect();
+        if !others.is_empty() {
+            targets.answered = sqlx::query_scalar(
+                "SELECT command_id FROM step_attempts WHERE command_id = ANY($1) AND replied_at IS NOT NULL",
+            )
+            .bind(&others)
+            .fetch_all(&mut *self.tx)
+            .await?
+            .into_iter()
+            .collect();
+        }
+        Ok(targets)
+    }
+
+    /// Writes what the batch staged (see [`Writes::flush`]).
+    pub async fn write(
+        &mut self,
+        writes: Writes,
+        now: OffsetDateTime,
+        circuit: CircuitSettings,
+    ) -> Result<Flushed> {
+        writes.flush(&mut self.tx, now, circuit).await
+    }
+
+    pub async fn commit(self) -> Result<()> {
+        Ok(self.tx.commit().await?)
     }
 }
 
@@ -804,30 +643,6 @@ fn filtered(select: &'static str, f: &ListFilter) -> sqlx::QueryBuilder<Postgres
     q
 }
 
-async fn lock_saga(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<SagaRecord> {
-    let row = sqlx::query(concat!(
-        "SELECT ",
-        saga_columns!(),
-        " FROM sagas WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(&mut **tx)
-    .await?
-    .ok_or_else(|| StoreError::NotFound(format!("saga {id} not found")))?;
-    saga_from_row(&row)
-}
-
-fn definition_of(registry: &Registry, record: &SagaRecord) -> Result<std::sync::Arc<Definition>> {
-    registry
-        .get(&record.definition, record.definition_version)
-        .ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "saga {} runs on {} version {}, which is not loaded",
-                record.id, record.definition, record.definition_version
-            ))
-        })
-}
-
 fn history_from_row(r: &PgRow) -> Result<HistoryRecord> {
     Ok(HistoryRecord {
         seq: r.try_get("seq")?,
@@ -883,13 +698,4 @@ fn saga_from_row(row: &PgRow) -> Result<SagaRecord> {
         traceparent: row.try_get("traceparent")?,
         started_by: row.try_get("started_by")?,
     })
-}
-
-/// The outside world's inputs to one transition: now, a fresh command id, random jitter.
-fn ctx(now: OffsetDateTime) -> Ctx {
-    Ctx {
-        now,
-        next_command_id: Uuid::now_v7(),
-        jitter: rand::random::<f64>(),
-    }
 }

@@ -1,12 +1,57 @@
 //! The transactional outbox, as the relay sees it: claim rows, delete them once the broker
 //! confirmed them, and restart the deadlines of commands that waited.
 
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Connection as _, PgConnection, Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::Result;
+use super::{Result, Store};
 use crate::contract;
+
+/// A relay's own connection: its transactions need no fsync wait (losing one only publishes its
+/// rows again, which the contract allows: same message_id, participants de-duplicate), and it
+/// never waits for the pool behind the API and the reply consumer. It keeps the pool's planner
+/// settings (see `session_settings`), which matter most here: the outbox only churns, growing
+/// with dead rows until autovacuum comes by, so a sequential-scan claim would read every dead
+/// page on every batch.
+pub struct OutboxSession {
+    conn: PgConnection,
+}
+
+impl Store {
+    pub async fn outbox_session(&self) -> Result<OutboxSession> {
+        let mut conn = self.dedicated_connection().await?;
+        sqlx::query("SET synchronous_commit = off")
+            .execute(&mut conn)
+            .await?;
+        Ok(OutboxSession { conn })
+    }
+}
+
+impl OutboxSession {
+    /// Opens the transaction a batch is claimed and deleted in. It holds no snapshot nor lock
+    /// until its first statement, so it can be opened before waiting for work.
+    pub async fn begin(&mut self) -> Result<OutboxTx<'_>> {
+        Ok(OutboxTx {
+            tx: self.conn.begin().await?,
+        })
+    }
+}
+
+/// A relay batch's transaction: what it takes is deleted only if it commits.
+pub struct OutboxTx<'c> {
+    tx: Transaction<'c, Postgres>,
+}
+
+impl OutboxTx<'_> {
+    pub(super) fn conn(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    pub async fn commit(self) -> Result<()> {
+        Ok(self.tx.commit().await?)
+    }
+}
 
 /// A claimed outbox row, ready to publish.
 #[derive(Debug, Clone)]
@@ -32,70 +77,69 @@ fn from_row(r: &sqlx::postgres::PgRow) -> Result<OutboxMessage> {
     })
 }
 
-/// Takes up to `limit` rows for publishing, oldest first: deletes them in the caller's
-/// transaction, which commits only after the broker confirmed every message, so a failure or a
-/// crash before that leaves them in place to be published again. Rows another relay holds are
-/// skipped, and so are commands for participants that are paused or whose circuit is not closed.
-pub async fn take(tx: &mut Transaction<'_, Postgres>, limit: i64) -> Result<Vec<OutboxMessage>> {
-    let rows = sqlx::query(
-        "DELETE FROM outbox WHERE id IN ( \
-           SELECT id FROM outbox \
-           WHERE NOT (exchange = $2 AND routing_key IN \
-                      (SELECT name FROM participants WHERE paused OR circuit <> 'closed')) \
-           ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-         RETURNING id, exchange, routing_key, message_id, properties, body, created_at",
-    )
-    .bind(limit)
-    .bind(contract::COMMANDS_EXCHANGE)
-    .fetch_all(&mut **tx)
-    .await?;
-    let mut taken = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
-    // RETURNING does not keep the sub-select's order.
-    taken.sort_by_key(|m| m.id);
-    Ok(taken)
-}
-
-/// Takes the oldest waiting command for `participant`, to probe its open circuit with.
-pub async fn take_one(
-    tx: &mut Transaction<'_, Postgres>,
-    participant: &str,
-) -> Result<Option<OutboxMessage>> {
-    let row = sqlx::query(
-        "DELETE FROM outbox WHERE id = ( \
-           SELECT id FROM outbox WHERE exchange = $1 AND routing_key = $2 \
-           ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
-         RETURNING id, exchange, routing_key, message_id, properties, body, created_at",
-    )
-    .bind(contract::COMMANDS_EXCHANGE)
-    .bind(participant)
-    .fetch_optional(&mut **tx)
-    .await?;
-    row.as_ref().map(from_row).transpose()
-}
-
-/// Commands that waited in the outbox (a paused participant, an open circuit, a broker outage)
-/// get their full timeout from the moment they are actually published.
-pub async fn restart_deadlines(
-    tx: &mut Transaction<'_, Postgres>,
-    command_ids: &[Uuid],
-    now: OffsetDateTime,
-) -> Result<()> {
-    if command_ids.is_empty() {
-        return Ok(());
+impl OutboxTx<'_> {
+    /// Takes up to `limit` rows for publishing, oldest first: deletes them in the caller's
+    /// transaction, which commits only after the broker confirmed every message, so a failure or a
+    /// crash before that leaves them in place to be published again. Rows another relay holds are
+    /// skipped, and so are commands for participants that are paused or whose circuit is not closed.
+    pub async fn take(&mut self, limit: i64) -> Result<Vec<OutboxMessage>> {
+        let rows = sqlx::query(
+            "DELETE FROM outbox WHERE id IN ( \
+               SELECT id FROM outbox \
+               WHERE NOT (exchange = $2 AND routing_key IN \
+                          (SELECT name FROM participants WHERE paused OR circuit <> 'closed')) \
+               ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, exchange, routing_key, message_id, properties, body, created_at",
+        )
+        .bind(limit)
+        .bind(contract::COMMANDS_EXCHANGE)
+        .fetch_all(self.conn())
+        .await?;
+        let mut taken = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
+        // RETURNING does not keep the sub-select's order.
+        taken.sort_by_key(|m| m.id);
+        Ok(taken)
     }
-    sqlx::query(
-        "WITH moved AS ( \
-           UPDATE step_attempts SET deadline = LEAST($2 + (deadline - sent_at), $3), sent_at = $2 \
-           WHERE command_id = ANY($1) AND replied_at IS NULL AND NOT timed_out AND NOT superseded \
-           RETURNING saga_id, command_id, deadline) \
-         UPDATE sagas s SET wake_at = moved.deadline FROM moved \
-         WHERE s.id = moved.saga_id AND s.command_id = moved.command_id",
-    )
-    .bind(command_ids)
-    .bind(now)
-    // A deadline already at the engine's ceiling must not be pushed past what it reads back.
-    .bind(crate::engine::NEVER)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+
+    /// Takes the oldest waiting command for `participant`, to probe its open circuit with.
+    pub async fn take_one(&mut self, participant: &str) -> Result<Option<OutboxMessage>> {
+        let row = sqlx::query(
+            "DELETE FROM outbox WHERE id = ( \
+               SELECT id FROM outbox WHERE exchange = $1 AND routing_key = $2 \
+               ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+             RETURNING id, exchange, routing_key, message_id, properties, body, created_at",
+        )
+        .bind(contract::COMMANDS_EXCHANGE)
+        .bind(participant)
+        .fetch_optional(self.conn())
+        .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Commands that waited in the outbox (a paused participant, an open circuit, a broker outage)
+    /// get their full timeout from the moment they are actually published.
+    pub async fn restart_deadlines(
+        &mut self,
+        command_ids: &[Uuid],
+        now: OffsetDateTime,
+    ) -> Result<()> {
+        if command_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "WITH moved AS ( \
+               UPDATE step_attempts SET deadline = LEAST($2 + (deadline - sent_at), $3), sent_at = $2 \
+               WHERE command_id = ANY($1) AND replied_at IS NULL AND NOT timed_out AND NOT superseded \
+               RETURNING saga_id, command_id, deadline) \
+             UPDATE sagas s SET wake_at = moved.deadline FROM moved \
+             WHERE s.id = moved.saga_id AND s.command_id = moved.command_id",
+        )
+        .bind(command_ids)
+        .bind(now)
+        // A deadline already at the engine's ceiling must not be pushed past what it reads back.
+        .bind(crate::engine::NEVER)
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
 }

@@ -1,35 +1,16 @@
-//! Dispatch control per participant: operator pauses and the circuit breaker.
-//!
-//! Both work the same way: the relay leaves a held participant's commands in the outbox, and
-//! the timer sweeper does not run the deadline of a command that is still in the outbox, so a
-//! held participant's sagas wait instead of failing in a storm. When the commands go out, their
-//! deadlines start again from the moment of publishing.
+//! Participants' rows: operator pauses and circuit state, as the breaker
+//! ([`crate::breaker`]) decides them.
 
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::Row;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use super::{CircuitSettings, Result, Store, StoreError};
+use super::{OutboxTx, Result, Store, StoreError};
+use crate::breaker::{self, Circuit, CircuitSettings};
 use crate::contract;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Circuit {
-    Closed,
-    Open,
-    HalfOpen,
-}
-
-impl Circuit {
-    fn parse(s: &str) -> Result<Circuit> {
-        match s {
-            "closed" => Ok(Circuit::Closed),
-            "open" => Ok(Circuit::Open),
-            "half_open" => Ok(Circuit::HalfOpen),
-            other => Err(StoreError::Corrupt(format!(
-                "unknown circuit state {other:?}"
-            ))),
-        }
-    }
+fn parse_circuit(s: &str) -> Result<Circuit> {
+    Circuit::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown circuit state {s:?}")))
 }
 
 #[derive(Debug, Clone)]
@@ -47,33 +28,43 @@ pub struct ParticipantRecord {
 }
 
 /// A timeout or transient failure: counts towards opening the participant's circuit (or
-/// re-opens it after a failed probe).
+/// re-opens it after a failed probe), as [`breaker::after_failure`] decides.
 pub(super) async fn record_failure(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut sqlx::PgConnection,
     participant: &str,
     now: OffsetDateTime,
-    circuit: CircuitSettings,
+    settings: CircuitSettings,
 ) -> Result<()> {
     let row = sqlx::query(
-        "UPDATE participants SET consecutive_failures = consecutive_failures + 1, \
-           circuit = CASE WHEN circuit = 'half_open' OR consecutive_failures + 1 >= $2 THEN 'open' ELSE circuit END, \
-           probe_at = CASE WHEN circuit = 'half_open' OR consecutive_failures + 1 >= $2 THEN $3 + $4 ELSE probe_at END, \
-           circuit_changed_at = CASE WHEN circuit = 'closed' AND consecutive_failures + 1 >= $2 THEN $3 \
-                                     ELSE circuit_changed_at END \
-         WHERE name = $1 RETURNING circuit, consecutive_failures",
+        "SELECT circuit, consecutive_failures FROM participants WHERE name = $1 FOR UPDATE",
     )
     .bind(participant)
-    .bind(circuit.failure_threshold as i32)
-    .bind(now)
-    .bind(circuit.cooldown)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(&mut *conn)
     .await?;
-    if let Some(row) = row {
-        let state: String = row.try_get("circuit")?;
-        let failures: i32 = row.try_get("consecutive_failures")?;
-        if state == "open" && failures as u32 >= circuit.failure_threshold {
-            warn!(participant, failures, cooldown = ?circuit.cooldown, "circuit open: holding commands until a probe succeeds");
-        }
+    let Some(row) = row else {
+        return Ok(());
+    };
+    let circuit = parse_circuit(row.try_get("circuit")?)?;
+    let failures = row.try_get::<i32, _>("consecutive_failures")?.max(0) as u32;
+    let next = breaker::after_failure(circuit, failures, settings);
+    sqlx::query(
+        "UPDATE participants SET consecutive_failures = $2, circuit = $3, \
+           probe_at = CASE WHEN $4 THEN $6 + $7 ELSE probe_at END, \
+           circuit_changed_at = CASE WHEN $5 THEN $6 ELSE circuit_changed_at END \
+         WHERE name = $1",
+    )
+    .bind(participant)
+    .bind(i32::try_from(next.consecutive_failures).unwrap_or(i32::MAX))
+    .bind(next.circuit.as_str())
+    .bind(next.probe_after_cooldown)
+    .bind(next.changed)
+    .bind(now)
+    .bind(settings.cooldown)
+    .execute(&mut *conn)
+    .await?;
+    if next.holds_commands(settings) {
+        let failures = next.consecutive_failures;
+        warn!(participant, failures, cooldown = ?settings.cooldown, "circuit open: holding commands until a probe succeeds");
     }
     Ok(())
 }
@@ -90,13 +81,14 @@ impl Store {
         Ok(())
     }
 
+    /// Sets or clears an operator's pause; false if there is no such participant.
     pub async fn set_paused(
         &self,
         name: &str,
         paused: bool,
         actor: &str,
         reason: &str,
-    ) -> Result<ParticipantRecord> {
+    ) -> Result<bool> {
         let updated = sqlx::query(
             "UPDATE participants SET paused = $2, \
                paused_by = CASE WHEN $2 THEN $3 END, paused_reason = CASE WHEN $2 THEN $4 END, \
@@ -109,24 +101,15 @@ impl Store {
         .bind(reason)
         .execute(self.pool())
         .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!(
-                "no participant named {name:?}"
-            )));
-        }
-        info!(
-            participant = name,
-            paused, actor, reason, "participant dispatch changed by an operator"
-        );
-        if !paused {
-            // The held commands can go now (other replicas' relays find them on their next poll).
-            self.wake_relay();
-        }
-        self.participants()
+        Ok(updated.rows_affected() > 0)
+    }
+
+    pub async fn participant(&self, name: &str) -> Result<Option<ParticipantRecord>> {
+        Ok(self
+            .participants()
             .await?
             .into_iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| StoreError::NotFound(format!("no participant named {name:?}")))
+            .find(|p| p.name == name))
     }
 
     pub async fn participants(&self) -> Result<Vec<ParticipantRecord>> {
@@ -147,7 +130,7 @@ impl Store {
                     paused_by: r.try_get("paused_by")?,
                     paused_reason: r.try_get("paused_reason")?,
                     paused_at: r.try_get("paused_at")?,
-                    circuit: Circuit::parse(r.try_get("circuit")?)?,
+                    circuit: parse_circuit(r.try_get("circuit")?)?,
                     consecutive_failures: r.try_get::<i32, _>("consecutive_failures")?.max(0)
                         as u32,
                     circuit_changed_at: r.try_get("circuit_changed_at")?,
@@ -158,34 +141,34 @@ impl Store {
     }
 }
 
-/// Participants whose circuit is open and whose cool-down has passed: one command each may go
-/// out as a probe.
-pub async fn due_for_probe(
-    tx: &mut Transaction<'_, Postgres>,
-    now: OffsetDateTime,
-) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT name FROM participants WHERE NOT paused AND circuit = 'open' AND probe_at <= $1",
-    )
-    .bind(now)
-    .fetch_all(&mut **tx)
-    .await?)
-}
-
-/// The probe for `participant` went out: hold the rest until its outcome is known (or, if it is
-/// lost, until the cool-down passes again).
-pub async fn probe_sent(
-    tx: &mut Transaction<'_, Postgres>,
-    participant: &str,
-    now: OffsetDateTime,
-    cooldown: std::time::Duration,
-) -> Result<()> {
-    sqlx::query("UPDATE participants SET circuit = 'half_open', probe_at = $2 + $3, circuit_changed_at = $2 WHERE name = $1")
-        .bind(participant)
+impl OutboxTx<'_> {
+    /// Participants whose circuit is open and whose cool-down has passed: one command each may go
+    /// out as a probe.
+    pub async fn due_for_probe(&mut self, now: OffsetDateTime) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT name FROM participants WHERE NOT paused AND circuit = 'open' AND probe_at <= $1",
+        )
         .bind(now)
-        .bind(cooldown)
-        .execute(&mut **tx)
-        .await?;
-    info!(participant, "circuit half-open: probe command sent");
-    Ok(())
+        .fetch_all(self.conn())
+        .await?)
+    }
+
+    /// The probe for `participant` went out: hold the rest until its outcome is known (or, if it is
+    /// lost, until the cool-down passes again).
+    pub async fn probe_sent(
+        &mut self,
+        participant: &str,
+        now: OffsetDateTime,
+        cooldown: std::time::Duration,
+    ) -> Result<()> {
+        sqlx::query("UPDATE participants SET circuit = $4, probe_at = $2 + $3, circuit_changed_at = $2 WHERE name = $1")
+            .bind(participant)
+            .bind(now)
+            .bind(cooldown)
+            .bind(breaker::AFTER_PROBE_SENT.as_str())
+            .execute(self.conn())
+            .await?;
+        info!(participant, "circuit half-open: probe command sent");
+        Ok(())
+    }
 }

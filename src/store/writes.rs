@@ -5,15 +5,16 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
 use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{CircuitSettings, Result, SagaRecord, StoreError, participants};
-use crate::contract::{self, CommandBody};
+use super::{Result, SagaRecord, StoreError, participants};
+use crate::breaker::{self, CircuitSettings};
+use crate::contract::{self, CommandBody, render};
 use crate::definition::Definition;
 use crate::engine::{self, AttemptEnd, Effect, Kind, Outcome, Status, Waiting};
 
@@ -33,6 +34,38 @@ struct SagaWrite {
     current_participant: Option<String>,
 }
 
+/// One row of `new_attempts` (see [`shared_writes!`]).
+struct NewAttempt {
+    command_id: Uuid,
+    saga_id: Uuid,
+    step_index: i32,
+    step: String,
+    participant: String,
+    kind: &'static str,
+    attempt: i32,
+    deadline: OffsetDateTime,
+}
+
+/// One row of `history`.
+struct HistoryEntry {
+    saga_id: Uuid,
+    kind: &'static str,
+    step: Option<String>,
+    command_id: Option<Uuid>,
+    detail: Value,
+}
+
+/// One row of `outgoing` (the outbox).
+struct OutboxRow {
+    saga_id: Uuid,
+    exchange: &'static str,
+    routing_key: String,
+    message_id: Uuid,
+    properties: Value,
+    body: Vec<u8>,
+}
+
+/// One row of `ended` (the transition statement's attempts that ended).
 struct Ended {
     command_id: Uuid,
     outcome: Option<&'static str>,
@@ -44,33 +77,15 @@ struct Ended {
     healthy: Option<bool>,
 }
 
+/// The rows a batch of transitions writes, staged in memory until [`Tx::write`](super::Tx::write).
 #[derive(Default)]
-pub(super) struct Writes {
+pub struct Writes {
     sagas: Vec<SagaWrite>,
     saga_index: HashMap<Uuid, usize>,
-    // New attempts, column by column.
-    a_command: Vec<Uuid>,
-    a_saga: Vec<Uuid>,
-    a_step_index: Vec<i32>,
-    a_step: Vec<String>,
-    a_participant: Vec<String>,
-    a_kind: Vec<&'static str>,
-    a_attempt: Vec<i32>,
-    a_deadline: Vec<OffsetDateTime>,
+    attempts: Vec<NewAttempt>,
     ended: Vec<Ended>,
-    // Outbox rows.
-    o_saga: Vec<Uuid>,
-    o_exchange: Vec<&'static str>,
-    o_routing_key: Vec<String>,
-    o_message_id: Vec<Uuid>,
-    o_properties: Vec<Value>,
-    o_body: Vec<Vec<u8>>,
-    // History entries.
-    h_saga: Vec<Uuid>,
-    h_kind: Vec<&'static str>,
-    h_step: Vec<Option<String>>,
-    h_command: Vec<Option<Uuid>>,
-    h_detail: Vec<Value>,
+    outgoing: Vec<OutboxRow>,
+    history: Vec<HistoryEntry>,
     /// (saga, definition, status) of lifecycle events, for metrics.
     lifecycle: Vec<(Uuid, String, Status)>,
 }
@@ -78,7 +93,7 @@ pub(super) struct Writes {
 impl Writes {
     /// Stages a transition of `record` and moves the record to its new state, so that a later
     /// transition of the same saga in this batch starts from it. Returns the new status.
-    pub(super) fn stage(
+    pub fn stage(
         &mut self,
         def: &Definition,
         record: &mut SagaRecord,
@@ -106,12 +121,14 @@ impl Writes {
                     command_id,
                     detail,
                 } => {
-                    self.h_saga.push(record.id);
-                    self.h_kind.push(kind.as_str());
                     let step = step.map(|i| step_of(def, i)).transpose()?;
-                    self.h_step.push(step.map(|s| s.name.clone()));
-                    self.h_command.push(command_id);
-                    self.h_detail.push(detail);
+                    self.history.push(HistoryEntry {
+                        saga_id: record.id,
+                        kind: kind.as_str(),
+                        step: step.map(|s| s.name.clone()),
+                        command_id,
+                        detail,
+                    });
                 }
                 Effect::Lifecycle(status) => {
                     tracing::info!(saga_id = %record.id, definition = %def.name, status = status.as_str(), "saga lifecycle");
@@ -185,14 +202,16 @@ impl Writes {
                 StoreError::Corrupt(format!("step {} has no compensation to send", step.name))
             })?,
         };
-        self.a_command.push(cmd.command_id);
-        self.a_saga.push(record.id);
-        self.a_step_index.push(cmd.step as i32);
-        self.a_step.push(step.name.clone());
-        self.a_participant.push(step.participant.clone());
-        self.a_kind.push(cmd.kind.as_str());
-        self.a_attempt.push(cmd.attempt as i32);
-        self.a_deadline.push(cmd.deadline);
+        self.attempts.push(NewAttempt {
+            command_id: cmd.command_id,
+            saga_id: record.id,
+            step_index: cmd.step as i32,
+            step: step.name.clone(),
+            participant: step.participant.clone(),
+            kind: cmd.kind.as_str(),
+            attempt: cmd.attempt as i32,
+            deadline: cmd.deadline,
+        });
 
         let body = CommandBody {
             command_id: cmd.command_id,
@@ -201,32 +220,15 @@ impl Writes {
             definition_version: def.version,
             step: step.name.clone(),
             kind: cmd.kind.as_str().to_string(),
-            command: command.clone(),
+            command,
             attempt: cmd.attempt,
             input: record.input.clone(),
             outputs: record.outputs.clone(),
         };
-        let properties = json!({
-            "type": command,
-            "correlation_id": record.id.to_string(),
-            "reply_to": contract::REPLIES_QUEUE,
-            "parent": record.traceparent,
-            "headers": {
-                contract::H_SAGA_ID: record.id.to_string(),
-                contract::H_DEFINITION: def.name,
-                contract::H_STEP: step.name,
-                contract::H_KIND: cmd.kind.as_str(),
-                contract::H_ATTEMPT: cmd.attempt,
-            },
-        });
-        self.outbox(
-            record.id,
-            contract::COMMANDS_EXCHANGE,
-            step.participant.clone(),
-            cmd.command_id,
-            properties,
-            &body,
-        )
+        let out = render::command(&step.participant, &body, record.traceparent.as_deref())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.outbox(record.id, out);
+        Ok(())
     }
 
     /// A lifecycle event goes through the outbox too, so it is published exactly when the
@@ -252,45 +254,26 @@ impl Writes {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
         };
-        let properties = json!({
-            "type": format!("saga.{event}"),
-            "correlation_id": record.id.to_string(),
-            "parent": record.traceparent,
-            "headers": { contract::H_SAGA_ID: record.id.to_string(), contract::H_DEFINITION: def.name },
-        });
         self.lifecycle.push((record.id, def.name.clone(), status));
-        self.outbox(
-            record.id,
-            contract::EVENTS_EXCHANGE,
-            format!("{}.{event}", def.name),
-            body.event_id,
-            properties,
-            &body,
-        )
-    }
-
-    fn outbox(
-        &mut self,
-        saga_id: Uuid,
-        exchange: &'static str,
-        routing_key: String,
-        message_id: Uuid,
-        properties: Value,
-        body: &impl serde::Serialize,
-    ) -> Result<()> {
-        let bytes = serde_json::to_vec(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.o_saga.push(saga_id);
-        self.o_exchange.push(exchange);
-        self.o_routing_key.push(routing_key);
-        self.o_message_id.push(message_id);
-        self.o_properties.push(properties);
-        self.o_body.push(bytes);
+        let out = render::lifecycle(&body, record.traceparent.as_deref())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.outbox(record.id, out);
         Ok(())
     }
 
+    fn outbox(&mut self, saga_id: Uuid, out: render::Outgoing) {
+        self.outgoing.push(OutboxRow {
+            saga_id,
+            exchange: out.exchange,
+            routing_key: out.routing_key,
+            message_id: out.message_id,
+            properties: out.properties,
+            body: out.body,
+        });
+    }
+
     fn end_attempt(&mut self, command_id: Uuid, end: AttemptEnd) {
-        // Business refusals say nothing about the participant's health; only silence and
-        // transient errors count against its circuit.
+        let healthy = breaker::health(&end);
         let ended = match end {
             AttemptEnd::Replied(Outcome::Success { output }) => Ended {
                 command_id,
@@ -299,16 +282,16 @@ impl Writes {
                 reason: None,
                 timed_out: false,
                 superseded: false,
-                healthy: Some(true),
+                healthy,
             },
-            AttemptEnd::Replied(Outcome::Failure { reason, retryable }) => Ended {
+            AttemptEnd::Replied(Outcome::Failure { reason, .. }) => Ended {
                 command_id,
                 outcome: Some("failure"),
                 output: None,
                 reason: Some(reason),
                 timed_out: false,
                 superseded: false,
-                healthy: Some(!retryable),
+                healthy,
             },
             AttemptEnd::TimedOut => Ended {
                 command_id,
@@ -317,7 +300,7 @@ impl Writes {
                 reason: None,
                 timed_out: true,
                 superseded: false,
-                healthy: Some(false),
+                healthy,
             },
             AttemptEnd::Superseded => Ended {
                 command_id,
@@ -326,7 +309,7 @@ impl Writes {
                 reason: None,
                 timed_out: false,
                 superseded: true,
-                healthy: None,
+                healthy,
             },
         };
         self.ended.push(ended);
@@ -334,8 +317,7 @@ impl Writes {
 
     /// Writes a transition batch in the caller's transaction: one statement for every table
     /// (a round trip each would cost more than the writes themselves), then one `UPDATE` per
-    /// participant that failed, which is rare. Call [`Store::committed`](super::Store) with the
-    /// result once the transaction has committed.
+    /// participant that failed, which is rare. The result is for after the commit.
     pub(super) async fn flush(
         self,
         tx: &mut Transaction<'_, Postgres>,
@@ -346,11 +328,11 @@ impl Writes {
             lifecycle: Vec::new(),
             steps: Vec::new(),
             reclosed: BTreeSet::new(),
-            outbox: !self.o_message_id.is_empty(),
+            outbox: !self.outgoing.is_empty(),
             changed: self
                 .saga_index
                 .keys()
-                .chain(&self.h_saga)
+                .chain(self.history.iter().map(|h| &h.saga_id))
                 .copied()
                 .collect::<BTreeSet<_>>()
                 .into_iter()
@@ -359,26 +341,20 @@ impl Writes {
         if self.sagas.is_empty() {
             return Ok(flushed);
         }
-        let s = &self.sagas;
-        let e = &self.ended;
-        let ends = self
-            .bind_shared(sqlx::query(TRANSITION), now)
-            .bind(e.iter().map(|x| x.command_id).collect::<Vec<_>>())
-            .bind(e.iter().map(|x| x.outcome).collect::<Vec<_>>())
-            .bind(e.iter().map(|x| x.output.clone()).collect::<Vec<_>>())
-            .bind(e.iter().map(|x| x.reason.clone()).collect::<Vec<_>>())
-            .bind(e.iter().map(|x| x.timed_out).collect::<Vec<_>>())
-            .bind(e.iter().map(|x| x.superseded).collect::<Vec<_>>())
-            .bind(e.iter().map(|x| x.healthy).collect::<Vec<_>>());
-        let rows = bind_states(ends, s)
-            .bind(
-                s.iter()
-                    .map(|w| Value::Object(w.new_outputs.clone()))
-                    .collect::<Vec<_>>(),
-            )
+        let Writes {
+            sagas,
+            attempts,
+            ended,
+            outgoing,
+            history,
+            lifecycle,
+            ..
+        } = self;
+        let shared = bind_shared(sqlx::query(TRANSITION), now, attempts, history, outgoing);
+        let rows = bind_transition(shared, &ended, sagas)
             .fetch_all(&mut **tx)
             .await?;
-        let by_id: HashMap<Uuid, &Ended> = e.iter().map(|x| (x.command_id, x)).collect();
+        let by_id: HashMap<Uuid, &Ended> = ended.iter().map(|x| (x.command_id, x)).collect();
         for row in rows {
             let command_id: Uuid = row.try_get("command_id")?;
             let participant: String = row.try_get("participant")?;
@@ -392,7 +368,7 @@ impl Writes {
                 continue;
             };
             if !healthy {
-                participants::record_failure(tx, &participant, now, circuit).await?;
+                participants::record_failure(&mut *tx, &participant, now, circuit).await?;
             }
             let sent_at: OffsetDateTime = row.try_get("sent_at")?;
             flushed.steps.push(StepEnded {
@@ -407,7 +383,7 @@ impl Writes {
                 took: (now - sent_at).try_into().unwrap_or_default(),
             });
         }
-        flushed.lifecycle = self.lifecycle.into_iter().map(|(_, d, s)| (d, s)).collect();
+        flushed.lifecycle = lifecycle.into_iter().map(|(_, d, s)| (d, s)).collect();
         Ok(flushed)
     }
 
@@ -426,50 +402,24 @@ impl Writes {
         {
             return Err(StoreError::Corrupt("new sagas staged out of order".into()));
         }
-        let s = &self.sagas;
-        let rows = bind_states(self.bind_shared(sqlx::query(START), now), s)
-            .bind(
-                records
-                    .iter()
-                    .map(|r| r.definition.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                records
-                    .iter()
-                    .map(|r| r.definition_version as i32)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(records.iter().map(|r| &r.input).collect::<Vec<_>>())
-            .bind(records.iter().map(|r| &r.outputs).collect::<Vec<_>>())
-            .bind(
-                records
-                    .iter()
-                    .map(|r| r.idempotency_key.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                records
-                    .iter()
-                    .map(|r| r.traceparent.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                records
-                    .iter()
-                    .map(|r| r.started_by.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .fetch_all(pool)
-            .await?;
+        let Writes {
+            sagas,
+            attempts,
+            outgoing,
+            history,
+            lifecycle,
+            ..
+        } = self;
+        let outbox_of: Vec<Uuid> = outgoing.iter().map(|o| o.saga_id).collect();
+        let shared = bind_shared(sqlx::query(START), now, attempts, history, outgoing);
+        let rows = bind_start(shared, sagas, records).fetch_all(pool).await?;
         let inserted = rows
             .iter()
             .map(|row| row.try_get::<Uuid, _>("id"))
             .collect::<Result<HashSet<_>, _>>()?;
         let flushed = Flushed {
-            outbox: self.o_saga.iter().any(|id| inserted.contains(id)),
-            lifecycle: self
-                .lifecycle
+            outbox: outbox_of.iter().any(|id| inserted.contains(id)),
+            lifecycle: lifecycle
                 .into_iter()
                 .filter(|(id, _, _)| inserted.contains(id))
                 .map(|(_, d, s)| (d, s))
@@ -481,40 +431,8 @@ impl Writes {
         };
         Ok((inserted, flushed))
     }
-
-    /// Binds $1 (now) to $20: the new attempts, history entries and outbox rows of
-    /// [`shared_writes!`].
-    fn bind_shared<'q>(
-        &self,
-        q: Query<'q, Postgres, PgArguments>,
-        now: OffsetDateTime,
-    ) -> Query<'q, Postgres, PgArguments> {
-        q.bind(now)
-            .bind(&self.a_command)
-            .bind(&self.a_saga)
-            .bind(&self.a_step_index)
-            .bind(&self.a_step)
-            .bind(&self.a_participant)
-            .bind(&self.a_kind)
-            .bind(&self.a_attempt)
-            .bind(&self.a_deadline)
-            .bind(&self.h_saga)
-            .bind(&self.h_kind)
-            .bind(&self.h_step)
-            .bind(&self.h_command)
-            .bind(&self.h_detail)
-            .bind(&self.o_saga)
-            .bind(&self.o_exchange)
-            .bind(&self.o_routing_key)
-            .bind(&self.o_message_id)
-            .bind(&self.o_properties)
-            .bind(&self.o_body)
-    }
 }
 
-/// Binds the next ten parameters: the new state of each saga (id, status, step, kind, attempt,
-/// command_id, wake_at, error, current_step, current_participant), which both the transition
-/// and the start statement write.
 /// A step of the definition by the index the engine gave; out of range only if the stored saga
 /// and its definition disagree.
 fn step_of(def: &Definition, step: usize) -> Result<&crate::definition::Step> {
@@ -526,44 +444,216 @@ fn step_of(def: &Definition, step: usize) -> Result<&crate::definition::Step> {
     })
 }
 
-fn bind_states<'q>(
-    q: Query<'q, Postgres, PgArguments>,
-    s: &[SagaWrite],
-) -> Query<'q, Postgres, PgArguments> {
-    q.bind(s.iter().map(|w| w.id).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.status).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.step).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.kind).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.attempt).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.command_id).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.wake_at).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.error.clone()).collect::<Vec<_>>())
-        .bind(s.iter().map(|w| w.current_step.clone()).collect::<Vec<_>>())
+type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
+
+/// Binds $1 (now) to $20 of [`shared_writes!`]: the new attempts, history entries and outbox
+/// rows, each row type's columns in the order of its UNNEST.
+fn bind_shared<'q>(
+    q: PgQuery<'q>,
+    now: OffsetDateTime,
+    attempts: Vec<NewAttempt>,
+    history: Vec<HistoryEntry>,
+    outgoing: Vec<OutboxRow>,
+) -> PgQuery<'q> {
+    let n = attempts.len();
+    let (mut command, mut saga, mut step_index, mut step) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut participant, mut kind, mut attempt, mut deadline) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for a in attempts {
+        command.push(a.command_id);
+        saga.push(a.saga_id);
+        step_index.push(a.step_index);
+        step.push(a.step);
+        participant.push(a.participant);
+        kind.push(a.kind);
+        attempt.push(a.attempt);
+        deadline.push(a.deadline);
+    }
+    let q = q
+        .bind(now)
+        .bind(command)
+        .bind(saga)
+        .bind(step_index)
+        .bind(step)
+        .bind(participant)
+        .bind(kind)
+        .bind(attempt)
+        .bind(deadline);
+    let n = history.len();
+    let (mut saga, mut kind, mut step, mut command, mut detail) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for h in history {
+        saga.push(h.saga_id);
+        kind.push(h.kind);
+        step.push(h.step);
+        command.push(h.command_id);
+        detail.push(h.detail);
+    }
+    let q = q
+        .bind(saga)
+        .bind(kind)
+        .bind(step)
+        .bind(command)
+        .bind(detail);
+    let n = outgoing.len();
+    let (mut saga, mut exchange, mut routing_key) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut message_id, mut properties, mut body) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for o in outgoing {
+        saga.push(o.saga_id);
+        exchange.push(o.exchange);
+        routing_key.push(o.routing_key);
+        message_id.push(o.message_id);
+        properties.push(o.properties);
+        body.push(o.body);
+    }
+    q.bind(saga)
+        .bind(exchange)
+        .bind(routing_key)
+        .bind(message_id)
+        .bind(properties)
+        .bind(body)
+}
+
+/// Binds $21 to $38 of [`TRANSITION`]: the attempts that ended, then the sagas' new states
+/// with the outputs they added.
+fn bind_transition<'q>(q: PgQuery<'q>, ended: &[Ended], sagas: Vec<SagaWrite>) -> PgQuery<'q> {
+    let e = ended;
+    let q = q
+        .bind(e.iter().map(|x| x.command_id).collect::<Vec<_>>())
+        .bind(e.iter().map(|x| x.outcome).collect::<Vec<_>>())
+        .bind(e.iter().map(|x| x.output.clone()).collect::<Vec<_>>())
+        .bind(e.iter().map(|x| x.reason.clone()).collect::<Vec<_>>())
+        .bind(e.iter().map(|x| x.timed_out).collect::<Vec<_>>())
+        .bind(e.iter().map(|x| x.superseded).collect::<Vec<_>>())
+        .bind(e.iter().map(|x| x.healthy).collect::<Vec<_>>());
+    let (states, outputs) = SagaStates::of(sagas);
+    states.bind(q).bind(outputs)
+}
+
+/// Binds $21 to $37 of [`START`]: the new sagas' states, then what only a new row has.
+fn bind_start<'q>(q: PgQuery<'q>, sagas: Vec<SagaWrite>, records: &'q [SagaRecord]) -> PgQuery<'q> {
+    let (states, _) = SagaStates::of(sagas);
+    let r = records;
+    states
+        .bind(q)
+        .bind(r.iter().map(|r| r.definition.as_str()).collect::<Vec<_>>())
         .bind(
-            s.iter()
-                .map(|w| w.current_participant.clone())
+            r.iter()
+                .map(|r| r.definition_version as i32)
+                .collect::<Vec<_>>(),
+        )
+        .bind(r.iter().map(|r| &r.input).collect::<Vec<_>>())
+        .bind(r.iter().map(|r| &r.outputs).collect::<Vec<_>>())
+        .bind(
+            r.iter()
+                .map(|r| r.idempotency_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            r.iter()
+                .map(|r| r.traceparent.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            r.iter()
+                .map(|r| r.started_by.as_deref())
                 .collect::<Vec<_>>(),
         )
 }
 
-/// What a committed batch still has to do outside the database: metrics, logs, waking the relay.
-pub(super) struct Flushed {
-    pub(super) lifecycle: Vec<(String, Status)>,
-    pub(super) steps: Vec<StepEnded>,
-    /// Participants whose open circuit this batch closed.
-    pub(super) reclosed: BTreeSet<String>,
-    /// Whether outbox rows were written.
-    pub(super) outbox: bool,
-    /// Sagas whose state or history the batch changed, for watchers.
-    pub(super) changed: Vec<Uuid>,
+/// The sagas' new states column by column (id, status, step, kind, attempt, command_id,
+/// wake_at, error, current_step, current_participant), which both the transition (`moved`) and
+/// the start statement (`go`) write.
+#[derive(Default)]
+struct SagaStates {
+    id: Vec<Uuid>,
+    status: Vec<&'static str>,
+    step: Vec<i32>,
+    kind: Vec<&'static str>,
+    attempt: Vec<i32>,
+    command_id: Vec<Option<Uuid>>,
+    wake_at: Vec<Option<OffsetDateTime>>,
+    error: Vec<Option<String>>,
+    current_step: Vec<Option<String>>,
+    current_participant: Vec<Option<String>>,
 }
 
-pub(super) struct StepEnded {
-    pub(super) participant: String,
-    pub(super) step: String,
-    pub(super) kind: String,
-    pub(super) outcome: &'static str,
-    pub(super) took: std::time::Duration,
+impl SagaStates {
+    /// The states, and apart the outputs each saga added (only the transition writes those).
+    fn of(sagas: Vec<SagaWrite>) -> (SagaStates, Vec<Value>) {
+        let mut s = SagaStates::default();
+        let mut outputs = Vec::with_capacity(sagas.len());
+        for w in sagas {
+            s.id.push(w.id);
+            s.status.push(w.status);
+            s.step.push(w.step);
+            s.kind.push(w.kind);
+            s.attempt.push(w.attempt);
+            s.command_id.push(w.command_id);
+            s.wake_at.push(w.wake_at);
+            s.error.push(w.error);
+            s.current_step.push(w.current_step);
+            s.current_participant.push(w.current_participant);
+            outputs.push(Value::Object(w.new_outputs));
+        }
+        (s, outputs)
+    }
+
+    fn bind(self, q: PgQuery<'_>) -> PgQuery<'_> {
+        q.bind(self.id)
+            .bind(self.status)
+            .bind(self.step)
+            .bind(self.kind)
+            .bind(self.attempt)
+            .bind(self.command_id)
+            .bind(self.wake_at)
+            .bind(self.error)
+            .bind(self.current_step)
+            .bind(self.current_participant)
+    }
+}
+
+/// What a written batch still has to do outside the database once committed: metrics, logs,
+/// waking the relay and watchers.
+pub struct Flushed {
+    pub lifecycle: Vec<(String, Status)>,
+    pub steps: Vec<StepEnded>,
+    /// Participants whose open circuit this batch closed.
+    pub reclosed: BTreeSet<String>,
+    /// Whether outbox rows were written.
+    pub outbox: bool,
+    /// Sagas whose state or history the batch changed, for watchers.
+    pub changed: Vec<Uuid>,
+}
+
+pub struct StepEnded {
+    pub participant: String,
+    pub step: String,
+    pub kind: String,
+    pub outcome: &'static str,
+    pub took: std::time::Duration,
 }
 
 /// The writes every statement shares: new attempts, history entries and outbox rows, each
@@ -645,3 +735,54 @@ const START: &str = concat!(
     shared_writes!("WHERE s IN (SELECT id FROM go)"),
     "SELECT id FROM go"
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Arguments as _;
+    use sqlx::Execute as _;
+
+    /// The distinct `$n` of a statement, in order.
+    fn placeholders(sql: &str) -> Vec<usize> {
+        let mut found = BTreeSet::new();
+        let mut rest = sql;
+        while let Some(at) = rest.find('$') {
+            rest = &rest[at + 1..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            if let Ok(n) = digits.parse() {
+                found.insert(n);
+            }
+        }
+        found.into_iter().collect()
+    }
+
+    fn bound(mut q: PgQuery<'_>) -> usize {
+        q.take_arguments().unwrap().map_or(0, |a| a.len())
+    }
+
+    #[test]
+    fn the_transition_statement_binds_each_of_its_placeholders_once() {
+        let q = bind_shared(
+            sqlx::query(TRANSITION),
+            OffsetDateTime::UNIX_EPOCH,
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        let n = bound(bind_transition(q, &[], Vec::new()));
+        assert_eq!(placeholders(TRANSITION), (1..=n).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_start_statement_binds_each_of_its_placeholders_once() {
+        let q = bind_shared(
+            sqlx::query(START),
+            OffsetDateTime::UNIX_EPOCH,
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        let n = bound(bind_start(q, Vec::new(), &[]));
+        assert_eq!(placeholders(START), (1..=n).collect::<Vec<_>>());
+    }
+}

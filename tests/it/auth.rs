@@ -180,7 +180,7 @@ async fn each_commit_announces_the_sagas_it_changed() {
     let app = saga::app::Application::build(env.settings(&repo_sagas()), shutdown.clone())
         .await
         .unwrap();
-    let mut feed = app.store().saga_changes();
+    let mut feed = app.driver().saga_changes();
     let addr = app.local_addr();
     let running = tokio::spawn(app.run_until_stopped());
     let (mut client, _) = clients(addr, None).await;

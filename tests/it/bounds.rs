@@ -8,6 +8,7 @@ use futures::StreamExt;
 use saga::app::Application;
 use saga::contract::ReplyBody;
 use saga::definition::{Definition, RetryPolicy, Step};
+use saga::driver::Driver;
 use saga::proto::v1 as pb;
 use saga::proto::v1::admin_service_client::AdminServiceClient;
 use saga::store::Store;
@@ -107,8 +108,6 @@ async fn a_stored_definition_with_an_absurd_timeout_does_not_break_later_starts(
     let env = TestEnv::new();
     let store = Store::connect(&env.database_url(), 2).await.unwrap();
     store.migrate().await.unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let writer = tokio::spawn(store.start_writer(stop.clone()));
     let absurd = one_step("absurd", "p", 8000 * YEAR, Duration::from_millis(10));
     let normal = one_step(
         "normal",
@@ -116,16 +115,19 @@ async fn a_stored_definition_with_an_absurd_timeout_does_not_break_later_starts(
         Duration::from_secs(5),
         Duration::from_millis(10),
     );
-    store
+    let registry = store
         .sync_definitions(&[absurd.clone(), normal.clone()])
         .await
         .unwrap();
-    let (_, created, _) = store
+    let driver = Driver::new(store, Arc::new(registry));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn(driver.start_writer(stop.clone()));
+    let (_, created, _) = driver
         .start_saga(&Arc::new(absurd), json!({}), None, None, None)
         .await
         .expect("a saga starts on the absurd definition");
     assert!(created);
-    let (_, created, _) = store
+    let (_, created, _) = driver
         .start_saga(&Arc::new(normal), json!({}), None, None, None)
         .await
         .expect("later starts still work");
@@ -141,27 +143,28 @@ async fn absurd_stored_back_offs_break_neither_the_sweeper_nor_the_reply_consume
     let env = TestEnv::new();
     let store = Store::connect(&env.database_url(), 2).await.unwrap();
     store.migrate().await.unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let writer = tokio::spawn(store.start_writer(stop.clone()));
     // Times out at once, then would wait 20000 years.
     let timing_out = one_step("timing_out", "p", Duration::from_millis(1), 20000 * YEAR);
     // Waits for its reply, then would wait 20000 years.
     let failing = one_step("failing", "p", Duration::from_secs(60), 20000 * YEAR);
-    store
+    let registry = store
         .sync_definitions(&[timing_out.clone(), failing.clone()])
         .await
         .unwrap();
-    let (timed_out_id, _, _) = store
+    let driver = Driver::new(store, Arc::new(registry));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn(driver.start_writer(stop.clone()));
+    let (timed_out_id, _, _) = driver
         .start_saga(&Arc::new(timing_out), json!({}), None, None, None)
         .await
         .unwrap();
-    let (failing_id, _, _) = store
+    let (failing_id, _, _) = driver
         .start_saga(&Arc::new(failing), json!({}), None, None, None)
         .await
         .unwrap();
     stop.cancel();
     writer.await.unwrap();
-    drop(store);
+    drop(driver);
 
     // Only a sane definition is shipped now; the stored ones stay usable for their sagas.
     let dir = definitions_dir(&[("sane.toml", &simple_toml("sane", 1, "p"))]);

@@ -14,4 +14,5 @@ mod poison;
 mod sagactl;
 mod sagas;
 mod supervision;
+mod timers;
 mod tls;

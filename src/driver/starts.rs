@@ -7,15 +7,13 @@ use std::future::Future;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use sqlx::PgPool;
-use time::OffsetDateTime;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::writes::Writes;
-use super::{Result, SagaRecord, Signals, ctx};
+use super::{Batch, Driver, Result};
 use crate::definition::Definition;
-use crate::engine::{self, Event, Status};
+use crate::engine::{Event, Status};
+use crate::store::{SagaRecord, Writes};
 
 /// Most sagas written by one statement.
 const MAX_GROUP: usize = 64;
@@ -41,12 +39,7 @@ pub(super) fn queue() -> (mpsc::Sender<NewSaga>, Queue) {
 pub(super) type Queue = Arc<Mutex<mpsc::Receiver<NewSaga>>>;
 
 /// Writes new sagas until `shutdown`, then those already queued, then ends.
-pub(super) async fn run_writer(
-    pool: PgPool,
-    signals: Signals,
-    queue: Queue,
-    shutdown: CancellationToken,
-) {
+pub(super) async fn run_writer(driver: Driver, queue: Queue, shutdown: CancellationToken) {
     let mut rx = queue.lock().await;
     let mut stopping = std::pin::pin!(shutdown.cancelled_owned());
     let mut closed = false;
@@ -59,18 +52,16 @@ pub(super) async fn run_writer(
         rx.poll_recv(cx)
     })
     .ready_chunks(MAX_GROUP)
-    .for_each_concurrent(CONCURRENT_GROUPS, |group| {
-        write_group(&pool, &signals, group)
-    })
+    .for_each_concurrent(CONCURRENT_GROUPS, |group| write_group(&driver, group))
     .await
 }
 
 /// One statement for the whole group; if it fails, each saga is written alone, so that one
 /// the database refuses (say, an input with a `\u0000` that `jsonb` rejects) fails only its
 /// own call.
-async fn write_group(pool: &PgPool, signals: &Signals, group: Vec<NewSaga>) {
+async fn write_group(driver: &Driver, group: Vec<NewSaga>) {
     if group.len() > 1 {
-        match insert(pool, signals, &group).await {
+        match insert(driver, &group).await {
             Ok(results) => {
                 for (new, result) in group.into_iter().zip(results) {
                     // A caller that went away finds its saga by its idempotency key.
@@ -84,7 +75,7 @@ async fn write_group(pool: &PgPool, signals: &Signals, group: Vec<NewSaga>) {
         }
     }
     for new in group {
-        let result = insert(pool, signals, std::slice::from_ref(&new))
+        let result = insert(driver, std::slice::from_ref(&new))
             .await
             .map(|mut results| results.remove(0));
         let _ = new.done.send(result);
@@ -93,25 +84,25 @@ async fn write_group(pool: &PgPool, signals: &Signals, group: Vec<NewSaga>) {
 
 /// Runs each saga's first transition (it needs nothing from the database) and inserts the rows
 /// in their state after it, with everything the transitions wrote.
-async fn insert(
-    pool: &PgPool,
-    signals: &Signals,
-    group: &[NewSaga],
-) -> Result<Vec<(bool, Status)>> {
-    let now = OffsetDateTime::now_utc();
-    let mut writes = Writes::default();
+async fn insert(driver: &Driver, group: &[NewSaga]) -> Result<Vec<(bool, Status)>> {
+    let now = driver.clock.now();
+    let mut batch = Batch {
+        driver,
+        now,
+        writes: Writes::default(),
+    };
     let mut records = Vec::with_capacity(group.len());
     let mut statuses = Vec::with_capacity(group.len());
     for new in group {
         let mut record = new.record.clone();
         record.created_at = now;
         record.updated_at = now;
-        let t = engine::apply(&new.def, &record.state, Event::Start, ctx(now));
-        statuses.push(writes.stage(&new.def, &mut record, t, now)?);
+        let (_, status) = batch.apply(&new.def, &mut record, Event::Start)?;
+        statuses.push(status);
         records.push(record);
     }
-    let (inserted, flushed) = writes.insert_new(pool, &records, now).await?;
-    signals.committed(flushed);
+    let (inserted, flushed) = driver.store.insert_new(batch.writes, &records, now).await?;
+    driver.signals.committed(flushed);
     Ok(records
         .iter()
         .zip(statuses)

@@ -1,372 +1,26 @@
-//! The RabbitMQ adapter: the outbox relay (commands out) and the reply consumer (replies in).
-//!
-//! Both loops survive broker restarts: any AMQP or database error drops the connection, waits
-//! with capped back-off and starts again. Nothing is lost meanwhile: unpublished commands stay
-//! in the outbox, unacknowledged replies stay in their queue.
+//! The reply intake: consumes `saga.replies`, applies the replies through the driver in
+//! batches, acks them after the commit, and dead-letters what cannot be applied.
 
-use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
+use lapin::Channel;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
-use lapin::tcp::OwnedTLSConfig;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
-use serde_json::Value;
-use sqlx::Connection as _;
-use time::OffsetDateTime;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
+use super::{BrokerError, disconnected, open, reconnecting};
 use crate::contract::{self, ReplyBody, ReplyOutcome};
-use crate::definition::Registry;
+use crate::driver::{Driver, DriverError, ReplyResult};
 use crate::engine::Outcome;
-use crate::store::{ReplyResult, Store, StoreError, outbox, participants};
+use crate::store::StoreError;
 use crate::telemetry;
-
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error("amqp: {0}")]
-    Amqp(#[from] lapin::Error),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("the broker connection or the consumer ended")]
-    ConsumerEnded,
-    #[error("broker refused message {0}")]
-    Nacked(String),
-}
-
-/// Reads and checks, once at start-up, the PEM certificate authorities trusted for `amqps://`
-/// besides the system's. A file that holds no certificate is refused here: the TLS library
-/// would skip what it cannot parse and the first handshake would fail later, far from the cause.
-/// A CA file with a plain-text `amqp://` URL is refused too, as it says TLS was meant.
-pub fn load_amqp_ca(url: &str, ca_file: Option<&Path>) -> Result<Option<Arc<str>>, String> {
-    let Some(path) = ca_file else {
-        return Ok(None);
-    };
-    if !url
-        .trim_start()
-        .to_ascii_lowercase()
-        .starts_with("amqps://")
-    {
-        return Err(format!(
-            "a CA file ({}) is configured but the AMQP URL is not amqps://",
-            path.display()
-        ));
-    }
-    let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: holds no PEM certificate", path.display()));
-    }
-    Ok(Some(pem.into()))
-}
-
-/// Connects to RabbitMQ. `amqps://` is always TLS (verified against the system's authorities and
-/// `ca`, the PEM of [`load_amqp_ca`]); a server that does not speak TLS there fails the
-/// connection, it is never retried in plain text. Every AMQP connection of this crate (relay,
-/// consumer, topology, demo participants) goes through here.
-pub async fn connect(url: &str, ca: Option<&str>) -> Result<Connection, lapin::Error> {
-    let tls = OwnedTLSConfig {
-        identity: None,
-        cert_chain: ca.map(str::to_owned),
-    };
-    let runtime = lapin::runtime::default_runtime()?;
-    Connection::connect_with_config(url, ConnectionProperties::default(), tls, runtime).await
-}
-
-/// Connects and opens a channel, declaring the topology first: done on every (re)connect, so a
-/// broker that lost its state gets it back before anything is published or consumed.
-pub async fn open(
-    url: &str,
-    ca: Option<&str>,
-    participants: &[String],
-) -> Result<(Connection, Channel), lapin::Error> {
-    let conn = connect(url, ca).await?;
-    let channel = conn.create_channel().await?;
-    contract::declare_topology(&channel, participants.iter().map(String::as_str)).await?;
-    Ok((conn, channel))
-}
-
-/// Capped exponential back-off for reconnect loops.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const MIN: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(5);
-
-    fn new() -> Self {
-        Backoff { next: Self::MIN }
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::MIN;
-    }
-
-    /// Waits for the next delay; false if shutdown came first.
-    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
-        let delay = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(delay) => true,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RelaySettings {
-    pub amqp_url: String,
-    /// Extra CA certificates (PEM) for `amqps://`, from [`load_amqp_ca`].
-    pub amqp_ca: Option<Arc<str>>,
-    /// Participants whose queues must exist before commands are routed to them.
-    pub participants: Vec<String>,
-    pub batch_size: i64,
-    /// How often to look for rows nobody woke this relay for (other replicas', a crashed one's).
-    pub poll_interval: Duration,
-}
-
-/// Publishes the outbox: woken in-process after each committed transition (no `NOTIFY`: it
-/// serialises the commits of every notifying transaction, fsync included), with polling for
-/// rows other replicas left behind. Rows are deleted in the transaction that claimed them, after
-/// the broker confirmed every message, so a crash in between re-publishes (at least once, same
-/// `message_id`).
-pub async fn run_relay(store: Store, settings: RelaySettings, shutdown: CancellationToken) {
-    let connected = &store.metrics().relay_connected;
-    reconnecting("outbox relay", connected, &shutdown, || {
-        relay_session(&store, &settings, &shutdown)
-    })
-    .await
-}
-
-/// Runs `session` until it ends cleanly (shutdown), starting it again after any error with
-/// capped back-off. The back-off starts over once a session had connected (`connected`).
-async fn reconnecting<F, Fut>(
-    what: &str,
-    connected: &AtomicBool,
-    shutdown: &CancellationToken,
-    mut session: F,
-) where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), BrokerError>>,
-{
-    let mut backoff = Backoff::new();
-    loop {
-        match session().await {
-            Ok(()) => return,
-            Err(e) => {
-                if connected.swap(false, Ordering::Relaxed) {
-                    backoff.reset();
-                }
-                warn!(error = %e, "{what} interrupted; reconnecting");
-            }
-        }
-        if !backoff.wait(shutdown).await {
-            return;
-        }
-    }
-}
-
-async fn relay_session(
-    store: &Store,
-    settings: &RelaySettings,
-    shutdown: &CancellationToken,
-) -> Result<(), BrokerError> {
-    let (conn, channel) = open(
-        &settings.amqp_url,
-        settings.amqp_ca.as_deref(),
-        &settings.participants,
-    )
-    .await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    // A connection of its own: the relay's transactions need no fsync wait (losing one only
-    // publishes its rows again, which the contract allows: same message_id, participants
-    // de-duplicate), and it never waits for the pool behind the API and the reply consumer.
-    // It keeps the pool's planner settings (see `session_settings`), which matter most here:
-    // the outbox only churns, growing with dead rows until autovacuum comes by, so a
-    // sequential-scan claim would read every dead page on every batch.
-    let mut db = store.dedicated_connection().await?;
-    sqlx::query("SET synchronous_commit = off")
-        .execute(&mut db)
-        .await?;
-    info!("outbox relay connected");
-    store
-        .metrics()
-        .relay_connected
-        .store(true, Ordering::Relaxed);
-    // Open circuits are probed on the polling tick (and at start), not on every batch.
-    let mut probe = true;
-    let mut more = true;
-    loop {
-        // The transaction is opened before waiting, so its BEGIN round trip is not on the way
-        // out of the next command. It holds no snapshot nor lock until the batch's first
-        // statement; a server that ends idle transactions only makes the relay reconnect.
-        let tx = db.begin().await?;
-        if !more {
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    drop(tx);
-                    let _ = channel.close(200, "shutdown".into()).await;
-                    let _ = conn.close(200, "shutdown".into()).await;
-                    return Ok(());
-                }
-                _ = store.outbox_ready() => {}
-                _ = tokio::time::sleep(settings.poll_interval) => { probe = true; }
-            }
-        }
-        let published = publish_batch(
-            store,
-            tx,
-            &channel,
-            settings.batch_size,
-            std::mem::take(&mut probe),
-        )
-        .await?;
-        more = published == settings.batch_size as usize;
-    }
-}
-
-async fn publish_batch(
-    store: &Store,
-    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
-    channel: &Channel,
-    limit: i64,
-    probe: bool,
-) -> Result<usize, BrokerError> {
-    let now = OffsetDateTime::now_utc();
-    let mut rows = outbox::take(&mut tx, limit).await?;
-    let mut probes = Vec::new();
-    if probe {
-        for participant in participants::due_for_probe(&mut tx, now).await? {
-            if let Some(row) = outbox::take_one(&mut tx, &participant).await? {
-                probes.push(participant);
-                rows.push(row);
-            }
-        }
-    }
-    if rows.is_empty() {
-        tx.commit().await?;
-        return Ok(0);
-    }
-    // Hand every message to the connection at once (each publish only resolves once lapin's
-    // I/O thread has written it, so awaiting them one by one costs a thread round trip per
-    // message), then wait for the confirms together: one broker round trip per batch. The
-    // frames keep the rows' order: each publish queues its frames when first polled, and
-    // `try_join_all` polls them in order.
-    let publishes = rows.iter().map(|row| {
-        // One producer span per message, child of the call that started the saga; its context
-        // travels in the `traceparent` header so the participant's work joins the trace.
-        let span = tracing::info_span!(
-            "publish",
-            otel.name = %format!("publish {}", row.exchange),
-            otel.kind = "producer",
-            messaging.system = "rabbitmq",
-            messaging.operation.type = "send",
-            messaging.destination.name = %row.exchange,
-            messaging.rabbitmq.destination.routing_key = %row.routing_key,
-            messaging.message.id = %row.message_id,
-        );
-        telemetry::set_parent(&span, row.properties.get("parent").and_then(Value::as_str));
-        let properties = message_properties(
-            row.message_id,
-            row.created_at,
-            &row.properties,
-            telemetry::traceparent(&span),
-        );
-        channel
-            .basic_publish(
-                row.exchange.as_str().into(),
-                row.routing_key.as_str().into(),
-                BasicPublishOptions::default(),
-                &row.body,
-                properties,
-            )
-            .instrument(span)
-    });
-    let confirms = futures::future::try_join_all(publishes).await?;
-    for (row, confirm) in rows.iter().zip(confirms) {
-        if !confirm.await?.is_ack() {
-            return Err(BrokerError::Nacked(row.message_id.to_string()));
-        }
-    }
-    let published = rows.len();
-    // A command that waited (held participant, broker outage, backlog) gets its whole timeout
-    // from now; fresh ones keep the deadline set when they were created.
-    let waited: Vec<uuid::Uuid> = rows
-        .iter()
-        .filter(|r| r.exchange == contract::COMMANDS_EXCHANGE && now - r.created_at > WAITED)
-        .map(|r| r.message_id)
-        .collect();
-    outbox::restart_deadlines(&mut tx, &waited, now).await?;
-    for participant in &probes {
-        participants::probe_sent(&mut tx, participant, now, store.circuit().cooldown).await?;
-    }
-    tx.commit().await?;
-    debug!(count = published, "published outbox batch");
-    Ok(published)
-}
-
-/// How long a command may sit in the outbox before its deadline is restarted on publishing.
-const WAITED: time::Duration = time::Duration::seconds(1);
-
-fn message_properties(
-    message_id: uuid::Uuid,
-    created_at: OffsetDateTime,
-    props: &Value,
-    traceparent: Option<String>,
-) -> BasicProperties {
-    let text = |k: &str| {
-        props
-            .get(k)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    let mut headers = FieldTable::default();
-    if let Some(tp) = traceparent {
-        headers.insert(
-            telemetry::TRACEPARENT.into(),
-            AMQPValue::LongString(tp.into()),
-        );
-    }
-    if let Some(Value::Object(map)) = props.get("headers") {
-        for (k, v) in map {
-            let value = match v {
-                Value::Number(n) => AMQPValue::LongLongInt(n.as_i64().unwrap_or_default()),
-                Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
-                other => AMQPValue::LongString(LongString::from(other.to_string())),
-            };
-            headers.insert(ShortString::from(k.as_str()), value);
-        }
-    }
-    let mut properties = BasicProperties::default()
-        .with_message_id(message_id.to_string().into())
-        .with_correlation_id(text("correlation_id").into())
-        .with_type(text("type").into())
-        .with_content_type(contract::JSON.into())
-        .with_delivery_mode(2)
-        .with_timestamp(created_at.unix_timestamp().max(0) as u64)
-        .with_headers(headers);
-    if props.get("reply_to").is_some() {
-        properties = properties.with_reply_to(text("reply_to").into());
-    }
-    properties
-}
 
 /// Most replies applied in one transaction.
 const REPLY_BATCH: usize = 64;
@@ -384,21 +38,19 @@ pub struct ConsumerSettings {
 /// Consumes `saga.replies`: applies each reply in its own transaction and acks it only after
 /// the commit. Malformed or unknown replies are moved to the dead-letter queue with the reason.
 pub async fn run_reply_consumer(
-    store: Store,
-    registry: Arc<Registry>,
+    driver: Driver,
     settings: ConsumerSettings,
     shutdown: CancellationToken,
 ) {
-    let connected = &store.metrics().consumer_connected;
+    let connected = &driver.metrics().consumer_connected;
     reconnecting("reply consumer", connected, &shutdown, || {
-        consume_session(&store, &registry, &settings, &shutdown)
+        consume_session(&driver, &settings, &shutdown)
     })
     .await
 }
 
 async fn consume_session(
-    store: &Store,
-    registry: &Registry,
+    driver: &Driver,
     settings: &ConsumerSettings,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
@@ -429,7 +81,7 @@ async fn consume_session(
         header_budget: header_budget(conn.configuration().frame_max()),
     };
     info!(queue = contract::REPLIES_QUEUE, "reply consumer connected");
-    store
+    driver
         .metrics()
         .consumer_connected
         .store(true, Ordering::Relaxed);
@@ -452,7 +104,7 @@ async fn consume_session(
         // run at once so one slow commit does not stall the queue.
         .ready_chunks(REPLY_BATCH)
         .for_each_concurrent(CONCURRENT_BATCHES, |batch| {
-            handle_batch(store, registry, &out, batch)
+            handle_batch(driver, &out, batch)
         });
     // The connection is watched too (see `disconnected`). Batches still running are then
     // dropped: a transaction not committed rolls back, and every unacked reply comes back after
@@ -476,18 +128,6 @@ async fn consume_session(
     }
     Err(lost.map_or(BrokerError::ConsumerEnded, BrokerError::Amqp))
 }
-
-/// Resolves once `connected` turns false, checked every [`CONNECTION_CHECK`]. A lost
-/// connection does not always end lapin's consumer streams, nor the publishes and acks waiting
-/// on it (seen when RabbitMQ stops mid-load: sessions hung and never reconnected), so whatever
-/// waits on the broker also waits on this.
-pub async fn disconnected(connected: impl Fn() -> bool) {
-    while connected() {
-        tokio::time::sleep(CONNECTION_CHECK).await;
-    }
-}
-
-const CONNECTION_CHECK: Duration = Duration::from_millis(250);
 
 /// A reply taken off the queue, with the span of its processing.
 struct Incoming {
@@ -525,8 +165,7 @@ fn reply_span(delivery: &lapin::message::Delivery) -> tracing::Span {
 /// cannot be read or a value the database refuses, its replies are retried one at a time so
 /// the others still go through.
 async fn handle_batch(
-    store: &Store,
-    registry: &Registry,
+    driver: &Driver,
     channel: &ReplyChannel,
     deliveries: Vec<lapin::message::Delivery>,
 ) {
@@ -539,7 +178,7 @@ async fn handle_batch(
                 valid.push((Incoming { delivery, span }, reply));
             }
             Err(reason) => {
-                dead_letter(store, channel, delivery, &reason)
+                dead_letter(driver, channel, delivery, &reason)
                     .instrument(span)
                     .await
             }
@@ -552,36 +191,28 @@ async fn handle_batch(
         .iter()
         .map(|(_, r)| (r.command_id, outcome_of(r)))
         .collect();
-    match store
-        .apply_replies(registry, replies, OffsetDateTime::now_utc())
-        .await
-    {
+    match driver.apply_replies(replies).await {
         Ok(results) => {
             // Acked together, for the same reason the relay publishes together.
             let settled = valid
                 .into_iter()
                 .zip(results)
                 .map(|((incoming, reply), result)| {
-                    settle(store, channel, incoming, reply.command_id, result)
+                    settle(driver, channel, incoming, reply.command_id, result)
                 });
             futures::future::join_all(settled).await;
         }
         // A saga that cannot be read, or a value the database refuses: one at a time, so the
         // other replies still go through and the culprit is dead-lettered, not redelivered
         // for ever.
-        Err(e) if matches!(e, StoreError::Corrupt(_)) || e.refused_value().is_some() => {
+        Err(e) if e.is_corrupt() || e.refused_value().is_some() => {
             for (incoming, reply) in valid {
-                let result = store
-                    .apply_reply(
-                        registry,
-                        reply.command_id,
-                        outcome_of(&reply),
-                        OffsetDateTime::now_utc(),
-                    )
+                let result = driver
+                    .apply_reply(reply.command_id, outcome_of(&reply))
                     .await;
                 match result {
-                    Ok(result) => settle(store, channel, incoming, reply.command_id, result).await,
-                    Err(e) => give_back(store, channel, incoming, reply.command_id, e).await,
+                    Ok(result) => settle(driver, channel, incoming, reply.command_id, result).await,
+                    Err(e) => give_back(driver, channel, incoming, reply.command_id, e).await,
                 }
             }
         }
@@ -610,7 +241,7 @@ fn outcome_of(reply: &ReplyBody) -> Outcome {
 }
 
 async fn settle(
-    store: &Store,
+    driver: &Driver,
     channel: &ReplyChannel,
     incoming: Incoming,
     command_id: uuid::Uuid,
@@ -626,7 +257,7 @@ async fn settle(
             }
             ReplyResult::UnknownCommand => {
                 let reason = format!("unknown command id {command_id}: no saga sent it");
-                dead_letter(store, channel, delivery, &reason).await
+                dead_letter(driver, channel, delivery, &reason).await
             }
         }
     }
@@ -637,27 +268,27 @@ async fn settle(
 /// A reply that failed on its own: dead-lettered if its saga is unreadable or the database
 /// refuses its values, else requeued.
 async fn give_back(
-    store: &Store,
+    driver: &Driver,
     channel: &ReplyChannel,
     incoming: Incoming,
     command_id: uuid::Uuid,
-    e: StoreError,
+    e: DriverError,
 ) {
     let Incoming { delivery, span } = incoming;
     async {
         if let Some(refused) = e.refused_value() {
             warn!(%command_id, error = %refused, "reply the database cannot store");
             dead_letter(
-                store,
+                driver,
                 channel,
                 delivery,
                 &format!("the database cannot store a value of this reply: {refused}"),
             )
             .await
-        } else if let StoreError::Corrupt(e) = e {
+        } else if let DriverError::Corrupt(e) | DriverError::Store(StoreError::Corrupt(e)) = e {
             error!(%command_id, error = %e, "reply for a corrupt saga");
             dead_letter(
-                store,
+                driver,
                 channel,
                 delivery,
                 &format!("saga state cannot be read: {e}"),
@@ -804,7 +435,7 @@ fn dead_letter_headers(original: &FieldTable, reason: &str, budget: usize) -> Fi
 /// the copy cannot be published, the original is rejected without requeue: the queue's own
 /// dead-letter exchange takes it (without our reason), so one message can never loop.
 async fn dead_letter(
-    store: &Store,
+    driver: &Driver,
     out: &ReplyChannel,
     delivery: lapin::message::Delivery,
     reason: &str,
@@ -839,7 +470,7 @@ async fn dead_letter(
     .await;
     match published {
         Ok(confirm) if confirm.is_ack() => {
-            store.metrics().dead_lettered();
+            driver.metrics().dead_lettered();
             ack(&delivery).await
         }
         other => {
@@ -849,7 +480,7 @@ async fn dead_letter(
                 ..BasicNackOptions::default()
             };
             match delivery.nack(reject).await {
-                Ok(true) => store.metrics().dead_lettered(),
+                Ok(true) => driver.metrics().dead_lettered(),
                 Ok(false) => {}
                 Err(e) => {
                     warn!(error = %e, "reject failed; the broker will redeliver on reconnect")
