@@ -16,6 +16,26 @@ use uuid::Uuid;
 
 pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
 
+/// The `sagactl` that `cargo test` built beside this test binary. It belongs to another
+/// package, so cargo gives no `CARGO_BIN_EXE_sagactl` here; its own integration test makes
+/// `cargo test` at the root build it before any test runs.
+pub fn sagactl_bin() -> PathBuf {
+    // This binary is target/<profile>/deps/it-<hash>.
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join(format!("sagactl{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo test --all-targets` at the repository root, or build it with \
+         `cargo build -p sagactl`",
+        bin.display()
+    );
+    bin
+}
+
 /// An isolated database and vhost, removed when dropped (also when the test fails).
 pub struct TestEnv {
     pub name: String,
