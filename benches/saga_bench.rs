@@ -2101,6 +2101,47 @@ fn locate(explicit: Option<PathBuf>, built: &str, name: &str) -> anyhow::Result<
     Ok(path)
 }
 
+/// The `saga-demo` of this build. It is another package's binary, which `cargo bench` does not
+/// build for this target (and cargo names only the package's own binaries in
+/// `CARGO_BIN_EXE_*`), so a benchmark run builds it with the same cargo, in release mode, into the
+/// same target dir: a no-op when it is fresh. The smoke run under `cargo test` takes the debug
+/// one, which `cargo test` at the root builds (saga-demo has integration tests of its own).
+fn built_demo(smoke: bool) -> anyhow::Result<PathBuf> {
+    // This program is target/<profile>/deps/saga_bench-<hash>.
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the bench binary is not in target/<profile>/deps")?;
+    if let (false, Some(cargo), Some(target_dir)) =
+        (smoke, std::env::var_os("CARGO"), profile_dir.parent())
+    {
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "saga-demo",
+                "--bin",
+                "saga-demo",
+            ])
+            .arg("--manifest-path")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(target_dir)
+            .status()
+            .context("cannot run cargo to build saga-demo")?;
+        if !status.success() {
+            bail!("cargo could not build saga-demo ({status})");
+        }
+    }
+    locate(
+        None,
+        &profile_dir.join("saga-demo").to_string_lossy(),
+        "demo",
+    )
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let smoke = !std::env::args().any(|a| a == "--bench");
@@ -2129,11 +2170,10 @@ async fn main() -> std::process::ExitCode {
 /// Runs everything; false if any saga failed.
 async fn run(args: Args, smoke: bool) -> anyhow::Result<bool> {
     let sagad_bin = locate(args.sagad_bin.clone(), env!("CARGO_BIN_EXE_sagad"), "sagad")?;
-    let demo_bin = locate(
-        args.demo_bin.clone(),
-        env!("CARGO_BIN_EXE_saga-demo"),
-        "demo",
-    )?;
+    let demo_bin = match args.demo_bin.clone() {
+        Some(explicit) => locate(Some(explicit), "", "demo")?,
+        None => built_demo(smoke)?,
+    };
     let run_id = Uuid::new_v4().simple().to_string()[..8].to_string();
     let logs = std::env::temp_dir().join(format!("saga-bench-{run_id}"));
     std::fs::create_dir_all(&logs)?;

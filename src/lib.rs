@@ -11,7 +11,6 @@
 //! - [`api`]: the gRPC service; [`proto`]: its generated code and codec, re-exported from the
 //!   `saga-proto` crate (`crates/proto`), which sagactl uses too.
 //! - [`app`]: start-up and shutdown; [`config`]: settings; [`telemetry`]: logs and traces.
-//! - [`demo`]: demo participants (order, payment, delivery) that follow the contract.
 // A panic in a task of a long-running server stops work for every saga behind it (until its
 // supervisor restarts it); the lints make every possible panic an explicit, reviewed `allow`.
 #![cfg_attr(
@@ -32,7 +31,6 @@ pub mod api;
 pub mod app;
 pub mod broker;
 pub mod config;
-pub mod demo;
 pub mod metrics;
 pub mod store;
 pub mod supervisor;

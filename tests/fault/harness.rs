@@ -211,7 +211,7 @@ pub struct DemoProcess {
 
 impl DemoProcess {
     pub fn spawn(env: &TestEnv, label: &str, args: &[&str]) -> DemoProcess {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_saga-demo"));
+        let mut cmd = Command::new(crate::helpers::built_bin("saga-demo"));
         cmd.args(["--amqp-url", &env.amqp_url()])
             .args(["--database-url", &env.database_url()])
             .args(["--latency", &format!("{}ms", DEMO_LATENCY.as_millis())])

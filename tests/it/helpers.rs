@@ -16,21 +16,22 @@ use uuid::Uuid;
 
 pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
 
-/// The `sagactl` that `cargo test` built beside this test binary. It belongs to another
-/// package, so cargo gives no `CARGO_BIN_EXE_sagactl` here; its own integration test makes
-/// `cargo test` at the root build it before any test runs.
-pub fn sagactl_bin() -> PathBuf {
-    // This binary is target/<profile>/deps/it-<hash>.
+/// A binary of another workspace package (`sagactl`, `saga-demo`) that `cargo test` built beside
+/// this test binary. Cargo defines `CARGO_BIN_EXE_*` only for a package's own binaries; each of
+/// those packages has an integration test of its own, which makes `cargo test` at the root build
+/// its binary before any test runs.
+pub fn built_bin(name: &str) -> PathBuf {
+    // This binary is target/<profile>/deps/<test>-<hash>.
     let exe = std::env::current_exe().expect("the test binary's path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("the test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join(format!("sagactl{}", std::env::consts::EXE_SUFFIX));
+    let bin = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.exists(),
         "{} is missing: run `cargo test --all-targets` at the repository root, or build it with \
-         `cargo build -p sagactl`",
+         `cargo build -p {name}`",
         bin.display()
     );
     bin
@@ -363,15 +364,15 @@ impl Drop for Demo {
     }
 }
 
-pub fn spawn_demo(env: &TestEnv, tweak: impl FnOnce(&mut saga::demo::DemoConfig)) -> Demo {
-    let mut config = saga::demo::DemoConfig {
+pub fn spawn_demo(env: &TestEnv, tweak: impl FnOnce(&mut saga_demo::DemoConfig)) -> Demo {
+    let mut config = saga_demo::DemoConfig {
         amqp_url: env.amqp_url(),
         database_url: env.database_url(),
         ..Default::default()
     };
     tweak(&mut config);
     let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(saga::demo::run(config, shutdown.clone()));
+    let handle = tokio::spawn(saga_demo::run(config, shutdown.clone()));
     Demo {
         shutdown,
         handle: Some(handle),
