@@ -11,11 +11,10 @@
 //!   `saga-contract` crate (`crates/contract`).
 //! - [`timers`]: the sweeper that fires reply deadlines and retry back-offs.
 //! - [`supervisor`]: restarts failed long-lived tasks and reports them in readiness.
-//! - [`api`]: the gRPC service; [`proto`]: its generated code; [`codec`]: its protobuf codec.
+//! - [`api`]: the gRPC service; [`proto`]: its generated code and codec, re-exported from the
+//!   `saga-proto` crate (`crates/proto`), which sagactl uses too.
 //! - [`app`]: start-up and shutdown; [`config`]: settings; [`telemetry`]: logs and traces;
 //!   [`metrics`]: the Prometheus figures, served with the health checks by [`endpoints`].
-//! - [`demo`]: demo participants (order, payment, delivery) that follow the contract.
-//! - [`cli`]: `sagactl`'s formatting and checks (pure, unit-tested).
 // A panic in a task of a long-running server stops work for every saga behind it (until its
 // supervisor restarts it); the lints make every possible panic an explicit, reviewed `allow`.
 #![cfg_attr(
@@ -30,20 +29,17 @@
 
 pub use saga_contract as contract;
 pub use saga_engine::{definition, engine, explore, graph};
+pub use saga_proto as proto;
 
 pub mod api;
 pub mod app;
 pub mod breaker;
 pub mod broker;
-pub mod cli;
 pub mod clock;
-pub mod codec;
 pub mod config;
-pub mod demo;
 pub mod driver;
 pub mod endpoints;
 pub mod metrics;
-pub mod proto;
 pub mod store;
 pub mod supervisor;
 pub mod telemetry;

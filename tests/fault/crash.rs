@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::*;
-use crate::helpers::{TestEnv, repo_sagas};
+use saga_testkit::fault::*;
+use saga_testkit::{TestEnv, repo_sagas};
 
 /// Scenario a: the only `sagad` is killed with SIGKILL mid-load and restarted a second later.
 /// Replies pile up in `saga.replies` meanwhile, outbox rows it had published but not yet deleted

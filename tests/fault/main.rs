@@ -2,16 +2,10 @@
 //!
 //! Each scenario runs a batch of sagas through real `sagad` processes and the demo
 //! participants, causes one fault while they are in flight, then checks the invariants of
-//! [`harness::check_invariants`] and prints what it measured (run with `--nocapture` to see the
-//! numbers of passing scenarios). Each test has its own database and vhost ([`helpers::TestEnv`]),
-//! so they run in parallel. Faults that stop the shared PostgreSQL or RabbitMQ servers live in
+//! [`saga_testkit::fault::check_invariants`] and prints what it measured (run with
+//! `--nocapture` to see the numbers of passing scenarios). Each test has its own database and
+//! vhost ([`saga_testkit::TestEnv`]), so they run in parallel. Faults that stop the shared PostgreSQL or RabbitMQ servers live in
 //! the separate `outage` binary, which serialises them.
-#[allow(dead_code)] // the helpers serve the `it` binary too
-#[path = "../it/helpers.rs"]
-mod helpers;
-
-mod harness;
-
 mod crash;
 mod participants;
 mod poison;

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::*;
-use crate::helpers::{TestEnv, definitions_dir, repo_sagas};
+use saga_testkit::fault::*;
+use saga_testkit::{TestEnv, definitions_dir, repo_sagas};
 
 /// `sagas/order_fulfillment.toml` with short timeouts, more retries and compensations that
 /// never give up, so a participant outage of a few seconds exhausts the action retries of some

@@ -13,8 +13,8 @@ use saga::contract;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::harness::*;
-use crate::helpers::{TestEnv, repo_sagas};
+use saga_testkit::fault::*;
+use saga_testkit::{TestEnv, repo_sagas};
 
 /// Bad replies published during the load.
 const BAD: usize = 300;

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use saga::demo::FailRule;
 use saga::proto::v1 as pb;
+use saga_demo::FailRule;
 use serde_json::{Value, json};
 use tonic::Code;
 

@@ -510,7 +510,7 @@ async fn with_a_certificate_the_api_is_served_over_tls_only() {
     // sagactl trusts the certificate it is given, and refuses https without one.
     // (An async child process: the server runs on this test's runtime.)
     let sagactl = |args: &[&str]| {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
+        tokio::process::Command::new(saga_testkit::built_bin("sagactl"))
             .args(["--server", &format!("https://127.0.0.1:{}", addr.port())])
             .args(args)
             .env_remove("SAGA_CA_CERT")

@@ -10,7 +10,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use saga::contract::{self, CommandBody, ReplyBody, ReplyOutcome};
-use saga::demo::{self, DemoConfig};
+use saga_demo::{self as demo, DemoConfig};
 use serde_json::{Value, json};
 use sqlx::postgres::PgPool;
 use tokio_util::sync::CancellationToken;

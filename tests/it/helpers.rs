@@ -1,8 +1,8 @@
-//! Test harness: each test gets its own PostgreSQL database and RabbitMQ vhost on the real
-//! servers, an in-process `sagad` on a free port, and optionally the demo participants.
+//! The in-process half of the test harness: an in-process `sagad` on a free port, the demo
+//! participants as tasks, clients and assertions. The database and vhost of each test, and the
+//! binaries run as processes, come from the testkit (`crates/testkit`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use saga::app::Application;
@@ -14,41 +14,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
+pub use saga_testkit::{PG, TestEnv, definitions_dir, repo_sagas};
 
-/// An isolated database and vhost, removed when dropped (also when the test fails).
-pub struct TestEnv {
-    pub name: String,
+/// sagad's settings on the test's database and vhost, with short polls, on free ports.
+pub trait EnvSettings {
+    fn settings(&self, definitions: &Path) -> Settings;
 }
 
-impl TestEnv {
-    pub fn new() -> TestEnv {
-        let name = format!("saga_t_{}", Uuid::new_v4().simple());
-        rabbitmqctl(&["add_vhost", &name]);
-        // From here on the guard exists, so a failure below still cleans up.
-        let env = TestEnv { name };
-        rabbitmqctl(&[
-            "set_permissions",
-            "-p",
-            &env.name,
-            "guest",
-            ".*",
-            ".*",
-            ".*",
-        ]);
-        psql(&format!("CREATE DATABASE {}", env.name));
-        env
-    }
-
-    pub fn database_url(&self) -> String {
-        format!("{PG}/{}", self.name)
-    }
-
-    pub fn amqp_url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
-    }
-
-    pub fn settings(&self, definitions: &Path) -> Settings {
+impl EnvSettings for TestEnv {
+    fn settings(&self, definitions: &Path) -> Settings {
         let mut s = Settings::defaults();
         s.database_url = self.database_url();
         s.amqp_url = self.amqp_url();
@@ -60,73 +34,6 @@ impl TestEnv {
         s.outbox_poll = Duration::from_millis(200);
         s
     }
-
-    pub async fn pool(&self) -> sqlx::PgPool {
-        sqlx::PgPool::connect(&self.database_url()).await.unwrap()
-    }
-}
-
-impl Drop for TestEnv {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-q", "-c"])
-            .arg(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .output();
-        let _ = Command::new("rabbitmqctl")
-            .args(["-q", "delete_vhost", &self.name])
-            .output();
-    }
-}
-
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn psql(sql: &str) {
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            sql,
-        ])
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "psql {sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-pub fn repo_sagas() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas")
-}
-
-/// A directory holding the given definition files.
-pub fn definitions_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, text) in files {
-        std::fs::write(dir.path().join(name), text).unwrap();
-    }
-    dir
 }
 
 pub struct TestApp {
@@ -343,15 +250,15 @@ impl Drop for Demo {
     }
 }
 
-pub fn spawn_demo(env: &TestEnv, tweak: impl FnOnce(&mut saga::demo::DemoConfig)) -> Demo {
-    let mut config = saga::demo::DemoConfig {
+pub fn spawn_demo(env: &TestEnv, tweak: impl FnOnce(&mut saga_demo::DemoConfig)) -> Demo {
+    let mut config = saga_demo::DemoConfig {
         amqp_url: env.amqp_url(),
         database_url: env.database_url(),
         ..Default::default()
     };
     tweak(&mut config);
     let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(saga::demo::run(config, shutdown.clone()));
+    let handle = tokio::spawn(saga_demo::run(config, shutdown.clone()));
     Demo {
         shutdown,
         handle: Some(handle),

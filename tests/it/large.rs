@@ -49,7 +49,7 @@ async fn sagactl_shows_a_saga_with_a_large_input_and_large_outputs() {
     wait_for_status_large(&mut app, &id).await;
 
     for output in ["json", "table"] {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
+        let out = tokio::process::Command::new(saga_testkit::built_bin("sagactl"))
             .args(["--server", &format!("http://{}", app.addr)])
             .args(["--output", output, "show", &id])
             .env_remove("SAGA_TOKEN")

@@ -77,7 +77,7 @@ impl Run {
 }
 
 fn sagactl_command(h: &Harness, token: Option<&str>, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sagactl"));
+    let mut cmd = Command::new(saga_testkit::built_bin("sagactl"));
     cmd.env_remove("SAGA_SERVER")
         .env_remove("SAGA_TOKEN")
         .arg("--server")

@@ -310,7 +310,7 @@ async fn the_readme_certificate_recipe_works_with_sagactl() {
     let port = app.local_addr().port();
     let running = tokio::spawn(app.run_until_stopped());
     for host in ["localhost", "127.0.0.1"] {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sagactl"))
+        let out = tokio::process::Command::new(saga_testkit::built_bin("sagactl"))
             .args(["--server", &format!("https://{host}:{port}")])
             .arg("--ca-cert")
             .arg(dir.path().join("cert.pem"))

@@ -11,22 +11,14 @@
 //!
 //! A server is always started again, also when the test fails: [`ServerDown`]'s `Drop` starts
 //! it and waits until it accepts connections. Each test still has its own database and vhost.
-#[allow(dead_code)] // the helpers serve the `it` binary too
-#[path = "../it/helpers.rs"]
-mod helpers;
-
-#[allow(dead_code)] // the harness serves the `fault` binary too
-#[path = "../fault/harness.rs"]
-mod harness;
-
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use harness::*;
-use helpers::{TestEnv, repo_sagas};
+use saga_testkit::fault::*;
+use saga_testkit::{TestEnv, repo_sagas};
 
 /// Held by each test of this binary for its whole run: one outage at a time.
 static OUTAGE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -1,5 +1,5 @@
 //! `saga-demo`: runs the demo participants (`order`, `payment`, `delivery`) of
-//! `sagas/order_fulfillment.toml` against RabbitMQ. See `saga::demo`.
+//! `sagas/order_fulfillment.toml` against RabbitMQ. See the library, `saga_demo`.
 #![cfg_attr(
     not(test),
     deny(
@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use saga::demo::{self, DemoConfig, FailRule};
+use saga_demo::{self as demo, DemoConfig, FailRule};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]

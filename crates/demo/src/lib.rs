@@ -30,6 +30,15 @@
 //!
 //! Injected failures are recorded like successes, so a redelivered command gets the same answer,
 //! and they apply no effect.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -51,9 +60,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, warn};
 use uuid::Uuid;
 
-use crate::broker;
-use crate::contract::{self, CommandBody, ReplyBody, ReplyOutcome};
-use crate::telemetry;
+use saga::broker;
+use saga::contract::{self, CommandBody, ReplyBody, ReplyOutcome};
+use saga::telemetry;
 
 /// The demo tables. Idempotent, so every demo process may run it at start.
 pub const SCHEMA: &str = r#"
@@ -133,7 +142,7 @@ const REQUEUE_DELAY: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
     pub amqp_url: String,
-    /// Extra CA certificates (PEM) for an `amqps://` URL, from [`crate::broker::load_amqp_ca`].
+    /// Extra CA certificates (PEM) for an `amqps://` URL, from [`saga::broker::load_amqp_ca`].
     pub amqp_ca: Option<std::sync::Arc<str>>,
     pub database_url: String,
     pub participants: Vec<String>,
@@ -461,7 +470,7 @@ struct Session {
 
 impl Session {
     async fn start(config: &DemoConfig) -> anyhow::Result<Session> {
-        let connection = crate::broker::connect(&config.amqp_url, config.amqp_ca.as_deref())
+        let connection = broker::connect(&config.amqp_url, config.amqp_ca.as_deref())
             .await
             .context("cannot connect to RabbitMQ")?;
         let publisher = connection.create_channel().await?;

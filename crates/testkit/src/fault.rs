@@ -2,25 +2,26 @@
 //! `saga-demo` processes, a load generator that survives the faults, a poll for "every saga
 //! ended", and the invariants every scenario must keep ("nothing lost, nothing done twice").
 //!
-//! The database and vhost of each test come from [`TestEnv`] (`tests/it/helpers.rs`).
+//! The database and vhost of each test come from [`TestEnv`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use saga::proto::v1 as pb;
-use saga::proto::v1::saga_service_client::SagaServiceClient;
+use saga_proto::v1 as pb;
+use saga_proto::v1::saga_service_client::SagaServiceClient;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
-use crate::helpers::TestEnv;
+use crate::bins::{built_bin, target_tmp};
+use crate::env::TestEnv;
+use crate::process::{Proc, free_addr};
 
 /// Sagas per scenario.
 pub const SAGAS: usize = 300;
@@ -39,93 +40,9 @@ pub const DEMO_LATENCY: Duration = Duration::from_millis(50);
 
 /// Where the child processes of a test write their logs (kept after the run, for diagnosis).
 pub fn log_dir(env: &TestEnv) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("fault-logs")
-        .join(&env.name);
+    let dir = target_tmp().join("fault-logs").join(&env.name);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A free local port: bind port 0, read the port, release it. `sagad` does not report the port
-/// it bound, so it is told one.
-pub fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
-/// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing behind.
-struct Proc {
-    child: Option<Child>,
-    what: String,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, what: String, log: PathBuf) -> Proc {
-        let out = File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {what}: {e}"));
-        Proc {
-            child: Some(child),
-            what,
-            log,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("process running").id()
-    }
-
-    /// Exit status if the process has ended.
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // `Child::kill` is SIGKILL on Unix: no shutdown code runs.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Sends SIGTERM and polls for the exit until `within`.
-    async fn sigterm(&mut self, within: Duration) -> ExitStatus {
-        let pid = self.pid().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(sent.success(), "kill -TERM {pid} failed");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.exited() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {within:?} of SIGTERM; log: {}",
-                self.what,
-                self.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 /// A `sagad` process on the test's database and vhost.
@@ -138,7 +55,7 @@ impl Sagad {
     /// Starts `sagad` and waits until its API answers (which needs the database too).
     pub async fn spawn(env: &TestEnv, definitions: &Path, label: &str) -> Sagad {
         let addr = free_addr();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sagad"));
+        let mut cmd = Command::new(built_bin("sagad"));
         cmd.args(["--database-url", &env.database_url()])
             .args(["--amqp-url", &env.amqp_url()])
             .args(["--listen", &addr.to_string()])
@@ -157,7 +74,8 @@ impl Sagad {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn,lapin=warn".into()),
             );
         let log = log_dir(env).join(format!("sagad-{label}.log"));
-        let mut proc = Proc::spawn(cmd, format!("sagad {label}"), log);
+        let mut proc =
+            Proc::spawn(cmd, format!("sagad {label}"), log).unwrap_or_else(|e| panic!("{e}"));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = proc.exited() {
@@ -211,7 +129,7 @@ pub struct DemoProcess {
 
 impl DemoProcess {
     pub fn spawn(env: &TestEnv, label: &str, args: &[&str]) -> DemoProcess {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_saga-demo"));
+        let mut cmd = Command::new(built_bin("saga-demo"));
         cmd.args(["--amqp-url", &env.amqp_url()])
             .args(["--database-url", &env.database_url()])
             .args(["--latency", &format!("{}ms", DEMO_LATENCY.as_millis())])
@@ -219,7 +137,8 @@ impl DemoProcess {
             .env("RUST_LOG", "info,sqlx=warn,lapin=warn");
         let log = log_dir(env).join(format!("saga-demo-{label}.log"));
         DemoProcess {
-            proc: Proc::spawn(cmd, format!("saga-demo {label}"), log),
+            proc: Proc::spawn(cmd, format!("saga-demo {label}"), log)
+                .unwrap_or_else(|e| panic!("{e}")),
         }
     }
 

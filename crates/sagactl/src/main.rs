@@ -18,13 +18,13 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use saga::cli::{self, FilterArgs, RedriveOutcome};
-use saga::proto::v1::admin_service_client::AdminServiceClient;
-use saga::proto::v1::saga_service_client::SagaServiceClient;
-use saga::proto::v1::{
+use saga_proto::v1::admin_service_client::AdminServiceClient;
+use saga_proto::v1::saga_service_client::SagaServiceClient;
+use saga_proto::v1::{
     CountSagasRequest, GetSagaRequest, ListParticipantsRequest, ParticipantRequest, RedriveRequest,
     RepairRequest, Saga, SkipStepRequest, StartSagaRequest, WatchSagaRequest,
 };
+use sagactl::cli::{self, FilterArgs, RedriveOutcome};
 use serde_json::Value;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
@@ -779,7 +779,7 @@ async fn counts(global: &Global, cmd: CountsArgs) -> anyhow::Result<String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
-    use saga::cli::StatusFilter;
+    use sagactl::cli::StatusFilter;
 
     #[test]
     fn cli_definition_is_consistent() {

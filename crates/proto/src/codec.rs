@@ -50,7 +50,7 @@ impl<U: Message + Default> tonic::codec::Decoder for Decoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         // prost's decoder fails only on bytes that are not a valid message.
         self.0.decode(buf).map_err(|e| {
-            Status::invalid_argument(crate::contract::reason(&format!(
+            Status::invalid_argument(saga_contract::reason(&format!(
                 "malformed protobuf message: {}",
                 e.message()
             )))

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 
-use crate::proto::v1::{
+use saga_proto::v1::{
     CircuitState, CommandKind, CountSagasResponse, HistoryEvent, ListSagasRequest, Outcome,
     Participant, RedriveProgress, RedriveRequest, Saga, SagaStatus, SagaSummary, StartSagaResponse,
     StepAttempt,
@@ -1731,7 +1731,7 @@ mod tests {
 
     #[test]
     fn counts_by_status_then_by_step() {
-        use crate::proto::v1::{StatusCount, StepCount};
+        use saga_proto::v1::{StatusCount, StepCount};
         let resp = CountSagasResponse {
             by_status: vec![
                 StatusCount {
