@@ -204,3 +204,39 @@ async def test_stop_finishes_the_commands_in_flight_then_stops_consuming(env: En
             q = await ch.declare_queue("saga.participant.payment", passive=True)
             assert q.declaration_result.message_count == 1
             assert await b.payments(after.saga_id) == []
+
+
+async def test_the_guide_example_runs(env: Env) -> None:
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    async with await psycopg.AsyncConnection.connect(env.shop_url, autocommit=True) as c:
+        await c.execute(
+            "CREATE TABLE payments (saga_id uuid PRIMARY KEY, amount_cents bigint, state text)"
+        )
+    path = Path(__file__).parents[1] / "examples" / "payment.py"
+    os.environ["AMQP_URL"], os.environ["DATABASE_URL"] = env.amqp_url, env.shop_url
+    try:
+        spec = importlib.util.spec_from_file_location("guide_payment", path)
+        assert spec is not None and spec.loader is not None
+        example = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(example)
+    finally:
+        del os.environ["AMQP_URL"], os.environ["DATABASE_URL"]
+    participant: Participant = example.payment
+    task = asyncio.create_task(participant.run())
+    try:
+        await asyncio.wait_for(participant.wait_ready(), 30)
+        async with CommandKit(env.amqp_url, "payment") as kit:
+            pay = kit.command("authorize_payment", input={"amount_cents": 4200})
+            await kit.send(pay)
+            assert (await kit.reply(pay))["outcome"] == "success"
+            undo = pay.with_(command_id=pay.retry().command_id, command="refund_payment",
+                             kind="compensation", step="authorize_payment")
+            await kit.send(undo)
+            assert (await kit.reply(undo))["outcome"] == "success"
+        assert await env.rows("SELECT amount_cents, state FROM payments") == [(4200, "refunded")]
+    finally:
+        participant.stop()
+        await asyncio.wait_for(task, 30)
