@@ -240,3 +240,62 @@ async def test_the_guide_example_runs(env: Env) -> None:
     finally:
         participant.stop()
         await asyncio.wait_for(task, 30)
+
+
+async def test_a_handler_that_swallows_a_database_error_is_a_transient_failure(env: Env) -> None:
+    async with await psycopg.AsyncConnection.connect(env.shop_url, autocommit=True) as c:
+        await c.execute("CREATE TABLE notes (saga_id uuid PRIMARY KEY)")
+    p = Participant("notes", amqp_url=env.amqp_url, database_url=env.shop_url)
+
+    @p.action("note")
+    async def note(cmd: Command, conn: Conn) -> Success:
+        await conn.execute("INSERT INTO notes VALUES (%s)", (cmd.saga_id,))
+        try:
+            await conn.execute("SELECT 1/0")
+        except psycopg.Error:
+            pass  # the transaction is failed now; returning success cannot commit it
+        return Success()
+
+    task = asyncio.create_task(p.run())
+    try:
+        await asyncio.wait_for(p.wait_ready(), 30)
+        async with CommandKit(env.amqp_url, "notes") as kit:
+            cmd = kit.command("note")
+            await kit.send(cmd)
+            reply = await kit.reply(cmd)
+            assert reply["retryable"] is True and "transaction failed" in reply["reason"]
+        assert await env.rows("SELECT count(*) FROM notes") == [(0,)]
+    finally:
+        p.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def _close_connections(vhost: str) -> int:
+    """Closes every client connection of ``vhost`` (only that vhost's), as a broker restart
+    would."""
+    import subprocess
+
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "--no-table-headers", "vhost", "pid"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    pids = [line.split("\t", 1)[1] for line in listed if line.split("\t", 1)[0] == vhost]
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "-q", "close_connection", pid, "test: broker restart"],
+                       capture_output=True, check=True)
+    return len(pids)
+
+
+async def test_the_participant_reconnects_after_losing_the_broker(env: Env, bank: Bank) -> None:
+    assert await asyncio.to_thread(_close_connections, env.vhost) >= 1
+
+    async def served_again() -> bool:
+        try:
+            async with CommandKit(env.amqp_url, "payment") as kit:
+                cmd = kit.command("authorize_payment", input={"amount": 4})
+                await kit.send(cmd)
+                return (await kit.reply(cmd, timeout=5))["outcome"] == "success"
+        except TimeoutError:
+            return False
+
+    assert await poll("the participant to serve commands again", served_again, timeout=60)

@@ -98,6 +98,23 @@ async def _call(handler: Handler, command: Command, conn: psycopg.AsyncConnectio
         ) from None
 
 
+async def _record(
+    conn: psycopg.AsyncConnection[Any], command: Command, sql: str, params: tuple[Any, ...]
+) -> None:
+    """Records the step after a successful handler, in its savepoint. If that fails while the
+    connection is fine, the handler left the transaction failed (it caught a database error
+    and returned success anyway): a transient failure, rolled back, not a redelivery loop."""
+    try:
+        await conn.execute(sql, params)
+    except psycopg.Error as e:
+        if conn.broken or conn.closed:
+            raise
+        raise _Rollback(
+            failure_reply(command, f"the handler left its transaction failed: {e}", True),
+            "transaction failed",
+        ) from None
+
+
 async def process(
     conn: psycopg.AsyncConnection[Any],
     participant: str,
@@ -165,7 +182,9 @@ async def _action(
             )
             if cur.rowcount == 1:
                 output = await _call(handler, command, conn)
-                await conn.execute(
+                await _record(
+                    conn,
+                    command,
                     "UPDATE saga_barrier_steps SET action_output = %s::jsonb"
                     " WHERE saga_id = %s AND step = %s",
                     (output, command.saga_id, command.step),
@@ -219,7 +238,9 @@ async def _compensation(
     try:
         async with conn.transaction():
             output = await _call(handler, command, conn)
-            await conn.execute(
+            await _record(
+                conn,
+                command,
                 "UPDATE saga_barrier_steps SET state = 'compensated',"
                 " compensation_command_id = %s, compensation_output = %s::jsonb,"
                 " updated_at = now() WHERE saga_id = %s AND step = %s",
