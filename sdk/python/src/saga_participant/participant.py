@@ -222,6 +222,10 @@ class Participant:
             consume_channel = await connection.channel(publisher_confirms=False)
             await consume_channel.set_qos(prefetch_count=self.prefetch)
             publisher = await connection.channel(publisher_confirms=True, on_return_raises=False)
+            # A channel the broker closed (a channel error) ends the session too: without it the
+            # consumer would be gone while the connection looks healthy.
+            for channel in (consume_channel, publisher):
+                channel.close_callbacks.add(lambda *_: closed.set())
             queue = await self._topology(consume_channel)
 
             async def on_message(message: AbstractIncomingMessage) -> None:
@@ -245,7 +249,7 @@ class Participant:
                 # and the stored replies answer their redeliveries.
                 for task in list(self._in_flight):
                     task.cancel()
-                raise ConnectionError("the broker connection closed")
+                raise ConnectionError("the broker closed the connection or a channel")
             # Graceful stop: no new commands, finish the ones in flight, then close.
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
