@@ -1334,41 +1334,13 @@ impl fmt::Display for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::definition::{RetryPolicy, Step};
     use crate::engine::Event;
     use crate::graph::{Command, NoData, Transition};
     use std::path::Path;
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
 
-    fn def(steps: &[(&str, Option<&[usize]>, bool)], pivot: usize) -> Definition {
-        Definition {
-            name: "g".into(),
-            version: 1,
-            description: String::new(),
-            steps: steps
-                .iter()
-                .map(|(name, after, comp)| Step {
-                    name: (*name).into(),
-                    participant: "p".into(),
-                    action: format!("do_{name}"),
-                    compensation: comp.then(|| format!("undo_{name}")),
-                    timeout: Duration::from_secs(10),
-                    retry: RetryPolicy {
-                        max_attempts: 3,
-                        initial_backoff: Duration::from_millis(100),
-                        max_backoff: Duration::from_secs(1),
-                        multiplier: 2.0,
-                    },
-                    after: after.map(<[usize]>::to_vec),
-                    when: None,
-                    input: None,
-                    compensation_input: None,
-                })
-                .collect(),
-            pivot,
-            compensation_max_attempts: 10,
-        }
-    }
+    // The checker caps attempts itself, so the graph tests' definitions serve as they are.
+    use crate::graph::tests::graph_def as def;
 
     /// create -> (pay ∥ accept ∥ coupon when ...) -> dispatch (pivot) -> notify
     fn food() -> (Definition, Shape) {

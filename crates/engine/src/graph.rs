@@ -1456,7 +1456,7 @@ impl Machine<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::definition::RetryPolicy;
     use std::collections::HashMap;
