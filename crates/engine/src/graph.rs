@@ -1496,6 +1496,48 @@ pub(crate) mod tests {
         }
     }
 
+    #[test]
+    fn data_facts_evaluate_a_definitions_conditions_and_mappings_on_the_sagas_data() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../docs/examples/food_delivery.toml");
+        let def =
+            crate::definition::parse(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
+        let at = |name: &str| def.step_index(name).unwrap();
+        let mut outputs = vec![None; def.steps.len()];
+        outputs[at("create_order")] = Some(json!({"order_id": "o-1"}));
+        outputs[at("authorize_payment")] = Some(json!({"authorization": "au-9"}));
+        let facts = |input: &Value| {
+            let data = crate::expr::Data {
+                input,
+                saga_id: Uuid::nil(),
+                outputs: &outputs,
+            };
+            (
+                DataFacts { def: &def, data }.condition(at("redeem_coupon")),
+                DataFacts { def: &def, data }.command_input(at("authorize_payment"), Kind::Action),
+                DataFacts { def: &def, data }
+                    .command_input(at("authorize_payment"), Kind::Compensation),
+                DataFacts { def: &def, data }.condition(at("create_order")),
+            )
+        };
+        let with = json!({"coupon": "TEN", "amount_cents": 4200});
+        let (when, input, undo, none) = facts(&with);
+        assert_eq!(when, Ok(Some(true)));
+        assert_eq!(
+            input,
+            Ok(Some(
+                json!({"order_id": "o-1", "amount_cents": 4200, "currency": "KRW"})
+            ))
+        );
+        assert_eq!(undo, Ok(Some(json!({"authorization": "au-9"}))));
+        assert_eq!(none, Ok(None), "a step without `when` has no condition");
+        let (when, input, _, _) = facts(&json!({"coupon": ""}));
+        assert_eq!(when, Ok(Some(false)));
+        // A field the mapping reads is missing: an error naming the step, not a panic.
+        let err = input.unwrap_err();
+        assert!(err.starts_with("step authorize_payment: "), "{err}");
+    }
+
     /// a -> (b ∥ c) -> d (pivot) -> e
     fn diamond() -> Definition {
         graph_def(
