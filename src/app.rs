@@ -74,8 +74,7 @@ impl Application {
         shutdown: CancellationToken,
     ) -> Result<Application, StartupError> {
         settings.validate()?;
-        // The engine this build runs is a corridor: graph definitions are refused until it is not.
-        let defs = definition::load_dir_linear(&settings.definitions)?;
+        let defs = definition::load_dir(&settings.definitions)?;
         if defs.is_empty() {
             return Err(StartupError::NoDefinitions(
                 settings.definitions.display().to_string(),

@@ -28,7 +28,7 @@
 )]
 
 pub use saga_contract as contract;
-pub use saga_engine::{definition, engine, explore, graph};
+pub use saga_engine::{definition, engine, explore, expr, graph};
 pub use saga_proto as proto;
 
 pub mod api;

@@ -33,13 +33,16 @@ impl AdminApi {
         req: &Request<T>,
         saga_id: &str,
         reason: &str,
+        step: &str,
         repair: Repair,
     ) -> Result<Response<pb::RepairResponse>, Status> {
         let id = parse_id("saga_id", saga_id)?;
         let by = operator(req, reason)?;
-        tracing::info!(saga_id = %id, action = repair.name(), actor = %by.actor, reason = %by.reason, "operator repair");
+        let step = step.trim();
+        let step = (!step.is_empty()).then_some(step);
+        tracing::info!(saga_id = %id, action = repair.name(), step, actor = %by.actor, reason = %by.reason, "operator repair");
         self.driver
-            .repair(id, repair, &by)
+            .repair(id, repair, step, &by)
             .await
             .map_err(status_of)?;
         let (saga, attempts, history) = self
@@ -50,7 +53,7 @@ impl AdminApi {
             .map_err(status_of)?
             .ok_or_else(|| status_of(DriverError::SagaNotFound(id)))?;
         Ok(Response::new(pb::RepairResponse {
-            saga: Some(saga_to_pb(saga, attempts, history)),
+            saga: Some(saga_to_pb(self.driver.registry(), saga, attempts, history)),
         }))
     }
 }
@@ -84,8 +87,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         req: Request<pb::RepairRequest>,
     ) -> Result<Response<pb::RepairResponse>, Status> {
-        let (id, reason) = (req.get_ref().saga_id.clone(), req.get_ref().reason.clone());
-        self.repair(&req, &id, &reason, Repair::RetryNow).await
+        let r = req.get_ref();
+        let (id, reason, step) = (r.saga_id.clone(), r.reason.clone(), r.step.clone());
+        self.repair(&req, &id, &reason, &step, Repair::RetryNow)
+            .await
     }
 
     async fn skip_step(
@@ -98,8 +103,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
         } else {
             parse_json("output_json", &r.output_json)?
         };
-        let (id, reason) = (r.saga_id.clone(), r.reason.clone());
-        self.repair(&req, &id, &reason, Repair::Skip { output })
+        let (id, reason, step) = (r.saga_id.clone(), r.reason.clone(), r.step.clone());
+        self.repair(&req, &id, &reason, &step, Repair::Skip { output })
             .await
     }
 
@@ -108,15 +113,18 @@ impl pb::admin_service_server::AdminService for AdminApi {
         req: Request<pb::RepairRequest>,
     ) -> Result<Response<pb::RepairResponse>, Status> {
         let (id, reason) = (req.get_ref().saga_id.clone(), req.get_ref().reason.clone());
-        self.repair(&req, &id, &reason, Repair::Compensate).await
+        self.repair(&req, &id, &reason, "", Repair::Compensate)
+            .await
     }
 
     async fn resolve_saga(
         &self,
         req: Request<pb::RepairRequest>,
     ) -> Result<Response<pb::RepairResponse>, Status> {
-        let (id, reason) = (req.get_ref().saga_id.clone(), req.get_ref().reason.clone());
-        self.repair(&req, &id, &reason, Repair::Resolve).await
+        let r = req.get_ref();
+        let (id, reason, step) = (r.saga_id.clone(), r.reason.clone(), r.step.clone());
+        self.repair(&req, &id, &reason, &step, Repair::Resolve)
+            .await
     }
 
     async fn redrive(

@@ -6,7 +6,9 @@ use time::OffsetDateTime;
 use tonic::Status;
 
 use crate::breaker::Circuit;
+use crate::definition::{Definition, Registry};
 use crate::engine::{self, Kind};
+use crate::graph::GraphState;
 use crate::proto::v1 as pb;
 use crate::store::{self, ListFilter};
 
@@ -116,16 +118,23 @@ pub fn filter_from_pb(
 }
 
 pub fn saga_to_pb(
+    registry: &Registry,
     saga: store::SagaRecord,
     attempts: Vec<store::AttemptRecord>,
     history: Vec<store::HistoryRecord>,
 ) -> pb::Saga {
+    let steps = match registry.get(&saga.definition, saga.definition_version) {
+        Some(def) => steps_to_pb(&def, &saga.state),
+        None => Vec::new(),
+    };
     pb::Saga {
+        current_steps: saga.current_steps.clone(),
+        steps,
         id: saga.id.to_string(),
         definition: saga.definition,
         definition_version: saga.definition_version,
         status: status_to_pb(saga.state.status) as i32,
-        current_step: saga.current_step.unwrap_or_default(),
+        current_step: saga.current_steps.into_iter().next().unwrap_or_default(),
         input_json: saga.input.to_string(),
         outputs_json: saga.outputs.to_string(),
         idempotency_key: saga.idempotency_key.unwrap_or_default(),
@@ -143,11 +152,41 @@ pub fn summary_to_pb(s: store::SagaRecord) -> pb::SagaSummary {
         definition: s.definition,
         definition_version: s.definition_version,
         status: status_to_pb(s.state.status) as i32,
-        current_step: s.current_step.unwrap_or_default(),
+        current_step: s.current_steps.first().cloned().unwrap_or_default(),
+        current_steps: s.current_steps,
         created_at: Some(timestamp(s.created_at)),
         updated_at: Some(timestamp(s.updated_at)),
         error: s.state.error.unwrap_or_default(),
     }
+}
+
+/// Each step of `def` with its state in `state` (none if the two disagree in length: a saga that
+/// ended before step states were kept).
+fn steps_to_pb(def: &Definition, state: &GraphState) -> Vec<pb::StepState> {
+    if state.steps.len() != def.steps.len() {
+        return Vec::new();
+    }
+    let names = |ids: Vec<usize>| -> Vec<String> {
+        ids.into_iter()
+            .filter_map(|i| def.steps.get(i).map(|s| s.name.clone()))
+            .collect()
+    };
+    def.steps
+        .iter()
+        .zip(&state.steps)
+        .enumerate()
+        .map(|(i, (step, st))| pb::StepState {
+            name: step.name.clone(),
+            participant: step.participant.clone(),
+            state: st.as_str().to_string(),
+            attempt: st.attempt(),
+            command_id: st.command_id().map(|c| c.to_string()).unwrap_or_default(),
+            wake_at: st.wake_at().map(timestamp),
+            reason: st.reason().unwrap_or_default().to_string(),
+            after: names(def.deps(i)),
+            pivot: def.pivot == i,
+        })
+        .collect()
 }
 
 fn attempt_to_pb(a: store::AttemptRecord) -> pb::StepAttempt {

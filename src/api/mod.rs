@@ -328,7 +328,12 @@ impl pb::saga_service_server::SagaService for SagaApi {
             .map_err(status_of)?
             .ok_or_else(|| saga_not_found(id))?;
         readable(&caller(&req), id, saga.started_by.as_deref())?;
-        Ok(Response::new(saga_to_pb(saga, attempts, history)))
+        Ok(Response::new(saga_to_pb(
+            self.driver.registry(),
+            saga,
+            attempts,
+            history,
+        )))
     }
 
     async fn list_sagas(

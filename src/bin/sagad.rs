@@ -100,8 +100,6 @@ async fn main() -> ExitCode {
 }
 
 fn check(dir: &std::path::Path, explain: bool) -> anyhow::Result<()> {
-    // Every file is checked in full, graphs too, so an author sees the whole verdict; what this
-    // build cannot serve yet is refused afterwards, exactly as `serve` would.
     let defs = definition::load_dir(dir)?;
     // `serve` would refuse an empty directory: so does the check that precedes it.
     if defs.is_empty() {
@@ -140,7 +138,6 @@ fn check(dir: &std::path::Path, explain: bool) -> anyhow::Result<()> {
             failed.join(", ")
         );
     }
-    definition::load_dir_linear(dir)?;
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The driver: the one place a saga moves. It owns what a transition needs from the outside
 //! world (the definitions, the clock, fresh ids and jitter) and what a commit tells the rest of
 //! the process (metrics, the relay's wake-up, the watchers' feed), and it is the only caller of
-//! [`engine::apply`] and [`engine::repair`].
+//! the engine ([`graph::Graph::apply`] and [`graph::Graph::repair`]), to which it answers what a
+//! step's condition and mapped input say on the saga's data.
 //!
 //! Every transition follows one sequence, written once in [`Driver::transact`]: lock the sagas,
 //! find each one's definition, run the engine, stage the rows, write them, commit, then signal.
@@ -21,7 +22,9 @@ use uuid::Uuid;
 use crate::breaker::CircuitSettings;
 use crate::clock::Clock;
 use crate::definition::{Definition, Registry};
-use crate::engine::{self, Ctx, Event, Operator, Outcome, Repair, SagaState, Status};
+use crate::engine::{Ctx, Event, Operator, Outcome, Repair, Status};
+use crate::expr::Data;
+use crate::graph::{self, DataFacts, Graph, GraphState, NoData};
 use crate::metrics::Metrics;
 use crate::store::{
     Flushed, ParticipantRecord, ReplyTargets, SagaRecord, Store, StoreError, Writes,
@@ -191,21 +194,30 @@ impl Batch<'_> {
         record: &mut SagaRecord,
         event: Event,
     ) -> Result<(bool, Status)> {
-        let t = engine::apply(def, &record.state, event, self.driver.ctx(self.now));
+        let ctx = self.driver.ctx(self.now);
+        let t = with_facts(def, record, |facts| {
+            Graph::new(def).apply(&record.state, event, ctx, facts)
+        });
         let changed = t.state != record.state;
         let status = self.writes.stage(def, record, t, self.now)?;
         Ok((changed, status))
     }
 
-    /// Runs an operator's repair on `record`; `Ok(Err(why))` if the engine refused it.
+    /// Runs an operator's repair on `record` (on `step`, by name, when the repair acts on one);
+    /// `Ok(Err(why))` if the engine refused it.
     fn repair(
         &mut self,
         def: &Definition,
         record: &mut SagaRecord,
         repair: Repair,
+        step: Option<&str>,
         by: &Operator,
     ) -> Result<Result<(), String>> {
-        match engine::repair(def, &record.state, repair, by, self.driver.ctx(self.now)) {
+        let ctx = self.driver.ctx(self.now);
+        let t = with_facts(def, record, |facts| {
+            Graph::new(def).repair(&record.state, repair, step, by, ctx, facts)
+        });
+        match t {
             Ok(t) => {
                 self.writes.stage(def, record, t, self.now)?;
                 Ok(Ok(()))
@@ -213,6 +225,29 @@ impl Batch<'_> {
             Err(refused) => Ok(Err(refused.0)),
         }
     }
+}
+
+/// Calls `f` with what the saga's data says about its definition's conditions and mappings:
+/// nothing to read for a definition without any (no outputs are gathered for it).
+fn with_facts<R>(
+    def: &Definition,
+    record: &SagaRecord,
+    f: impl FnOnce(&dyn graph::Facts) -> R,
+) -> R {
+    if !def.needs_data() {
+        return f(&NoData);
+    }
+    let outputs: Vec<Option<Value>> = def
+        .steps
+        .iter()
+        .map(|s| record.outputs.get(&s.name).cloned())
+        .collect();
+    let data = Data {
+        input: &record.input,
+        saga_id: record.id,
+        outputs: &outputs,
+    };
+    f(&DataFacts { def, data })
 }
 
 impl Driver {
@@ -353,13 +388,13 @@ impl Driver {
             id,
             definition: def.name.clone(),
             definition_version: def.version,
-            state: SagaState::new(),
+            state: GraphState::new(def),
             input,
             outputs: json!({}),
             idempotency_key: idempotency_key.map(str::to_owned),
             created_at: now,
             updated_at: now,
-            current_step: None,
+            current_steps: Vec::new(),
             traceparent,
             started_by: started_by.map(str::to_owned),
         };
@@ -471,8 +506,15 @@ impl Driver {
         .await
     }
 
-    /// An operator's repair of one saga, recorded in its history with `by`.
-    pub async fn repair(&self, id: Uuid, repair: Repair, by: &Operator) -> Result<()> {
+    /// An operator's repair of one saga, recorded in its history with `by`. `step` names the
+    /// step a retry or skip acts on; it may be left out when only one step is current.
+    pub async fn repair(
+        &self,
+        id: Uuid,
+        repair: Repair,
+        step: Option<&str>,
+        by: &Operator,
+    ) -> Result<()> {
         self.transact(Lock::Saga(id), |batch, locked| {
             let mut record = locked
                 .sagas()
@@ -481,7 +523,7 @@ impl Driver {
                 .ok_or(DriverError::SagaNotFound(id))?;
             let def = batch.definition(&record)?;
             batch
-                .repair(&def, &mut record, repair, by)?
+                .repair(&def, &mut record, repair, step, by)?
                 .map_err(DriverError::Refused)
         })
         .await
@@ -495,9 +537,19 @@ impl Driver {
                 let (mut retried, mut skipped) = (Vec::new(), Vec::new());
                 for mut record in locked.sagas() {
                     let def = batch.definition(&record)?;
-                    match batch.repair(&def, &mut record, Repair::RetryNow, by)? {
-                        Ok(()) => retried.push(record.id),
-                        Err(_) => skipped.push(record.id),
+                    // Each current step of a saga with parallel branches is retried in turn
+                    // (each transition starts from the one before); those whose state refuses
+                    // a retry (an action only awaited while compensating) are left as they are.
+                    let mut any = false;
+                    for step in record.current_steps.clone() {
+                        let repair = Repair::RetryNow;
+                        any |= batch
+                            .repair(&def, &mut record, repair, Some(&step), by)?
+                            .is_ok();
+                    }
+                    match any {
+                        true => retried.push(record.id),
+                        false => skipped.push(record.id),
                     }
                 }
                 Ok((retried, skipped))

@@ -53,11 +53,14 @@ impl Store {
         .map(|r| Ok((parse_status(r)?, r.try_get::<i64, _>("n")?.max(0) as u64)))
         .collect::<Result<Vec<_>>>()?;
         let by_step = sqlx::query(
-            "SELECT definition, current_step, current_participant, status, count(*) AS n, min(updated_at) AS oldest \
-             FROM sagas WHERE status IN ('running', 'compensating', 'needs_operator') \
+            // A saga with several current steps counts at each of them.
+            "SELECT definition, c.step AS current_step, c.participant AS current_participant, status, \
+               count(*) AS n, min(updated_at) AS oldest \
+             FROM sagas LEFT JOIN LATERAL unnest(current_steps, current_participants) AS c(step, participant) ON true \
+             WHERE status IN ('running', 'compensating', 'needs_operator') \
                AND ($1::text IS NULL OR definition = $1) \
-             GROUP BY definition, current_step, current_participant, status \
-             ORDER BY definition, current_step, status",
+             GROUP BY definition, c.step, c.participant, status \
+             ORDER BY definition, c.step, status",
         )
         .bind(definition)
         .fetch_all(&mut *tx)

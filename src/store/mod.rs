@@ -17,13 +17,14 @@ use uuid::Uuid;
 
 use crate::breaker::CircuitSettings;
 use crate::definition::{Definition, Registry};
-use crate::engine::{Kind, SagaState, Status, Waiting};
+use crate::engine::{Kind, Status};
+use crate::graph::{GraphState, StepState};
 
 /// The columns [`saga_from_row`] reads; a macro so queries stay `&'static str` literals.
 macro_rules! saga_columns {
     () => {
-        "id, definition, definition_version, status, step, kind, attempt, command_id, wake_at, \
-         input, outputs, error, idempotency_key, created_at, updated_at, current_step, traceparent, started_by"
+        "id, definition, definition_version, status, graph, error, input, outputs, idempotency_key, \
+         created_at, updated_at, current_steps, traceparent, started_by"
     };
 }
 
@@ -75,14 +76,15 @@ pub struct SagaRecord {
     pub id: Uuid,
     pub definition: String,
     pub definition_version: u32,
-    pub state: SagaState,
+    pub state: GraphState,
     pub input: Value,
     pub outputs: Value,
     pub idempotency_key: Option<String>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
-    /// The step being executed or compensated; `None` once finished.
-    pub current_step: Option<String>,
+    /// The steps being executed, retried or compensated, or blocked on, in definition order;
+    /// none once finished.
+    pub current_steps: Vec<String>,
     /// W3C trace context of the call that started the saga.
     pub traceparent: Option<String>,
     /// Name of the API token that started it (none without authentication).
@@ -122,9 +124,9 @@ pub struct ListFilter {
     pub definition_version: Option<u32>,
     /// Only unfinished sagas not updated since this time.
     pub stuck_since: Option<OffsetDateTime>,
-    /// Only unfinished sagas whose current step runs on this participant.
+    /// Only unfinished sagas with a current step on this participant.
     pub participant: Option<String>,
-    /// Only unfinished sagas whose current step is this one.
+    /// Only unfinished sagas with this step among their current ones.
     pub step: Option<String>,
     pub created_after: Option<OffsetDateTime>,
     pub created_before: Option<OffsetDateTime>,
@@ -505,14 +507,15 @@ impl Tx {
     }
 
     /// Locks up to `limit` sagas whose wake-up time has passed at `now`, skipping rows another
-    /// replica holds, and those whose command still waits in the outbox (a held participant's
-    /// deadline only runs once its command is out).
+    /// replica holds, and those with a command still waiting in the outbox (a held
+    /// participant's deadline only runs once its command is out; the saga's other timers wait
+    /// with it, which only delays them).
     pub async fn lock_due(&mut self, now: OffsetDateTime, limit: i64) -> Result<Vec<SagaRecord>> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             saga_columns!(),
             " FROM sagas WHERE wake_at <= $1 \
-             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = sagas.command_id) \
+             AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.message_id = ANY(sagas.command_ids)) \
              ORDER BY wake_at LIMIT $2 FOR UPDATE OF sagas SKIP LOCKED"
         ))
         .bind(now)
@@ -551,7 +554,10 @@ impl Tx {
         // itself, read now that the locks are held.
         let awaited = |command_id: &Uuid, sent: &SentCommand| {
             targets.sagas.get(&sent.saga_id).is_some_and(|s| {
-                matches!(s.state.waiting, Waiting::Reply { command_id: c, .. } if c == *command_id)
+                s.state
+                    .steps
+                    .iter()
+                    .any(|st| st.command_id() == Some(*command_id))
             })
         };
         let others: Vec<Uuid> = targets
@@ -613,10 +619,11 @@ fn filtered(select: &'static str, f: &ListFilter) -> sqlx::QueryBuilder<Postgres
         q.push(" AND updated_at < ").push_bind(t);
     }
     if let Some(p) = &f.participant {
-        q.push(" AND current_participant = ").push_bind(p);
+        q.push(" AND current_participants @> ")
+            .push_bind(vec![p.clone()]);
     }
     if let Some(s) = &f.step {
-        q.push(" AND current_step = ").push_bind(s);
+        q.push(" AND current_steps @> ").push_bind(vec![s.clone()]);
     }
     for (t, cond) in [
         (f.created_after, " AND created_at >= "),
@@ -663,30 +670,44 @@ fn parse_kind(s: String) -> Result<Kind> {
     Kind::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("unknown kind {s:?}")))
 }
 
+/// The part of a saga's [`GraphState`] kept in the `graph` column (status and error have
+/// columns of their own).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct StoredGraph {
+    pub started: bool,
+    pub turned: bool,
+    pub steps: Vec<StepState>,
+}
+
 fn saga_from_row(row: &PgRow) -> Result<SagaRecord> {
-    let command_id: Option<Uuid> = row.try_get("command_id")?;
-    let wake_at: Option<OffsetDateTime> = row.try_get("wake_at")?;
-    let waiting = match (command_id, wake_at) {
-        (Some(command_id), Some(deadline)) => Waiting::Reply {
-            command_id,
-            deadline,
+    let id: Uuid = row.try_get("id")?;
+    let status = parse_status(row)?;
+    let graph: Option<Value> = row.try_get("graph")?;
+    let stored = match graph {
+        Some(g) => serde_json::from_value::<StoredGraph>(g)
+            .map_err(|e| StoreError::Corrupt(format!("saga {id}: step states: {e}")))?,
+        // Ended before sagas had step states (see the migration that added them).
+        None if status.is_terminal() => StoredGraph {
+            started: true,
+            turned: status == Status::Compensated,
+            steps: Vec::new(),
         },
-        (None, Some(at)) => Waiting::Retry { at },
-        (None, None) => Waiting::Nothing,
-        (Some(_), None) => return Err(StoreError::Corrupt("command without a deadline".into())),
+        None => {
+            return Err(StoreError::Corrupt(format!(
+                "saga {id} is {} but has no step states",
+                status.as_str()
+            )));
+        }
     };
-    let step: i32 = row.try_get("step")?;
-    let attempt: i32 = row.try_get("attempt")?;
     Ok(SagaRecord {
-        id: row.try_get("id")?,
+        id,
         definition: row.try_get("definition")?,
         definition_version: row.try_get::<i32, _>("definition_version")? as u32,
-        state: SagaState {
-            status: parse_status(row)?,
-            step: step as usize,
-            kind: parse_kind(row.try_get("kind")?)?,
-            attempt: attempt as u32,
-            waiting,
+        state: GraphState {
+            status,
+            started: stored.started,
+            turned: stored.turned,
+            steps: stored.steps,
             error: row.try_get("error")?,
         },
         input: row.try_get("input")?,
@@ -694,7 +715,7 @@ fn saga_from_row(row: &PgRow) -> Result<SagaRecord> {
         idempotency_key: row.try_get("idempotency_key")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
-        current_step: row.try_get("current_step")?,
+        current_steps: row.try_get("current_steps")?,
         traceparent: row.try_get("traceparent")?,
         started_by: row.try_get("started_by")?,
     })

@@ -12,26 +12,26 @@ use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Result, SagaRecord, StoreError, participants};
+use super::{Result, SagaRecord, StoreError, StoredGraph, participants};
 use crate::breaker::{self, CircuitSettings};
 use crate::contract::{self, CommandBody, render};
 use crate::definition::Definition;
-use crate::engine::{self, AttemptEnd, Effect, Kind, Outcome, Status, Waiting};
+use crate::engine::{AttemptEnd, Kind, Outcome, Status};
+use crate::graph::{self, Effect, GraphState};
 
 /// The new state of one saga; several transitions of the same saga in a batch coalesce here.
 struct SagaWrite {
     id: Uuid,
     status: &'static str,
-    step: i32,
-    kind: &'static str,
-    attempt: i32,
-    command_id: Option<Uuid>,
+    /// [`StoredGraph`] as JSON.
+    graph: Value,
     wake_at: Option<OffsetDateTime>,
     error: Option<String>,
     /// Outputs added by this batch, merged into the stored ones.
     new_outputs: Map<String, Value>,
-    current_step: Option<String>,
-    current_participant: Option<String>,
+    current_steps: Vec<String>,
+    current_participants: Vec<String>,
+    command_ids: Vec<Uuid>,
 }
 
 /// One row of `new_attempts` (see [`shared_writes!`]).
@@ -97,7 +97,7 @@ impl Writes {
         &mut self,
         def: &Definition,
         record: &mut SagaRecord,
-        t: engine::Transition,
+        t: graph::Transition,
         now: OffsetDateTime,
     ) -> Result<Status> {
         if t.is_noop() {
@@ -138,31 +138,25 @@ impl Writes {
         }
 
         let state = t.state;
-        let (command_id, wake_at) = match state.waiting {
-            Waiting::Nothing => (None, None),
-            Waiting::Reply {
-                command_id,
-                deadline,
-            } => (Some(command_id), Some(deadline)),
-            Waiting::Retry { at } => (None, Some(at)),
-        };
-        let current = match state.status.is_terminal() {
-            true => None,
-            false => Some(step_of(def, state.step)?),
-        };
-        record.current_step = current.map(|s| s.name.clone());
+        let current = state
+            .current()
+            .map(|i| step_of(def, i))
+            .collect::<Result<Vec<_>>>()?;
+        record.current_steps = current.iter().map(|s| s.name.clone()).collect();
         let write = SagaWrite {
             id: record.id,
             status: state.status.as_str(),
-            step: state.step as i32,
-            kind: state.kind.as_str(),
-            attempt: state.attempt as i32,
-            command_id,
-            wake_at,
+            graph: stored_graph(&state)?,
+            wake_at: state.wake_at(),
             error: state.error.clone(),
             new_outputs,
-            current_step: current.map(|s| s.name.clone()),
-            current_participant: current.map(|s| s.participant.clone()),
+            current_steps: record.current_steps.clone(),
+            current_participants: current.iter().map(|s| s.participant.clone()).collect(),
+            command_ids: state
+                .steps
+                .iter()
+                .filter_map(graph::StepState::command_id)
+                .collect(),
         };
         match self
             .saga_index
@@ -193,7 +187,7 @@ impl Writes {
         &mut self,
         def: &Definition,
         record: &SagaRecord,
-        cmd: &engine::Command,
+        cmd: &graph::Command,
     ) -> Result<()> {
         let step = step_of(def, cmd.step)?;
         let command = match cmd.kind {
@@ -213,6 +207,12 @@ impl Writes {
             deadline: cmd.deadline,
         });
 
+        // A step that maps its input is sent exactly that; the others, the saga's input and
+        // every output so far (the contract's body before graphs).
+        let (input, outputs) = match &cmd.input {
+            Some(mapped) => (mapped.clone(), Value::Object(Map::new())),
+            None => (record.input.clone(), record.outputs.clone()),
+        };
         let body = CommandBody {
             command_id: cmd.command_id,
             saga_id: record.id,
@@ -222,8 +222,8 @@ impl Writes {
             kind: cmd.kind.as_str().to_string(),
             command,
             attempt: cmd.attempt,
-            input: record.input.clone(),
-            outputs: record.outputs.clone(),
+            input,
+            outputs,
         };
         let out = render::command(&step.participant, &body, record.traceparent.as_deref())
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -433,6 +433,15 @@ impl Writes {
     }
 }
 
+fn stored_graph(state: &GraphState) -> Result<Value> {
+    serde_json::to_value(StoredGraph {
+        started: state.started,
+        turned: state.turned,
+        steps: state.steps.clone(),
+    })
+    .map_err(|e| StoreError::Corrupt(format!("step states: {e}")))
+}
+
 /// A step of the definition by the index the engine gave; out of range only if the stored saga
 /// and its definition disagree.
 fn step_of(def: &Definition, step: usize) -> Result<&crate::definition::Step> {
@@ -536,7 +545,7 @@ fn bind_shared<'q>(
         .bind(body)
 }
 
-/// Binds $21 to $38 of [`TRANSITION`]: the attempts that ended, then the sagas' new states
+/// Binds $21 to $36 of [`TRANSITION`]: the attempts that ended, then the sagas' new states
 /// with the outputs they added.
 fn bind_transition<'q>(q: PgQuery<'q>, ended: &[Ended], sagas: Vec<SagaWrite>) -> PgQuery<'q> {
     let e = ended;
@@ -552,7 +561,7 @@ fn bind_transition<'q>(q: PgQuery<'q>, ended: &[Ended], sagas: Vec<SagaWrite>) -
     states.bind(q).bind(outputs)
 }
 
-/// Binds $21 to $37 of [`START`]: the new sagas' states, then what only a new row has.
+/// Binds $21 to $35 of [`START`]: the new sagas' states, then what only a new row has.
 fn bind_start<'q>(q: PgQuery<'q>, sagas: Vec<SagaWrite>, records: &'q [SagaRecord]) -> PgQuery<'q> {
     let (states, _) = SagaStates::of(sagas);
     let r = records;
@@ -583,21 +592,20 @@ fn bind_start<'q>(q: PgQuery<'q>, sagas: Vec<SagaWrite>, records: &'q [SagaRecor
         )
 }
 
-/// The sagas' new states column by column (id, status, step, kind, attempt, command_id,
-/// wake_at, error, current_step, current_participant), which both the transition (`moved`) and
-/// the start statement (`go`) write.
+/// The sagas' new states column by column (id, status, graph, wake_at, error, current_steps,
+/// current_participants, command_ids), which both the transition (`moved`) and the start
+/// statement (`go`) write. PostgreSQL arrays cannot be ragged, so each array column travels as
+/// one jsonb array per saga.
 #[derive(Default)]
 struct SagaStates {
     id: Vec<Uuid>,
     status: Vec<&'static str>,
-    step: Vec<i32>,
-    kind: Vec<&'static str>,
-    attempt: Vec<i32>,
-    command_id: Vec<Option<Uuid>>,
+    graph: Vec<Value>,
     wake_at: Vec<Option<OffsetDateTime>>,
     error: Vec<Option<String>>,
-    current_step: Vec<Option<String>>,
-    current_participant: Vec<Option<String>>,
+    current_steps: Vec<Value>,
+    current_participants: Vec<Value>,
+    command_ids: Vec<Value>,
 }
 
 impl SagaStates {
@@ -608,14 +616,18 @@ impl SagaStates {
         for w in sagas {
             s.id.push(w.id);
             s.status.push(w.status);
-            s.step.push(w.step);
-            s.kind.push(w.kind);
-            s.attempt.push(w.attempt);
-            s.command_id.push(w.command_id);
+            s.graph.push(w.graph);
             s.wake_at.push(w.wake_at);
             s.error.push(w.error);
-            s.current_step.push(w.current_step);
-            s.current_participant.push(w.current_participant);
+            s.current_steps.push(Value::from(w.current_steps));
+            s.current_participants
+                .push(Value::from(w.current_participants));
+            s.command_ids.push(Value::from(
+                w.command_ids
+                    .iter()
+                    .map(Uuid::to_string)
+                    .collect::<Vec<_>>(),
+            ));
             outputs.push(Value::Object(w.new_outputs));
         }
         (s, outputs)
@@ -624,14 +636,12 @@ impl SagaStates {
     fn bind(self, q: PgQuery<'_>) -> PgQuery<'_> {
         q.bind(self.id)
             .bind(self.status)
-            .bind(self.step)
-            .bind(self.kind)
-            .bind(self.attempt)
-            .bind(self.command_id)
+            .bind(self.graph)
             .bind(self.wake_at)
             .bind(self.error)
-            .bind(self.current_step)
-            .bind(self.current_participant)
+            .bind(self.current_steps)
+            .bind(self.current_participants)
+            .bind(self.command_ids)
     }
 }
 
@@ -708,12 +718,14 @@ const TRANSITION: &str = concat!(
          AND (p.consecutive_failures > 0 OR p.circuit <> 'closed') \
        RETURNING p.name, old.circuit <> 'closed' AS reclosed), \
      moved AS ( \
-       UPDATE sagas s SET status = u.status, step = u.step, kind = u.kind, attempt = u.attempt, \
-         command_id = u.command_id, wake_at = u.wake_at, error = u.error, outputs = s.outputs || u.outputs, \
-         updated_at = $1, current_step = u.current_step, current_participant = u.current_participant \
-       FROM UNNEST($28::uuid[], $29::text[], $30::int[], $31::text[], $32::int[], $33::uuid[], $34::timestamptz[], \
-                   $35::text[], $36::text[], $37::text[], $38::jsonb[]) \
-         AS u(id, status, step, kind, attempt, command_id, wake_at, error, current_step, current_participant, outputs) \
+       UPDATE sagas s SET status = u.status, graph = u.graph, wake_at = u.wake_at, error = u.error, \
+         outputs = s.outputs || u.outputs, updated_at = $1, \
+         current_steps = ARRAY(SELECT jsonb_array_elements_text(u.cs)), \
+         current_participants = ARRAY(SELECT jsonb_array_elements_text(u.cp)), \
+         command_ids = ARRAY(SELECT jsonb_array_elements_text(u.ci)::uuid) \
+       FROM UNNEST($28::uuid[], $29::text[], $30::jsonb[], $31::timestamptz[], $32::text[], $33::jsonb[], \
+                   $34::jsonb[], $35::jsonb[], $36::jsonb[]) \
+         AS u(id, status, graph, wake_at, error, cs, cp, ci, outputs) \
        WHERE s.id = u.id) \
      SELECT e.command_id, e.participant, e.step, e.kind, e.sent_at, COALESCE(r.reclosed, false) AS reclosed \
      FROM ended e LEFT JOIN recovered r ON r.name = e.participant"
@@ -723,14 +735,16 @@ const TRANSITION: &str = concat!(
 /// skips a row whose key an earlier row of the same statement took.
 const START: &str = concat!(
     "WITH go AS ( \
-       INSERT INTO sagas (id, definition, definition_version, status, step, kind, attempt, command_id, wake_at, \
-         input, outputs, error, idempotency_key, created_at, updated_at, current_step, current_participant, \
+       INSERT INTO sagas (id, definition, definition_version, status, graph, wake_at, input, outputs, error, \
+         idempotency_key, created_at, updated_at, current_steps, current_participants, command_ids, \
          traceparent, started_by) \
-       SELECT id, def, ver, st, step, kind, att, cmd, wake, inp, outp, err, ikey, $1, $1, cstep, cpart, tp, sby \
-       FROM UNNEST($21::uuid[], $22::text[], $23::int[], $24::text[], $25::int[], $26::uuid[], $27::timestamptz[], \
-                   $28::text[], $29::text[], $30::text[], $31::text[], $32::int[], $33::jsonb[], $34::jsonb[], \
-                   $35::text[], $36::text[], $37::text[]) \
-         AS u(id, st, step, kind, att, cmd, wake, err, cstep, cpart, def, ver, inp, outp, ikey, tp, sby) \
+       SELECT id, def, ver, st, g, wake, inp, outp, err, ikey, $1, $1, \
+         ARRAY(SELECT jsonb_array_elements_text(cs)), ARRAY(SELECT jsonb_array_elements_text(cp)), \
+         ARRAY(SELECT jsonb_array_elements_text(ci)::uuid), tp, sby \
+       FROM UNNEST($21::uuid[], $22::text[], $23::jsonb[], $24::timestamptz[], $25::text[], $26::jsonb[], \
+                   $27::jsonb[], $28::jsonb[], $29::text[], $30::int[], $31::jsonb[], $32::jsonb[], \
+                   $33::text[], $34::text[], $35::text[]) \
+         AS u(id, st, g, wake, err, cs, cp, ci, def, ver, inp, outp, ikey, tp, sby) \
        ON CONFLICT (idempotency_key) DO NOTHING RETURNING id), ",
     shared_writes!("WHERE s IN (SELECT id FROM go)"),
     "SELECT id FROM go"

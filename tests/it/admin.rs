@@ -26,6 +26,7 @@ fn repair(saga_id: &str, reason: &str) -> pb::RepairRequest {
     pb::RepairRequest {
         saga_id: saga_id.into(),
         reason: reason.into(),
+        step: String::new(),
     }
 }
 
@@ -82,6 +83,7 @@ async fn every_repair_works_in_the_right_state_is_refused_in_a_wrong_one_and_is_
             saga_id: waiting.clone(),
             reason: "order created by hand".into(),
             output_json: r#"{"order_ref": "manual-1"}"#.into(),
+            step: String::new(),
         })
         .await
         .unwrap()
@@ -182,6 +184,7 @@ async fn redrive_retries_exactly_the_matching_sagas_and_a_dry_run_none() {
             saga_id: other.clone(),
             reason: "by hand".into(),
             output_json: String::new(),
+            step: String::new(),
         })
         .await
         .unwrap();

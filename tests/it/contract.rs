@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Consumer};
@@ -11,14 +10,6 @@ use saga::proto::v1 as pb;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
-
-async fn next(consumer: &mut Consumer) -> lapin::message::Delivery {
-    tokio::time::timeout(Duration::from_secs(10), consumer.next())
-        .await
-        .expect("a message within 10s")
-        .unwrap()
-        .unwrap()
-}
 
 fn header(d: &lapin::message::Delivery, name: &str) -> String {
     match d

@@ -193,6 +193,16 @@ pub async fn consume(ch: &lapin::Channel, queue: &str) -> lapin::Consumer {
     .unwrap()
 }
 
+/// The next message of a consumer; fails the test if none comes within 10 s.
+pub async fn next(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    use futures::StreamExt;
+    tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a message within 10s")
+        .unwrap()
+        .unwrap()
+}
+
 /// Publishes a reply as the contract describes (persistent JSON) and waits for the confirm.
 pub async fn reply(ch: &lapin::Channel, to: &str, body: serde_json::Value) {
     ch.basic_publish(

@@ -328,6 +328,7 @@ async fn replies_after_the_saga_ended_are_recorded_and_lifecycle_events_match_th
         .resolve_saga(pb::RepairRequest {
             saga_id: id.clone(),
             reason: "released by hand".into(),
+            step: String::new(),
         })
         .await
         .unwrap();

@@ -297,7 +297,13 @@ async fn sagactl_lists_shows_retries_and_watches_with_auth() {
         text.starts_with(&format!("id:              {}\n", ids[0])),
         "{text}"
     );
-    let row = text
+    let (graph, attempts) = text.split_once("step attempts:").unwrap();
+    let step = graph
+        .lines()
+        .find(|l| l.starts_with("create_order"))
+        .unwrap();
+    assert!(step.contains("running") && step.contains("order"), "{step}");
+    let row = attempts
         .lines()
         .find(|l| l.starts_with("create_order"))
         .unwrap();

@@ -442,10 +442,6 @@ const NAME_RULE: &str = "must be 1 to 128 of the characters A-Z, a-z, 0-9, '_' a
 
 /// Parses and validates one definition file's text. `file` is only used in errors.
 pub fn parse(file: &Path, text: &str) -> Result<Definition, DefinitionError> {
-    parse_graph(file, text).map(|(def, _)| def)
-}
-
-fn parse_graph(file: &Path, text: &str) -> Result<(Definition, Option<GraphUse>), DefinitionError> {
     let ctx = Ctx { file, text };
     let raw: RawDefinition = toml::from_str(text).map_err(|e| ctx.toml_error(&e))?;
 
@@ -571,32 +567,14 @@ fn parse_graph(file: &Path, text: &str) -> Result<(Definition, Option<GraphUse>)
         pivot,
         compensation_max_attempts,
     };
-    let graph = ctx.graph(&mut def, raw_steps.get_ref())?;
+    ctx.graph(&mut def, raw_steps.get_ref())?;
     ctx.pivot(&def, raw_steps.get_ref(), explicit_pivot)?;
-    Ok((def, graph))
-}
-
-/// Where a definition first uses what only the graph engine runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct GraphUse {
-    line: usize,
-    field: String,
+    Ok(def)
 }
 
 /// Loads every `*.toml` in `dir`. Fails on the first invalid file, and on two files declaring the
 /// same name and version.
 pub fn load_dir(dir: &Path) -> Result<Vec<Definition>, DefinitionError> {
-    load(dir, false)
-}
-
-/// [`load_dir`] for a build whose engine runs corridors only: a definition using `after` (other
-/// than the previous step), `when` or a mapped input is checked in full, then refused at the
-/// line where it first does.
-pub fn load_dir_linear(dir: &Path) -> Result<Vec<Definition>, DefinitionError> {
-    load(dir, true)
-}
-
-fn load(dir: &Path, linear_only: bool) -> Result<Vec<Definition>, DefinitionError> {
     let io_err = |file: &Path, e: std::io::Error| DefinitionError {
         file: file.to_path_buf(),
         line: 0,
@@ -613,17 +591,7 @@ fn load(dir: &Path, linear_only: bool) -> Result<Vec<Definition>, DefinitionErro
     let mut origin: BTreeMap<(String, u32), PathBuf> = BTreeMap::new();
     for file in files {
         let text = std::fs::read_to_string(&file).map_err(|e| io_err(&file, e))?;
-        let (def, graph) = parse_graph(&file, &text)?;
-        if linear_only && let Some(g) = graph {
-            return Err(DefinitionError {
-                file,
-                line: g.line,
-                field: g.field,
-                message: "parallel branches, conditions and mapped inputs are checked but not \
-                          yet run by this build"
-                    .into(),
-            });
-        }
+        let def = parse(&file, &text)?;
         if let Some(other) = origin.insert((def.name.clone(), def.version), file.clone()) {
             let line = line_of_key(&text, "version");
             return Err(DefinitionError {
@@ -864,23 +832,9 @@ impl Ctx<'_> {
 
 // The graph: `after`, `when`, mappings and the pivot, checked once every step is known.
 impl Ctx<'_> {
-    fn line_of<T>(&self, at: &Spanned<T>) -> usize {
-        self.line_at(at.span().start)
-    }
-
     /// Resolves `after`, refuses cycles, compiles the expressions and checks what they read
-    /// against the graph. Returns where the definition first goes beyond a corridor.
-    fn graph(
-        &self,
-        def: &mut Definition,
-        raws: &[RawStep],
-    ) -> Result<Option<GraphUse>, DefinitionError> {
-        let mut first: Option<GraphUse> = None;
-        let mut note = |line: usize, field: String| {
-            if first.as_ref().is_none_or(|f| line < f.line) {
-                first = Some(GraphUse { line, field });
-            }
-        };
+    /// against the graph.
+    fn graph(&self, def: &mut Definition, raws: &[RawStep]) -> Result<(), DefinitionError> {
         let names: Vec<String> = def.steps.iter().map(|s| s.name.clone()).collect();
         let index: HashMap<&str, usize> = names
             .iter()
@@ -911,9 +865,6 @@ impl Ctx<'_> {
                     return Err(self.err(dep, &field, &format!("`{dep_name}` is listed twice")));
                 }
                 deps.push(d);
-            }
-            if deps != default_deps(i) {
-                note(self.line_of(after), field);
             }
             if let Some(step) = def.steps.get_mut(i) {
                 step.after = Some(deps);
@@ -986,7 +937,6 @@ impl Ctx<'_> {
                         Ok(c)
                     })
                     .map_err(|m| self.err(w, &field, &expr::bounded(m)))?;
-                note(self.line_of(w), field);
                 if let Some(step) = def.steps.get_mut(i) {
                     step.when = Some(cond);
                 }
@@ -998,7 +948,6 @@ impl Ctx<'_> {
                 let Some(raw) = raw else { continue };
                 let field = format!("steps[{i}].{key}");
                 let mapping = self.mapping(raw, &field, &|s| scope(s, own))?;
-                note(self.line_of(raw), field);
                 if let Some(step) = def.steps.get_mut(i) {
                     if own {
                         step.compensation_input = Some(mapping);
@@ -1016,7 +965,7 @@ impl Ctx<'_> {
                 ));
             }
         }
-        Ok(first)
+        Ok(())
     }
 
     /// Builds and checks one mapping; every error names the line of the value at fault.
@@ -1740,8 +1689,12 @@ nested = { list = [1, "${input.x}"], deeper = { id = "${steps.a.output.id}" } }
         assert!(e.is_linear());
         assert_eq!(e.steps[1].after, Some(vec![0]));
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sagas");
-        let linear = load_dir_linear(&dir).unwrap();
-        assert!(!linear.is_empty() && linear.iter().all(Definition::is_linear));
+        let shipped = load_dir(&dir).unwrap();
+        let order = shipped.iter().find(|d| d.name == "order_fulfillment");
+        assert!(
+            order.is_some_and(Definition::is_linear),
+            "a file without graph keys is a corridor"
+        );
     }
 
     #[test]
@@ -1988,48 +1941,23 @@ nested = { list = [1, "${input.x}"], deeper = { id = "${steps.a.output.id}" } }
     }
 
     #[test]
-    fn a_corridor_only_build_refuses_each_graph_key_at_its_line() {
-        let dir = std::env::temp_dir().join(format!("saga-linear-{}", std::process::id()));
-        for (from, to, field) in [
-            (
-                "name = \"c\"",
-                "name = \"c\"\nafter = [\"a\", \"b\"]",
-                "steps[2].after",
-            ),
-            (
-                "name = \"c\"",
-                "name = \"c\"\nwhen = \"input.x == 1\"",
-                "steps[2].when",
-            ),
-            (
-                "action = \"do_c\"",
-                "action = \"do_c\"\ninput = { x = 1 }",
-                "steps[2].input",
-            ),
+    fn each_graph_key_makes_a_definition_more_than_a_corridor() {
+        for (from, to) in [
+            ("name = \"c\"", "name = \"c\"\nafter = [\"a\", \"b\"]"),
+            ("name = \"c\"", "name = \"c\"\nwhen = \"input.x == 1\""),
+            ("action = \"do_c\"", "action = \"do_c\"\ninput = { x = 1 }"),
             (
                 "action = \"do_a\"",
                 "action = \"do_a\"\ncompensation_input = { x = \"${steps.a.output.x}\" }",
-                "steps[0].compensation_input",
             ),
         ] {
-            let text = GOOD.replace(from, to);
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(dir.join("s.toml"), &text).unwrap();
-            let e = load_dir_linear(&dir).unwrap_err();
-            let line = at(&text, to.lines().last().unwrap());
-            assert_eq!((e.line, e.field.as_str()), (line, field), "{e}");
-            assert!(
-                e.to_string()
-                    .ends_with("checked but not yet run by this build"),
-                "{e}"
-            );
-            assert!(load_dir(&dir).is_ok());
+            let d = parse_str(&GOOD.replace(from, to)).unwrap();
+            assert!(!d.is_linear(), "{to}");
         }
+        assert!(parse_str(GOOD).unwrap().is_linear());
         // Writing the default out is still a corridor.
         let text = GOOD.replace("name = \"b\"", "name = \"b\"\nafter = [\"a\"]");
-        std::fs::write(dir.join("s.toml"), &text).unwrap();
-        assert_eq!(load_dir_linear(&dir).unwrap().len(), 1);
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(parse_str(&text).unwrap().is_linear());
     }
 
     #[test]
@@ -2183,19 +2111,5 @@ nested = { list = [1, "${input.x}"], deeper = { id = "${steps.a.output.id}" } }
             serde_json::json!(false),
             "a skipped coupon reads null"
         );
-        // Checked in full, then refused by a build that runs corridors only.
-        let dir = std::env::temp_dir().join(format!("saga-defs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("food_delivery.toml"), &text).unwrap();
-        let e = load_dir_linear(&dir).unwrap_err();
-        let table_line = text.lines().position(|l| l == "[steps.input]").unwrap() + 1;
-        assert_eq!(
-            (e.line, e.field.as_str()),
-            (table_line, "steps[0].input"),
-            "{e}"
-        );
-        assert!(e.message.contains("not yet run by this build"), "{e}");
-        assert_eq!(load_dir(&dir).unwrap().len(), 1);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -477,7 +477,7 @@ impl Oracle<'_> {
 }
 
 impl Facts for Oracle<'_> {
-    fn condition(&self, step: usize) -> Result<Option<bool>, String> {
+    fn condition(&self, step: usize, _: &[(usize, &Value)]) -> Result<Option<bool>, String> {
         if !self.shape.has_when(step) {
             return Ok(None);
         }
@@ -489,7 +489,12 @@ impl Facts for Oracle<'_> {
         }
     }
 
-    fn command_input(&self, step: usize, kind: Kind) -> Result<Option<Value>, String> {
+    fn command_input(
+        &self,
+        step: usize,
+        kind: Kind,
+        _: &[(usize, &Value)],
+    ) -> Result<Option<Value>, String> {
         if !self.shape.maps(step, kind) {
             return Ok(None);
         }

@@ -54,12 +54,21 @@ use crate::engine::{
 
 /// What the machine learns from the saga's data. The driver answers through `expr`; the checker
 /// answers every possible way.
+///
+/// `saved` holds the outputs the transition asking has saved so far, (step, output), which the
+/// saga's stored data does not have yet: a reply's output is saved by the very transition that
+/// dispatches the steps waiting for it.
 pub trait Facts {
     /// Evaluates step `step`'s `when`: Ok(None) when the step has none.
-    fn condition(&self, step: usize) -> Result<Option<bool>, String>;
+    fn condition(&self, step: usize, saved: &[(usize, &Value)]) -> Result<Option<bool>, String>;
     /// The command input for `step`/`kind` when the step maps its input (`input` /
     /// `compensation_input`); Ok(None) when it does not (the driver builds today's body).
-    fn command_input(&self, step: usize, kind: Kind) -> Result<Option<Value>, String>;
+    fn command_input(
+        &self,
+        step: usize,
+        kind: Kind,
+        saved: &[(usize, &Value)],
+    ) -> Result<Option<Value>, String>;
 }
 
 /// The facts of a definition that uses no data (`needs_data() == false`): no conditions, no
@@ -68,11 +77,16 @@ pub trait Facts {
 pub struct NoData;
 
 impl Facts for NoData {
-    fn condition(&self, _step: usize) -> Result<Option<bool>, String> {
+    fn condition(&self, _step: usize, _saved: &[(usize, &Value)]) -> Result<Option<bool>, String> {
         Ok(None)
     }
 
-    fn command_input(&self, _step: usize, _kind: Kind) -> Result<Option<Value>, String> {
+    fn command_input(
+        &self,
+        _step: usize,
+        _kind: Kind,
+        _saved: &[(usize, &Value)],
+    ) -> Result<Option<Value>, String> {
         Ok(None)
     }
 }
@@ -84,19 +98,49 @@ pub struct DataFacts<'a> {
     pub data: crate::expr::Data<'a>,
 }
 
+impl DataFacts<'_> {
+    /// Calls `f` with the saga's data and `saved` laid over its outputs.
+    fn with_saved<R>(
+        &self,
+        saved: &[(usize, &Value)],
+        f: impl FnOnce(&crate::expr::Data<'_>) -> R,
+    ) -> R {
+        if saved.is_empty() {
+            return f(&self.data);
+        }
+        let mut outputs = self.data.outputs.to_vec();
+        outputs.resize(self.def.steps.len().max(outputs.len()), None);
+        for (i, output) in saved {
+            if let Some(slot) = outputs.get_mut(*i) {
+                *slot = Some((*output).clone());
+            }
+        }
+        f(&crate::expr::Data {
+            input: self.data.input,
+            saga_id: self.data.saga_id,
+            outputs: &outputs,
+        })
+    }
+}
+
 impl Facts for DataFacts<'_> {
-    fn condition(&self, step: usize) -> Result<Option<bool>, String> {
+    fn condition(&self, step: usize, saved: &[(usize, &Value)]) -> Result<Option<bool>, String> {
         let Some(s) = self.def.steps.get(step) else {
             return Ok(None);
         };
         s.when
             .as_ref()
-            .map(|c| c.eval(self.def, step, &self.data))
+            .map(|c| self.with_saved(saved, |data| c.eval(self.def, step, data)))
             .transpose()
             .map_err(|e| format!("step {}: {e}", s.name))
     }
 
-    fn command_input(&self, step: usize, kind: Kind) -> Result<Option<Value>, String> {
+    fn command_input(
+        &self,
+        step: usize,
+        kind: Kind,
+        saved: &[(usize, &Value)],
+    ) -> Result<Option<Value>, String> {
         let Some(s) = self.def.steps.get(step) else {
             return Ok(None);
         };
@@ -106,7 +150,7 @@ impl Facts for DataFacts<'_> {
             Kind::Compensation => s.compensation_input.as_ref().or(s.input.as_ref()),
         };
         mapping
-            .map(|m| m.render(self.def, step, &self.data))
+            .map(|m| self.with_saved(saved, |data| m.render(self.def, step, data)))
             .transpose()
             .map_err(|e| format!("step {}: {e}", s.name))
     }
@@ -220,7 +264,16 @@ impl StepState {
         }
     }
 
-    fn attempt(&self) -> u32 {
+    /// Why the step is held, or why its compensation gave up.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            StepState::Held { reason, .. } | StepState::CompFailed { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The attempt running, waited for, or last failed; 0 when none.
+    pub fn attempt(&self) -> u32 {
         match self {
             StepState::Running { attempt, .. }
             | StepState::RetryWait { attempt, .. }
@@ -1113,10 +1166,21 @@ impl Machine<'_> {
         }
     }
 
+    /// The outputs this transition has saved so far (see [`Facts`]).
+    fn saved(&self) -> Vec<(usize, &Value)> {
+        self.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::SaveOutput { step, output } => Some((*step, output)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Sends attempt `attempt` of step `i`'s `kind`, or fails the step if its input cannot be
     /// built (not retried: the data will not change).
     fn dispatch(&mut self, i: usize, kind: Kind, attempt: u32) {
-        match self.facts.command_input(i, kind) {
+        match self.facts.command_input(i, kind, &self.saved()) {
             Ok(input) => self.send(i, kind, attempt, input),
             Err(e) => {
                 let reason = format!("{} input: {e}", kind.as_str());
@@ -1236,7 +1300,7 @@ impl Machine<'_> {
                 if let Some(e) = evaluated.get_mut(i) {
                     *e = true;
                 }
-                let input = match self.facts.condition(i) {
+                let input = match self.facts.condition(i, &self.saved()) {
                     Ok(Some(false)) => {
                         self.set(i, StepState::Skipped);
                         self.history(
@@ -1255,7 +1319,7 @@ impl Machine<'_> {
                     Err(e) => Err(e),
                     Ok(_) => self
                         .facts
-                        .command_input(i, Kind::Action)
+                        .command_input(i, Kind::Action, &self.saved())
                         .map_err(|e| format!("action input: {e}")),
                 };
                 match input {
@@ -1513,11 +1577,18 @@ pub(crate) mod tests {
                 outputs: &outputs,
             };
             (
-                DataFacts { def: &def, data }.condition(at("redeem_coupon")),
-                DataFacts { def: &def, data }.command_input(at("authorize_payment"), Kind::Action),
-                DataFacts { def: &def, data }
-                    .command_input(at("authorize_payment"), Kind::Compensation),
-                DataFacts { def: &def, data }.condition(at("create_order")),
+                DataFacts { def: &def, data }.condition(at("redeem_coupon"), &[]),
+                DataFacts { def: &def, data }.command_input(
+                    at("authorize_payment"),
+                    Kind::Action,
+                    &[],
+                ),
+                DataFacts { def: &def, data }.command_input(
+                    at("authorize_payment"),
+                    Kind::Compensation,
+                    &[],
+                ),
+                DataFacts { def: &def, data }.condition(at("create_order"), &[]),
             )
         };
         let with = json!({"coupon": "TEN", "amount_cents": 4200});
@@ -1536,6 +1607,84 @@ pub(crate) mod tests {
         // A field the mapping reads is missing: an error naming the step, not a panic.
         let err = input.unwrap_err();
         assert!(err.starts_with("step authorize_payment: "), "{err}");
+
+        // An output saved by the transition asking wins over the stored data.
+        let input = json!({"amount_cents": 1});
+        let data = crate::expr::Data {
+            input: &input,
+            saga_id: Uuid::nil(),
+            outputs: &outputs,
+        };
+        let fresh = json!({"order_id": "o-2"});
+        assert_eq!(
+            DataFacts { def: &def, data }.command_input(
+                at("authorize_payment"),
+                Kind::Action,
+                &[(at("create_order"), &fresh)]
+            ),
+            Ok(Some(
+                json!({"order_id": "o-2", "amount_cents": 1, "currency": "KRW"})
+            ))
+        );
+    }
+
+    #[test]
+    fn a_reply_output_reaches_the_mapped_inputs_of_the_steps_it_releases() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../docs/examples/food_delivery.toml");
+        let def =
+            crate::definition::parse(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
+        let at = |name: &str| def.step_index(name).unwrap();
+        let input = json!({"customer_id": "c", "shop_id": "s", "items": [], "amount_cents": 5});
+        let outputs = vec![None; def.steps.len()];
+        let facts = DataFacts {
+            def: &def,
+            data: crate::expr::Data {
+                input: &input,
+                saga_id: Uuid::nil(),
+                outputs: &outputs,
+            },
+        };
+        let ctx = |n: u128| Ctx {
+            now: OffsetDateTime::UNIX_EPOCH,
+            next_command_id: Uuid::from_u128(n),
+            jitter: 0.5,
+        };
+        let g = Graph::new(&def);
+        let started = g.apply(&GraphState::new(&def), Event::Start, ctx(1), &facts);
+        let order = at("create_order");
+        let t = g.apply(
+            &started.state,
+            Event::Reply {
+                command_id: Uuid::from_u128(1),
+                outcome: Outcome::Success {
+                    output: json!({"order_id": "o-9"}),
+                },
+                answers: Some((order, Kind::Action)),
+            },
+            ctx(2),
+            &facts,
+        );
+        let sent: Vec<(usize, Option<Value>)> = t
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send(c) => Some((c.step, c.input.clone())),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            sent.contains(&(
+                at("authorize_payment"),
+                Some(json!({"order_id": "o-9", "amount_cents": 5, "currency": "KRW"}))
+            )),
+            "{sent:?}"
+        );
+        assert_eq!(
+            sent.len(),
+            2,
+            "payment and shop; no coupon in the input: {sent:?}"
+        );
     }
 
     /// a -> (b ∥ c) -> d (pivot) -> e
@@ -1559,10 +1708,15 @@ pub(crate) mod tests {
     }
 
     impl Facts for Script {
-        fn condition(&self, step: usize) -> Result<Option<bool>, String> {
+        fn condition(&self, step: usize, _: &[(usize, &Value)]) -> Result<Option<bool>, String> {
             self.conditions.get(&step).cloned().transpose()
         }
-        fn command_input(&self, step: usize, kind: Kind) -> Result<Option<Value>, String> {
+        fn command_input(
+            &self,
+            step: usize,
+            kind: Kind,
+            _: &[(usize, &Value)],
+        ) -> Result<Option<Value>, String> {
             self.inputs.get(&(step, kind)).cloned().transpose()
         }
     }

@@ -396,11 +396,16 @@ fn dag(max_steps: usize) -> impl Strategy<Value = Dag> {
 }
 
 impl Facts for Dag {
-    fn condition(&self, step: usize) -> Result<Option<bool>, String> {
+    fn condition(&self, step: usize, _: &[(usize, &Value)]) -> Result<Option<bool>, String> {
         self.when.get(step).cloned().flatten().transpose()
     }
 
-    fn command_input(&self, step: usize, kind: Kind) -> Result<Option<Value>, String> {
+    fn command_input(
+        &self,
+        step: usize,
+        kind: Kind,
+        _: &[(usize, &Value)],
+    ) -> Result<Option<Value>, String> {
         let (a, c) = self.input_fails.get(step).copied().unwrap_or_default();
         match (kind, a, c) {
             (Kind::Action, true, _) | (Kind::Compensation, _, true) => Err("missing".into()),

@@ -17,7 +17,7 @@ use time::macros::format_description;
 use saga_proto::v1::{
     CircuitState, CommandKind, CountSagasResponse, HistoryEvent, ListSagasRequest, Outcome,
     Participant, RedriveProgress, RedriveRequest, Saga, SagaStatus, SagaSummary, StartSagaResponse,
-    StepAttempt,
+    StepAttempt, StepState,
 };
 
 /// Longest JSON rendering put in a table cell; `--output json` has the full value.
@@ -325,6 +325,8 @@ pub fn saga_json(saga: &Saga) -> Value {
         "definition_version": saga.definition_version,
         "status": saga_status_name(saga.status),
         "current_step": opt_string(&saga.current_step),
+        "current_steps": saga.current_steps,
+        "steps": saga.steps.iter().map(step_json).collect::<Vec<_>>(),
         "idempotency_key": opt_string(&saga.idempotency_key),
         "created_at": timestamp_rfc3339(saga.created_at.as_ref()),
         "updated_at": timestamp_rfc3339(saga.updated_at.as_ref()),
@@ -333,6 +335,20 @@ pub fn saga_json(saga: &Saga) -> Value {
         "outputs": json_value(&saga.outputs_json),
         "attempts": saga.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
         "history": saga.history.iter().map(event_json).collect::<Vec<_>>(),
+    })
+}
+
+fn step_json(s: &StepState) -> Value {
+    json!({
+        "name": s.name,
+        "participant": s.participant,
+        "state": s.state,
+        "attempt": s.attempt,
+        "command_id": opt_string(&s.command_id),
+        "wake_at": timestamp_rfc3339(s.wake_at.as_ref()),
+        "reason": opt_string(&s.reason),
+        "after": s.after,
+        "pivot": s.pivot,
     })
 }
 
@@ -377,7 +393,8 @@ pub fn saga_table(saga: &Saga) -> String {
         &format!("{}@{}", saga.definition, saga.definition_version),
     );
     field("status", &saga_status_name(saga.status));
-    field("current step", or_none(&saga.current_step));
+    let current = saga.current_steps.join(", ");
+    field("current steps", or_none(&current));
     if !saga.idempotency_key.is_empty() {
         field("idempotency key", &saga.idempotency_key);
     }
@@ -385,6 +402,10 @@ pub fn saga_table(saga: &Saga) -> String {
     field("updated", &timestamp_cell(saga.updated_at.as_ref()));
     if !saga.error.is_empty() {
         field("error", &one_line(&saga.error));
+    }
+    if !saga.steps.is_empty() {
+        out.push_str("steps:\n");
+        out.push_str(&table_text(&steps_table(&saga.steps)));
     }
     push_json_block(&mut out, "input", &saga.input_json);
     push_json_block(&mut out, "outputs", &saga.outputs_json);
@@ -429,6 +450,77 @@ pub fn saga_table(saga: &Saga) -> String {
         out.push_str(&table_text(&table));
     }
     out
+}
+
+/// The saga's steps as its graph, one row each in definition order: a step is indented by its
+/// depth (the longest chain of `after` above it), so steps that run in parallel line up and a
+/// join sits below all its branches.
+fn steps_table(steps: &[StepState]) -> Table {
+    let depths = depths(steps);
+    let mut table = new_table(&[
+        "STEP",
+        "AFTER",
+        "PARTICIPANT",
+        "STATE",
+        "ATTEMPT",
+        "WHEN/WHY",
+    ]);
+    for (s, depth) in steps.iter().zip(depths) {
+        let name = format!(
+            "{}{}{}",
+            "  ".repeat(depth),
+            s.name,
+            if s.pivot { " (pivot)" } else { "" }
+        );
+        let when = match (&s.wake_at, s.reason.is_empty()) {
+            (_, false) => one_line(&s.reason),
+            (Some(t), true) => timestamp_cell(Some(t)),
+            (None, true) => String::new(),
+        };
+        table.add_row(vec![
+            name,
+            s.after.join(", "),
+            s.participant.clone(),
+            s.state.clone(),
+            if s.attempt == 0 {
+                String::new()
+            } else {
+                s.attempt.to_string()
+            },
+            when,
+        ]);
+    }
+    table
+}
+
+/// Each step's depth: 0 for a root, else one more than its deepest `after`. Names it does not
+/// know count as roots; a cycle (which the server never sends) stops deepening after as many
+/// rounds as there are steps.
+fn depths(steps: &[StepState]) -> Vec<usize> {
+    let index = |name: &str| steps.iter().position(|s| s.name == name);
+    let mut depth = vec![0usize; steps.len()];
+    for _ in 0..steps.len() {
+        let mut changed = false;
+        for (i, s) in steps.iter().enumerate() {
+            let d = s
+                .after
+                .iter()
+                .filter_map(|a| index(a))
+                .filter_map(|j| depth.get(j).map(|d| d + 1))
+                .max()
+                .unwrap_or(0);
+            if let Some(slot) = depth.get_mut(i)
+                && *slot != d
+            {
+                *slot = d;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    depth
 }
 
 fn push_json_block(out: &mut String, name: &str, raw: &str) {
@@ -481,6 +573,7 @@ pub fn summary_json(s: &SagaSummary) -> Value {
         "definition_version": s.definition_version,
         "status": saga_status_name(s.status),
         "current_step": opt_string(&s.current_step),
+        "current_steps": s.current_steps,
         "created_at": timestamp_rfc3339(s.created_at.as_ref()),
         "updated_at": timestamp_rfc3339(s.updated_at.as_ref()),
         "error": opt_string(&s.error),
@@ -503,7 +596,7 @@ pub fn list_table(sagas: &[SagaSummary], next_page_token: &str) -> String {
             "ID",
             "DEFINITION",
             "STATUS",
-            "CURRENT STEP",
+            "CURRENT STEPS",
             "UPDATED",
             "ERROR",
         ]);
@@ -512,7 +605,7 @@ pub fn list_table(sagas: &[SagaSummary], next_page_token: &str) -> String {
                 s.id.clone(),
                 format!("{}@{}", s.definition, s.definition_version),
                 saga_status_name(s.status).into_owned(),
-                or_none(&s.current_step).to_owned(),
+                or_none(&s.current_steps.join(", ")).to_owned(),
                 timestamp_cell(s.updated_at.as_ref()),
                 or_none(&truncate(&one_line(&s.error), CELL_JSON_MAX)).to_owned(),
             ]);
@@ -1254,6 +1347,24 @@ mod tests {
                     superseded: false,
                 },
             ],
+            current_steps: Vec::new(),
+            steps: vec![
+                StepState {
+                    name: "reserve".into(),
+                    participant: "inventory".into(),
+                    state: "compensated".into(),
+                    ..Default::default()
+                },
+                StepState {
+                    name: "charge".into(),
+                    participant: "payments".into(),
+                    state: "failed".into(),
+                    attempt: 3,
+                    after: vec!["reserve".into()],
+                    pivot: true,
+                    ..Default::default()
+                },
+            ],
             history: vec![HistoryEvent {
                 seq: 1,
                 at: Some(ts(1_700_000_000, 0)),
@@ -1292,14 +1403,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("status:          compensated\n"), "{text}");
-        assert!(text.contains("current step:    -\n"), "{text}");
+        assert!(text.contains("current steps:   -\n"), "{text}");
         assert!(text.contains("error:           charge failed: card declined\n"));
         assert!(
             text.contains("input:\n  {\n    \"order_id\": 7\n  }\n"),
             "{text}"
         );
         assert!(!text.contains("idempotency key"));
-        let reserve = text.lines().find(|l| l.starts_with("reserve ")).unwrap();
+        // The graph: a step below the one it waits for, indented by its depth.
+        let (graph, rest) = text.split_once("step attempts:").unwrap();
+        let reserve = graph.lines().find(|l| l.starts_with("reserve ")).unwrap();
+        assert!(reserve.contains("compensated"), "{reserve}");
+        let charge = graph.lines().find(|l| l.contains("payments")).unwrap();
+        assert!(charge.starts_with("  charge (pivot)"), "{charge}");
+        for cell in ["reserve", "failed", "3"] {
+            assert!(charge.contains(cell), "{charge}");
+        }
+        let reserve = rest.lines().find(|l| l.starts_with("reserve ")).unwrap();
         for cell in [
             "action",
             "inventory",
@@ -1309,7 +1429,7 @@ mod tests {
         ] {
             assert!(reserve.contains(cell), "{reserve}");
         }
-        let charge = text.lines().find(|l| l.contains("payments")).unwrap();
+        let charge = rest.lines().find(|l| l.contains("payments")).unwrap();
         assert!(charge.contains("timed out"), "{charge}");
         let started = text.lines().find(|l| l.contains("saga_started")).unwrap();
         assert!(started.contains("2023-11-14T22:13:20.000Z"), "{started}");
@@ -1328,6 +1448,7 @@ mod tests {
             created_at: Some(ts(1_700_000_000, 0)),
             updated_at: Some(ts(1_700_000_000, 0)),
             error: String::new(),
+            current_steps: vec!["charge".into()],
         };
         let text = list_table(std::slice::from_ref(&summary), "tok");
         assert!(text.starts_with("ID"), "{text}");
@@ -1348,7 +1469,8 @@ mod tests {
         saga.attempts[1].timed_out = false;
         saga.attempts[1].superseded = true;
         let text = saga_table(&saga);
-        let charge = text.lines().find(|l| l.contains("payments")).unwrap();
+        let (_, attempts) = text.split_once("step attempts:").unwrap();
+        let charge = attempts.lines().find(|l| l.contains("payments")).unwrap();
         assert!(charge.contains("superseded"), "{charge}");
         assert!(!charge.contains("pending"), "{charge}");
         assert_eq!(saga_json(&saga)["attempts"][1]["superseded"], true);
@@ -1357,7 +1479,8 @@ mod tests {
         // A reply that arrived after the operator moved on is shown, but as late.
         saga.attempts[1].outcome = Outcome::Success as i32;
         let text = saga_table(&saga);
-        let charge = text.lines().find(|l| l.contains("payments")).unwrap();
+        let (_, attempts) = text.split_once("step attempts:").unwrap();
+        let charge = attempts.lines().find(|l| l.contains("payments")).unwrap();
         assert!(charge.contains("superseded (late success)"), "{charge}");
     }
 

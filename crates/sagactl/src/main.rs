@@ -120,9 +120,9 @@ enum Command {
     List(ListArgs),
     /// Follow a saga's history as it happens, until the saga ends.
     Watch(WatchArgs),
-    /// Re-send the current step's command (or compensation) now, as a new attempt.
+    /// Re-send a current step's command (or compensation) now, as a new attempt.
     Retry(RepairArgs),
-    /// Mark the current step done by hand and let the saga continue.
+    /// Mark a current step done by hand and let the saga continue.
     Skip(SkipArgs),
     /// Abort a running saga (at or before its pivot) and compensate what it completed.
     Compensate(RepairArgs),
@@ -200,6 +200,11 @@ struct RepairArgs {
     /// Why: recorded in the saga's history with your token's name.
     #[arg(long, value_name = "TEXT", value_parser = cli::parse_reason)]
     reason: String,
+
+    /// The step to act on, when the saga has several current steps (parallel branches).
+    /// Ignored by `compensate`.
+    #[arg(long, value_name = "NAME", default_value = "")]
+    step: String,
 }
 
 #[derive(Debug, Args)]
@@ -547,6 +552,7 @@ async fn retry(global: &Global, cmd: RepairArgs) -> anyhow::Result<String> {
         .retry_step(RepairRequest {
             saga_id: cmd.saga_id,
             reason: cmd.reason,
+            step: cmd.step,
         })
         .await
         .map_err(|e| global.api_error(e))?
@@ -569,6 +575,7 @@ async fn skip(global: &Global, cmd: SkipArgs) -> anyhow::Result<String> {
             saga_id: cmd.repair.saga_id,
             reason: cmd.repair.reason,
             output_json,
+            step: cmd.repair.step,
         })
         .await
         .map_err(|e| global.api_error(e))?
@@ -582,6 +589,7 @@ async fn compensate(global: &Global, cmd: RepairArgs) -> anyhow::Result<String> 
         .compensate_saga(RepairRequest {
             saga_id: cmd.saga_id,
             reason: cmd.reason,
+            step: String::new(),
         })
         .await
         .map_err(|e| global.api_error(e))?
@@ -595,6 +603,7 @@ async fn resolve(global: &Global, cmd: RepairArgs) -> anyhow::Result<String> {
         .resolve_saga(RepairRequest {
             saga_id: cmd.saga_id,
             reason: cmd.reason,
+            step: cmd.step,
         })
         .await
         .map_err(|e| global.api_error(e))?
