@@ -1,5 +1,5 @@
 //! The demo participants: the services of `sagas/order_fulfillment.toml` (`order`,
-//! `payment`, `delivery`) and of `docs/examples/food_delivery.toml` (the same three plus `shop`,
+//! `payment`, `delivery`) and of `sagas/food_delivery.toml` (the same three plus `shop`,
 //! `coupon` and `notification`), run against RabbitMQ exactly as `docs/participant-contract.md`
 //! tells a participant to behave. One process plays all of them by default, so it serves both
 //! definitions. They back the README quick start, the integration tests, the benchmark and the
@@ -1284,7 +1284,7 @@ mod tests {
         }
     }
 
-    /// Runs `docs/examples/food_delivery.toml` forwards with the engine's own conditions and
+    /// Runs `sagas/food_delivery.toml` forwards with the engine's own conditions and
     /// mappings, each command answered by [`decide`]: every mapping finds the fields it reads in
     /// the outputs the demo gives, and each business rule fails the step it is meant to.
     mod food_delivery {
@@ -1292,7 +1292,7 @@ mod tests {
         use saga_engine::definition::{self, Definition};
         use saga_engine::expr::Data;
 
-        const FILE: &str = "docs/examples/food_delivery.toml";
+        const FILE: &str = "sagas/food_delivery.toml";
 
         fn definition() -> Definition {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

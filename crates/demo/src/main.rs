@@ -1,5 +1,5 @@
 //! `saga-demo`: runs the demo participants of `sagas/order_fulfillment.toml` and
-//! `docs/examples/food_delivery.toml` against RabbitMQ. See the library, `saga_demo`.
+//! `sagas/food_delivery.toml` against RabbitMQ. See the library, `saga_demo`.
 #![cfg_attr(
     not(test),
     deny(
