@@ -19,7 +19,9 @@ pub(crate) struct Args {
     /// Sagas run before each measured phase, not counted.
     #[arg(long, default_value_t = 200)]
     pub(crate) warmup: usize,
-    /// Which workload: a (all steps succeed), b (delivery fails: refund, cancel), or both.
+    /// Which workload: a (all steps succeed), b (delivery fails: refund, cancel), or both (a and
+    /// b); f runs food_delivery instead (parallel branches, a coupon on half of the sagas),
+    /// which needs a sagad that runs graph definitions.
     #[arg(long, value_enum, default_value = "both")]
     pub(crate) variant: VariantArg,
     /// Open loop: start sagas at this fixed rate (per second) instead of keeping --in-flight
@@ -81,6 +83,7 @@ pub(crate) enum VariantArg {
     A,
     B,
     Both,
+    F,
 }
 
 /// Parses the arguments; `--quick` changes the defaults of the options not given explicitly.

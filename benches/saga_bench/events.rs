@@ -74,7 +74,8 @@ pub(crate) async fn observe_events(
             .queue_bind(
                 queue.name().clone(),
                 contract::EVENTS_EXCHANGE.into(),
-                format!("{DEFINITION}.{event}").into(),
+                // Every definition's: the scenario's vhost holds only the bench's sagas.
+                format!("*.{event}").into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )

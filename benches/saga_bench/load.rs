@@ -25,7 +25,7 @@ pub(crate) async fn one_saga(
     deadline: tokio::time::Instant,
 ) -> Result<Ended, String> {
     let request = pb::StartSagaRequest {
-        definition: DEFINITION.into(),
+        definition: variant.definition().into(),
         input_json: variant.input(&key).to_string(),
         idempotency_key: key,
     };

@@ -49,8 +49,6 @@ use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 
-const DEFINITION: &str = "order_fulfillment";
-
 mod args;
 mod events;
 mod load;
@@ -199,6 +197,7 @@ async fn run(args: Args, smoke: bool) -> anyhow::Result<bool> {
             VariantArg::A => vec![Variant::A],
             VariantArg::B => vec![Variant::B],
             VariantArg::Both => vec![Variant::A, Variant::B],
+            VariantArg::F => vec![Variant::F],
         };
         let raw = if args.raw_duration.is_zero() {
             None
@@ -273,8 +272,8 @@ async fn run(args: Args, smoke: bool) -> anyhow::Result<bool> {
                 "synchronous_commit": raw.synchronous_commit,
                 "fsync": raw.fsync,
                 "formula": "limit = min(rabbitmq_round_trips_per_s / commands_per_saga, max(pg_commits_per_s) / commits_per_saga); commits_per_saga = (1 start + 1 per reply) sagad transitions + 1 participant commit per command",
-                "commands_per_saga": {"A": Variant::A.commands(), "B": Variant::B.commands()},
-                "commits_per_saga": {"A": Variant::A.commits(), "B": Variant::B.commits()},
+                "commands_per_saga": {"A": Variant::A.commands(), "B": Variant::B.commands(), "F": Variant::F.commands()},
+                "commits_per_saga": {"A": Variant::A.commits(), "B": Variant::B.commits(), "F": Variant::F.commits()},
             });
         }
         report["scenarios"] = results

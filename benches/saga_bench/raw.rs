@@ -23,7 +23,7 @@ impl RawLimits {
     /// broker bound (one confirmed round trip per command) and the database bound (one durable
     /// commit per sagad transition and per participant command).
     pub(crate) fn pipeline_limit(&self, v: Variant) -> f64 {
-        (self.rabbit_rt_per_s / v.commands() as f64).min(self.pg_best() / v.commits() as f64)
+        (self.rabbit_rt_per_s / v.commands()).min(self.pg_best() / v.commits())
     }
 
     /// A rough floor for one saga alone, in ms: its commands' round trips and its commits one
@@ -33,10 +33,7 @@ impl RawLimits {
         if commit <= 0.0 || self.rabbit_rt_per_s_serial <= 0.0 {
             return None;
         }
-        Some(
-            1000.0 * v.commands() as f64 / self.rabbit_rt_per_s_serial
-                + 1000.0 * v.commits() as f64 / commit,
-        )
+        Some(1000.0 * v.commands() / self.rabbit_rt_per_s_serial + 1000.0 * v.commits() / commit)
     }
 }
 

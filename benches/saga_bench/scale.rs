@@ -81,7 +81,7 @@ pub(crate) async fn hold(ctx: &Ctx, n: usize) -> anyhow::Result<Value> {
                     let key = format!("{prefix}-{i}");
                     client
                         .start_saga(pb::StartSagaRequest {
-                            definition: DEFINITION.into(),
+                            definition: Variant::A.definition().into(),
                             input_json: Variant::A.input(&key).to_string(),
                             idempotency_key: key,
                         })

@@ -184,9 +184,38 @@ async fn demo_participants_follow_the_contract() {
     let create = Orchestrator::command(saga, "create_order", "action", "create_order", json!({}));
     let reply = sagad.call("order", &create).await;
     assert_eq!(reply.outcome, ReplyOutcome::Success);
-    let short = &saga.simple().to_string()[..8];
-    assert_eq!(reply.output, json!({"order_ref": format!("ord-{short}")}));
+    let id = saga.simple().to_string();
+    assert_eq!(
+        reply.output,
+        json!({"order_id": format!("ord-{}", &id[20..]), "order_ref": format!("ord-{}", &id[..8])})
+    );
     assert_eq!(effect(&db, saga, "order").await.as_deref(), Some("created"));
+
+    // The food_delivery services run in the same process: a shop that is closed refuses the
+    // order for good, and applies nothing; an open one accepts it.
+    let closed = Orchestrator::command(
+        saga,
+        "shop_accepts",
+        "action",
+        "accept_order",
+        json!({"order_id": "ord-1", "shop_id": "closed-3", "items": []}),
+    );
+    let reply = sagad.call("shop", &closed).await;
+    assert_eq!(
+        (reply.outcome, reply.reason.as_deref(), reply.retryable),
+        (ReplyOutcome::Failure, Some("shop is closed"), false)
+    );
+    assert_eq!(effect(&db, saga, "shop").await, None);
+    let open = Orchestrator::command(
+        saga,
+        "shop_accepts",
+        "action",
+        "accept_order",
+        json!({"order_id": "ord-1", "shop_id": "s-3", "items": []}),
+    );
+    let reply = sagad.call("shop", &open).await;
+    assert_eq!(reply.outcome, ReplyOutcome::Success, "{reply:?}");
+    assert_eq!(effect(&db, saga, "shop").await.as_deref(), Some("accepted"));
 
     // The same command delivered twice: two identical replies, applied once.
     let pay = Orchestrator::command(

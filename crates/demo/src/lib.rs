@@ -1,8 +1,9 @@
-//! The demo participants: the `order`, `payment` and `delivery` services of
-//! `sagas/order_fulfillment.toml`, run against RabbitMQ exactly as `docs/participant-contract.md`
-//! tells a participant to behave. They back the README quick start, the integration tests, the
-//! benchmark and the fault tests, so they are meant to be a faithful (if tiny) participant rather
-//! than a stub.
+//! The demo participants: the services of `sagas/order_fulfillment.toml` (`order`,
+//! `payment`, `delivery`) and of `sagas/food_delivery.toml` (the same three plus `shop`,
+//! `coupon` and `notification`), run against RabbitMQ exactly as `docs/participant-contract.md`
+//! tells a participant to behave. One process plays all of them by default, so it serves both
+//! definitions. They back the README quick start, the integration tests, the benchmark and the
+//! fault tests, so they are meant to be a faithful (if tiny) participant rather than a stub.
 //!
 //! Each command runs one PostgreSQL transaction that de-duplicates by command id
 //! (`demo_processed_commands`) and applies the business effect (`demo_effects`, keyed by saga id
@@ -10,23 +11,48 @@
 //! acknowledged, so a crash anywhere leads to a redelivery that re-sends the stored reply.
 //! Each redelivery recognised this way is counted in `demo_processed_commands.redeliveries`.
 //!
-//! | participant | command | effect on `demo_effects` (`resource` → `state`) |
-//! |---|---|---|
-//! | `order` | `create_order` / `approve_order` / `cancel_order` | `order` → `created` / `approved` / `cancelled` |
-//! | `payment` | `authorize_payment` / `refund_payment` | `payment` → `authorized` / `refunded` |
-//! | `delivery` | `schedule_delivery` / `cancel_delivery` | `delivery` → `scheduled` / `cancelled` |
+//! | participant | command | effect on `demo_effects` (`resource` → `state`) | input read (besides `fail_at`) | output |
+//! |---|---|---|---|---|
+//! | `order` | `create_order` | `order` → `created` | – | `order_id`, `order_ref` |
+//! | `order` | `approve_order` | `order` → `approved` | – | `order_ref` |
+//! | `order` | `cancel_order` | `order` → `cancelled` | – | `undone` |
+//! | `payment` | `authorize_payment` | `payment` → `authorized` | `amount_cents` | `authorization` |
+//! | `payment` | `refund_payment` / `void_payment` | `payment` → `refunded` / `voided` | – | `undone` |
+//! | `delivery` | `schedule_delivery` | `delivery` → `scheduled` | – | `tracking` |
+//! | `delivery` | `cancel_delivery` | `delivery` → `cancelled` | – | `undone` |
+//! | `delivery` | `dispatch_rider` | `delivery` → `dispatched` | – | `rider_name`, `eta_minutes` |
+//! | `delivery` | `recall_rider` | `delivery` → `recalled` | – | `undone` |
+//! | `shop` | `accept_order` | `shop` → `accepted` | `shop_id` | `ticket` |
+//! | `shop` | `reject_order` | `shop` → `rejected` | – | `undone` |
+//! | `coupon` | `redeem_coupon` | `coupon` → `redeemed` | `coupon` | `redemption_id` |
+//! | `coupon` | `restore_coupon` | `coupon` → `restored` | – | `undone` |
+//! | `notification` | `notify_customer` | `notification` → `sent` | – | `message_id` |
 //!
-//! A compensation whose action never applied succeeds without recording an effect, as the
-//! contract requires.
+//! Outputs derive from the saga id, so a retried attempt gets the same references as the first. A
+//! compensation whose action never applied succeeds without recording an effect (`undone` is
+//! then false), as the contract requires.
 //!
-//! # Making commands fail
+//! # Making commands fail, or slow
 //!
+//! - Business rules on the command's own input, so they work whether the definition maps the
+//!   input (`food_delivery`) or passes the saga's whole input along (`order_fulfillment`). Each
+//!   is a final (non-retryable) failure:
+//!
+//!   | command | when | reason |
+//!   |---|---|---|
+//!   | `accept_order` | `shop_id` starts with `closed` | `shop is closed` |
+//!   | `authorize_payment` | `amount_cents` > 1 000 000 | `card declined` |
+//!   | `redeem_coupon` | `coupon` is `EXPIRED` | `coupon has expired` |
+//!
+//! - `accept_order` for a `shop_id` starting with `slow` takes [`SLOW_SHOP`] (2 s) before it is
+//!   handled, so a saga can fail in one branch while another is still in flight.
+//! - A command whose input has `"fail_at"`, a command name or an array of them, gets a final
+//!   failure for those commands. A definition without input mappings passes the saga input on,
+//!   so one running demo can serve sagas that succeed and sagas that fail, chosen by whoever
+//!   starts them: `{"order_id": "A-1", "fail_at": "schedule_delivery"}`. A mapped input carries
+//!   `fail_at` only if its mapping copies it.
 //! - [`FailRule`]s (`--fail authorize_payment=0.3:transient`) fail a command at random, for load
 //!   and fault tests.
-//! - A saga whose input has `"fail_at"`, a command name or an array of them, gets a final
-//!   (non-retryable) failure for those commands. One running demo can thus serve sagas that
-//!   succeed and sagas that fail, chosen by whoever starts them:
-//!   `{"order_id": "A-1", "fail_at": "schedule_delivery"}`.
 //!
 //! Injected failures are recorded like successes, so a redelivered command gets the same answer,
 //! and they apply no effect.
@@ -132,8 +158,21 @@ END
 $fn$;
 "#;
 
-/// The participants this demo can play.
-pub const PARTICIPANTS: [&str; 3] = ["order", "payment", "delivery"];
+/// The participants this demo can play, all run by default.
+pub const PARTICIPANTS: [&str; 6] = [
+    "order",
+    "payment",
+    "delivery",
+    "shop",
+    "coupon",
+    "notification",
+];
+
+/// How long `accept_order` takes for a shop whose id starts with `slow`.
+pub const SLOW_SHOP: Duration = Duration::from_secs(2);
+
+/// The largest amount the demo's card issuer authorizes.
+const CARD_LIMIT_CENTS: f64 = 1_000_000.0;
 
 /// Delay before requeueing a command whose handling failed (database or broker trouble), so an
 /// outage does not turn into a hot redelivery loop.
@@ -259,7 +298,7 @@ const fn effect(
     }
 }
 
-const EFFECTS: [Effect; 7] = [
+const EFFECTS: [Effect; 15] = [
     effect("create_order", "order", "order", "created", false),
     effect("approve_order", "order", "order", "approved", false),
     effect("cancel_order", "order", "order", "cancelled", true),
@@ -271,6 +310,8 @@ const EFFECTS: [Effect; 7] = [
         false,
     ),
     effect("refund_payment", "payment", "payment", "refunded", true),
+    // An authorization not yet captured is voided rather than refunded.
+    effect("void_payment", "payment", "payment", "voided", true),
     effect(
         "schedule_delivery",
         "delivery",
@@ -279,16 +320,45 @@ const EFFECTS: [Effect; 7] = [
         false,
     ),
     effect("cancel_delivery", "delivery", "delivery", "cancelled", true),
+    effect(
+        "dispatch_rider",
+        "delivery",
+        "delivery",
+        "dispatched",
+        false,
+    ),
+    effect("recall_rider", "delivery", "delivery", "recalled", true),
+    effect("accept_order", "shop", "shop", "accepted", false),
+    effect("reject_order", "shop", "shop", "rejected", true),
+    effect("redeem_coupon", "coupon", "coupon", "redeemed", false),
+    effect("restore_coupon", "coupon", "coupon", "restored", true),
+    effect(
+        "notify_customer",
+        "notification",
+        "notification",
+        "sent",
+        false,
+    ),
 ];
 
 /// States a compensation leaves; an action never overwrites them.
-const COMPENSATED: [&str; 2] = ["cancelled", "refunded"];
+const COMPENSATED: [&str; 6] = [
+    "cancelled",
+    "refunded",
+    "voided",
+    "recalled",
+    "rejected",
+    "restored",
+];
+
+const RIDERS: [&str; 6] = ["Ana", "Bongani", "Chen", "Dara", "Eun-ji", "Femi"];
 
 fn effect_of(command: &str) -> Option<&'static Effect> {
     EFFECTS.iter().find(|e| e.command == command)
 }
 
-/// Whether the saga input asks for `command` to fail (`"fail_at"`: a string or array of them).
+/// Whether the command's input asks for `command` to fail (`"fail_at"`: a string or array of
+/// them).
 pub fn fail_at_matches(input: &Value, command: &str) -> bool {
     match input.get("fail_at") {
         Some(Value::String(s)) => s == command,
@@ -297,13 +367,66 @@ pub fn fail_at_matches(input: &Value, command: &str) -> bool {
     }
 }
 
-/// The output of a successful action: a reference later steps (and humans) can recognise.
+/// Why the service itself turns the action down, judging by its input: a final failure, since
+/// asking again with the same input gets the same answer.
+pub fn business_refusal(command: &str, input: &Value) -> Option<&'static str> {
+    let text = |field: &str| input.get(field).and_then(Value::as_str);
+    match command {
+        "accept_order" if text("shop_id").is_some_and(|s| s.starts_with("closed")) => {
+            Some("shop is closed")
+        }
+        "authorize_payment"
+            if input
+                .get("amount_cents")
+                .and_then(Value::as_f64)
+                .is_some_and(|a| a > CARD_LIMIT_CENTS) =>
+        {
+            Some("card declined")
+        }
+        "redeem_coupon" if text("coupon") == Some("EXPIRED") => Some("coupon has expired"),
+        _ => None,
+    }
+}
+
+/// How long the service takes before it handles the command (on top of the configured latency).
+pub fn slowness(command: &CommandBody) -> Duration {
+    let slow_shop = command.command == "accept_order"
+        && command
+            .input
+            .get("shop_id")
+            .and_then(Value::as_str)
+            .is_some_and(|s| s.starts_with("slow"));
+    if slow_shop { SLOW_SHOP } else { Duration::ZERO }
+}
+
+/// The output of a successful action: references later steps (and humans) can recognise. They
+/// derive from the saga id, so a retried attempt (a new command id) gives the same ones.
 fn action_output(effect: &Effect, saga_id: Uuid) -> Value {
-    let short = &saga_id.simple().to_string()[..8];
-    match effect.resource {
-        "order" => json!({ "order_ref": format!("ord-{short}") }),
-        "payment" => json!({ "authorization": format!("auth-{short}") }),
-        _ => json!({ "tracking": format!("trk-{short}") }),
+    let simple = saga_id.simple().to_string();
+    // The leading digits of a v7 id are its timestamp (the same for every saga started within
+    // a minute or so), the trailing ones are random: ids that must tell sagas apart use those.
+    let (short, unique) = (&simple[..8], &simple[20..]);
+    let pick = saga_id.as_u128();
+    match effect.command {
+        "create_order" => {
+            json!({ "order_id": format!("ord-{unique}"), "order_ref": format!("ord-{short}") })
+        }
+        "approve_order" => json!({ "order_ref": format!("ord-{short}") }),
+        "authorize_payment" => json!({ "authorization": format!("auth-{short}") }),
+        "schedule_delivery" => json!({ "tracking": format!("trk-{short}") }),
+        "dispatch_rider" => {
+            let riders = RIDERS.len() as u128;
+            let rider = usize::try_from(pick % riders)
+                .ok()
+                .and_then(|i| RIDERS.get(i))
+                .copied()
+                .unwrap_or("Ana");
+            json!({ "rider_name": rider, "eta_minutes": 15 + (pick % 30) as u64 })
+        }
+        "accept_order" => json!({ "ticket": format!("tkt-{unique}") }),
+        "redeem_coupon" => json!({ "redemption_id": format!("rdm-{unique}") }),
+        "notify_customer" => json!({ "message_id": format!("msg-{unique}") }),
+        _ => json!({}),
     }
 }
 
@@ -328,6 +451,9 @@ fn decide(
             "injected failure: saga input has fail_at {:?}",
             command.command
         );
+        return (ReplyBody::failure(id, reason, false), None);
+    }
+    if let Some(reason) = business_refusal(&command.command, &command.input) {
         return (ReplyBody::failure(id, reason, false), None);
     }
     // One draw per command, taken only if a rule applies, keeps probabilities as configured.
@@ -678,8 +804,9 @@ impl Handler {
     }
 
     async fn handle_command(&self, delivery: Delivery, command: CommandBody) {
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
+        let delay = self.latency + slowness(&command);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         let result = match self.process(&command).await {
             Ok(processed) => self
@@ -954,10 +1081,13 @@ mod tests {
         let never = || panic!("no draw expected");
         let ok = command("create_order", json!({}));
         let (reply, effect) = decide("order", &ok, &[], never);
-        let short = &ok.saga_id.simple().to_string()[..8];
+        let id = ok.saga_id.simple().to_string();
         assert_eq!(
             reply,
-            ReplyBody::success(ok.command_id, json!({"order_ref": format!("ord-{short}")}))
+            ReplyBody::success(
+                ok.command_id,
+                json!({"order_id": format!("ord-{}", &id[20..]), "order_ref": format!("ord-{}", &id[..8])})
+            )
         );
         assert_eq!(effect.map(|e| e.state), Some("created"));
 
@@ -984,5 +1114,366 @@ mod tests {
         let (reply, effect) = decide("payment", &pay, &rules, || 0.5);
         assert_eq!(reply.outcome, ReplyOutcome::Success);
         assert!(effect.is_some());
+    }
+
+    fn reason(reply: &ReplyBody) -> &str {
+        reply.reason.as_deref().unwrap_or("")
+    }
+
+    #[test]
+    fn every_command_belongs_to_a_participant_the_demo_runs() {
+        for e in EFFECTS {
+            assert!(PARTICIPANTS.contains(&e.participant), "{}", e.command);
+            let (reply, effect) =
+                decide(e.participant, &command(e.command, json!({})), &[], || {
+                    panic!("no draw expected")
+                });
+            assert_eq!(reply.outcome, ReplyOutcome::Success, "{}", e.command);
+            assert_eq!(effect.map(|e| e.command), Some(e.command));
+            // An action's state is never one an action refuses to overwrite; a compensation's is.
+            assert_eq!(
+                COMPENSATED.contains(&e.state),
+                e.compensation,
+                "{}",
+                e.command
+            );
+        }
+        for participant in PARTICIPANTS {
+            assert!(
+                EFFECTS.iter().any(|e| e.participant == participant),
+                "{participant}"
+            );
+        }
+    }
+
+    #[test]
+    fn food_delivery_outputs_carry_what_the_later_steps_read() {
+        let out = |name: &str, participant: &str| {
+            let (reply, _) = decide(participant, &command(name, json!({})), &[], || 1.0);
+            reply.output
+        };
+        assert!(out("create_order", "order")["order_id"].is_string());
+        assert!(out("create_order", "order")["order_ref"].is_string());
+        assert!(out("authorize_payment", "payment")["authorization"].is_string());
+        assert!(out("redeem_coupon", "coupon")["redemption_id"].is_string());
+        let rider = out("dispatch_rider", "delivery");
+        assert!(rider["rider_name"].is_string(), "{rider}");
+        assert!(
+            rider["eta_minutes"]
+                .as_u64()
+                .is_some_and(|m| (15..45).contains(&m)),
+            "{rider}"
+        );
+        // Ids that later steps key on differ between sagas started in the same second.
+        let (a, b) = (out("create_order", "order"), out("create_order", "order"));
+        assert_ne!(a["order_id"], b["order_id"]);
+    }
+
+    #[test]
+    fn services_refuse_what_a_real_one_would() {
+        for (participant, name, input, refusal) in [
+            (
+                "shop",
+                "accept_order",
+                json!({"shop_id": "closed-7"}),
+                Some("shop is closed"),
+            ),
+            (
+                "shop",
+                "accept_order",
+                json!({"shop_id": "closed"}),
+                Some("shop is closed"),
+            ),
+            ("shop", "accept_order", json!({"shop_id": "s-closed"}), None),
+            ("shop", "accept_order", json!({"shop_id": 7}), None),
+            ("shop", "accept_order", json!({}), None),
+            (
+                "payment",
+                "authorize_payment",
+                json!({"amount_cents": 1_000_001}),
+                Some("card declined"),
+            ),
+            (
+                "payment",
+                "authorize_payment",
+                json!({"amount_cents": 2.5e6}),
+                Some("card declined"),
+            ),
+            (
+                "payment",
+                "authorize_payment",
+                json!({"amount_cents": 1_000_000}),
+                None,
+            ),
+            (
+                "payment",
+                "authorize_payment",
+                json!({"amount_cents": "9999999"}),
+                None,
+            ),
+            (
+                "coupon",
+                "redeem_coupon",
+                json!({"coupon": "EXPIRED"}),
+                Some("coupon has expired"),
+            ),
+            (
+                "coupon",
+                "redeem_coupon",
+                json!({"coupon": "expired"}),
+                None,
+            ),
+            (
+                "coupon",
+                "redeem_coupon",
+                json!({"coupon": "WELCOME"}),
+                None,
+            ),
+            // Undoing is never refused, whatever the input.
+            ("shop", "reject_order", json!({"shop_id": "closed-7"}), None),
+            (
+                "coupon",
+                "restore_coupon",
+                json!({"coupon": "EXPIRED"}),
+                None,
+            ),
+        ] {
+            let cmd = command(name, input.clone());
+            let (reply, effect) = decide(participant, &cmd, &[], || 1.0);
+            match refusal {
+                Some(why) => {
+                    assert_eq!(reply.outcome, ReplyOutcome::Failure, "{name} {input}");
+                    assert_eq!(reason(&reply), why, "{name} {input}");
+                    assert!(!reply.retryable && effect.is_none(), "{name} {input}");
+                }
+                None => assert_eq!(reply.outcome, ReplyOutcome::Success, "{name} {input}"),
+            }
+        }
+        // The saga's own fail_at still wins, and a rule is applied to a refused command no more.
+        let both = command(
+            "authorize_payment",
+            json!({"amount_cents": 5_000_000, "fail_at": "authorize_payment"}),
+        );
+        let rules = ["authorize_payment=1:transient".parse().unwrap()];
+        let (reply, _) = decide("payment", &both, &rules, || panic!("no draw expected"));
+        assert!(reason(&reply).contains("fail_at"), "{reply:?}");
+        let declined = command("authorize_payment", json!({"amount_cents": 5_000_000}));
+        let (reply, _) = decide("payment", &declined, &rules, || panic!("no draw expected"));
+        assert_eq!((reason(&reply), reply.retryable), ("card declined", false));
+    }
+
+    #[test]
+    fn only_a_slow_shop_takes_its_time() {
+        for (name, input, delay) in [
+            ("accept_order", json!({"shop_id": "slow-1"}), SLOW_SHOP),
+            ("accept_order", json!({"shop_id": "slow"}), SLOW_SHOP),
+            ("accept_order", json!({"shop_id": "s-1"}), Duration::ZERO),
+            ("accept_order", json!({}), Duration::ZERO),
+            ("reject_order", json!({"shop_id": "slow-1"}), Duration::ZERO),
+            (
+                "redeem_coupon",
+                json!({"shop_id": "slow-1"}),
+                Duration::ZERO,
+            ),
+        ] {
+            assert_eq!(
+                slowness(&command(name, input.clone())),
+                delay,
+                "{name} {input}"
+            );
+        }
+    }
+
+    /// Runs `sagas/food_delivery.toml` forwards with the engine's own conditions and
+    /// mappings, each command answered by [`decide`]: every mapping finds the fields it reads in
+    /// the outputs the demo gives, and each business rule fails the step it is meant to.
+    mod food_delivery {
+        use super::*;
+        use saga_engine::definition::{self, Definition};
+        use saga_engine::expr::Data;
+
+        const FILE: &str = "sagas/food_delivery.toml";
+
+        fn definition() -> Definition {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../..")
+                .join(FILE);
+            let text = std::fs::read_to_string(&path).unwrap();
+            definition::parse(&path, &text).unwrap()
+        }
+
+        fn input(extra: Value) -> Value {
+            let mut input = json!({
+                "customer_id": "c-42", "shop_id": "s-9", "items": [{"sku": "bibimbap", "qty": 2}],
+                "amount_cents": 12_900, "address": "1 Main St"
+            });
+            if let (Some(to), Some(from)) = (input.as_object_mut(), extra.as_object()) {
+                to.extend(from.clone());
+            }
+            input
+        }
+
+        /// Each step's command, in graph order, until one fails: (step, command input, reply),
+        /// `None` for a skipped step. Then the compensations of the completed steps, rendered.
+        struct Run {
+            forwards: Vec<(String, Option<(Value, ReplyBody)>)>,
+            compensations: Vec<(String, Value, ReplyBody)>,
+        }
+
+        fn run(def: &Definition, saga_input: &Value) -> Run {
+            let saga_id = Uuid::now_v7();
+            let mut outputs: Vec<Option<Value>> = vec![None; def.steps.len()];
+            let mut forwards = Vec::new();
+            let mut done = Vec::new();
+            for i in def.topo_order() {
+                let step = &def.steps[i];
+                let data = Data {
+                    input: saga_input,
+                    saga_id,
+                    outputs: &outputs,
+                };
+                if let Some(when) = &step.when
+                    && !when.eval(def, i, &data).unwrap()
+                {
+                    outputs[i] = Some(Value::Null);
+                    forwards.push((step.name.clone(), None));
+                    continue;
+                }
+                let body = step.input.as_ref().unwrap().render(def, i, &data).unwrap();
+                let mut cmd = command(&step.action, body.clone());
+                cmd.saga_id = saga_id;
+                let (reply, _) = decide(&step.participant, &cmd, &[], || 1.0);
+                let ok = reply.outcome == ReplyOutcome::Success;
+                outputs[i] = ok.then(|| reply.output.clone());
+                forwards.push((step.name.clone(), Some((body, reply))));
+                if !ok {
+                    break;
+                }
+                done.push(i);
+            }
+            let mut compensations = Vec::new();
+            for &i in done.iter().rev().filter(|&&i| i <= def.pivot) {
+                let step = &def.steps[i];
+                let Some(name) = &step.compensation else {
+                    continue;
+                };
+                let data = Data {
+                    input: saga_input,
+                    saga_id,
+                    outputs: &outputs,
+                };
+                let mapping = step
+                    .compensation_input
+                    .as_ref()
+                    .or(step.input.as_ref())
+                    .unwrap();
+                let body = mapping.render(def, i, &data).unwrap();
+                let mut cmd = command(name, body.clone());
+                cmd.kind = "compensation".into();
+                let (reply, _) = decide(&step.participant, &cmd, &[], || 1.0);
+                compensations.push((step.name.clone(), body, reply));
+            }
+            Run {
+                forwards,
+                compensations,
+            }
+        }
+
+        fn failed(run: &Run) -> Option<(&str, &str)> {
+            run.forwards.iter().find_map(|(step, sent)| match sent {
+                Some((_, reply)) if reply.outcome == ReplyOutcome::Failure => {
+                    Some((step.as_str(), reason(reply)))
+                }
+                _ => None,
+            })
+        }
+
+        #[test]
+        fn a_saga_with_a_coupon_runs_to_the_end() {
+            let def = definition();
+            let r = run(&def, &input(json!({"coupon": "WELCOME"})));
+            assert_eq!(failed(&r), None);
+            let sent: Vec<&str> = r
+                .forwards
+                .iter()
+                .filter(|(_, c)| c.is_some())
+                .map(|(s, _)| s.as_str())
+                .collect();
+            assert_eq!(sent.len(), def.steps.len(), "{sent:?}");
+            let body = |name: &str| {
+                r.forwards
+                    .iter()
+                    .find(|(s, _)| s == name)
+                    .and_then(|(_, c)| c.as_ref())
+                    .map(|(b, _)| b.clone())
+                    .unwrap()
+            };
+            let order_id = &body("authorize_payment")["order_id"];
+            assert!(
+                order_id.as_str().is_some_and(|o| o.starts_with("ord-")),
+                "{order_id}"
+            );
+            assert_eq!(body("dispatch_rider")["coupon_applied"], json!(true));
+            let notify = body("notify_customer");
+            assert!(
+                notify["rider"].is_string() && notify["eta_minutes"].is_u64(),
+                "{notify}"
+            );
+            assert_eq!(&notify["order_id"], order_id);
+        }
+
+        #[test]
+        fn without_a_coupon_the_coupon_service_is_not_asked() {
+            let def = definition();
+            for coupon in [json!({}), json!({"coupon": ""})] {
+                let r = run(&def, &input(coupon));
+                assert_eq!(failed(&r), None);
+                let skipped: Vec<&str> = r
+                    .forwards
+                    .iter()
+                    .filter(|(_, c)| c.is_none())
+                    .map(|(s, _)| s.as_str())
+                    .collect();
+                assert_eq!(skipped, ["redeem_coupon"]);
+            }
+        }
+
+        #[test]
+        fn each_rule_fails_its_step_and_the_compensations_get_what_they_need() {
+            let def = definition();
+            for (extra, step, why) in [
+                (
+                    json!({"shop_id": "closed-3"}),
+                    "shop_accepts",
+                    "shop is closed",
+                ),
+                (
+                    json!({"amount_cents": 2_000_000}),
+                    "authorize_payment",
+                    "card declined",
+                ),
+                (
+                    json!({"coupon": "EXPIRED"}),
+                    "redeem_coupon",
+                    "coupon has expired",
+                ),
+            ] {
+                let r = run(&def, &input(extra.clone()));
+                assert_eq!(failed(&r), Some((step, why)), "{extra}");
+                assert_eq!(
+                    r.compensations.last().map(|c| c.0.as_str()),
+                    Some("create_order")
+                );
+                for (name, body, reply) in &r.compensations {
+                    assert_eq!(reply.outcome, ReplyOutcome::Success, "{name} {body}");
+                    // A mapped compensation input read a field the action's output had.
+                    assert!(
+                        body.as_object()
+                            .is_some_and(|b| b.values().all(|v| !v.is_null())),
+                        "{name} {body}"
+                    );
+                }
+            }
+        }
     }
 }

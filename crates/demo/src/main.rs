@@ -1,5 +1,5 @@
-//! `saga-demo`: runs the demo participants (`order`, `payment`, `delivery`) of
-//! `sagas/order_fulfillment.toml` against RabbitMQ. See the library, `saga_demo`.
+//! `saga-demo`: runs the demo participants of `sagas/order_fulfillment.toml` and
+//! `sagas/food_delivery.toml` against RabbitMQ. See the library, `saga_demo`.
 #![cfg_attr(
     not(test),
     deny(
@@ -17,7 +17,10 @@ use saga_demo::{self as demo, DemoConfig, FailRule};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Demo saga participants: order, payment and delivery")]
+#[command(
+    version,
+    about = "Demo saga participants: order, payment, delivery, shop, coupon and notification"
+)]
 struct Args {
     /// RabbitMQ URL (the vhost is the path, `%2f` for `/`).
     #[arg(
@@ -39,17 +42,18 @@ struct Args {
     )]
     database_url: String,
 
-    /// Which participants to run, comma-separated.
+    /// Which participants to run, comma-separated (default: all, `saga_demo::PARTICIPANTS`).
     #[arg(
         long,
         env = "SAGA_DEMO_PARTICIPANTS",
         value_delimiter = ',',
-        default_value = "order,payment,delivery"
+        default_value = "order,payment,delivery,shop,coupon,notification"
     )]
     participants: Vec<String>,
 
     /// Inject failures: COMMAND[=PROBABILITY][:transient], e.g. `authorize_payment=0.3:transient`.
-    /// Repeatable. Sagas can also ask for failures with `"fail_at"` in their input.
+    /// Repeatable. Sagas can also ask for failures with `"fail_at"` in their input, and some
+    /// inputs are refused as a real service would (a closed shop, a declined card).
     #[arg(
         long = "fail",
         value_name = "RULE",

@@ -1376,7 +1376,7 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_linear_definitions_check() {
+    fn the_shipped_definitions_check() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sagas");
         for d in crate::definition::load_dir(&dir).unwrap() {
             let r = timed(&d, &Shape::of(&d));
@@ -1385,8 +1385,8 @@ mod tests {
     }
 
     #[test]
-    fn the_food_delivery_example_checks_with_its_condition_and_mappings() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples");
+    fn the_food_delivery_saga_checks_with_its_condition_and_mappings() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sagas");
         let d = crate::definition::load_dir(&dir)
             .unwrap()
             .into_iter()
