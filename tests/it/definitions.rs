@@ -59,28 +59,6 @@ fn rows(defs: &[pb::Definition]) -> Vec<(&str, u32, bool, bool, u64, usize)> {
         .collect()
 }
 
-async fn start_on<C>(
-    sagas: &mut pb::saga_service_client::SagaServiceClient<C>,
-    name: &str,
-) -> String
-where
-    C: tonic::client::GrpcService<tonic::body::Body>,
-    C::Error: Into<tonic::codegen::StdError>,
-    C::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <C::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
-    sagas
-        .start_saga(pb::StartSagaRequest {
-            definition: name.into(),
-            input_json: "{}".into(),
-            idempotency_key: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .saga_id
-}
-
 /// Ships v1 and v2, then only v1, then neither: the listing follows which versions are current,
 /// superseded and retired, and counts only the unfinished sagas of each version.
 #[tokio::test]
@@ -101,14 +79,14 @@ async fn definitions_list_every_version_with_its_unfinished_sagas_and_get_picks_
             ("versioned", 1, false, false, 0, 1)
         ]
     );
-    start_on(&mut sagas, "versioned").await;
+    start_definition(&mut sagas, "versioned", json!({})).await;
     app.stop().await;
 
     let only_v1 = definitions_dir(&[("v1.toml", &v1), ("order_fulfillment.toml", &order_text())]);
     let app = spawn_app(settings_with_auth(&env, only_v1.path())).await;
     let (mut sagas, mut admin) = clients(app.addr, Some(OPERATOR)).await;
-    start_on(&mut sagas, "versioned").await;
-    let done = start_on(&mut sagas, "versioned").await;
+    start_definition(&mut sagas, "versioned", json!({})).await;
+    let done = start_definition(&mut sagas, "versioned", json!({})).await;
     let repaired = admin
         .skip_step(pb::SkipStepRequest {
             saga_id: done.clone(),
