@@ -1,16 +1,23 @@
-//! `saga.v1.AdminService`: repairs, bulk redrive, participant dispatch control and counts.
+//! `saga.v1.AdminService`: repairs, bulk redrive, participant dispatch control, counts and the
+//! loaded definitions.
 //!
 //! Every repair names its operator (the caller's token) and needs a reason; both land in the
 //! saga's history. The engine decides whether a repair fits the saga's state; when it does not,
 //! the call fails with `FAILED_PRECONDITION` and the engine's explanation.
+
+use std::collections::BTreeMap;
 
 use serde_json::Value;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::auth::caller;
-use super::convert::{filter_from_pb, participant_to_pb, saga_to_pb, status_to_pb, timestamp};
+use super::convert::{
+    DefinitionState, definition_to_pb, filter_from_pb, participant_to_pb, saga_to_pb, status_to_pb,
+    timestamp,
+};
 use super::{parse_id, parse_json, status_of};
+use crate::definition::{Definition, Registry};
 use crate::driver::{Driver, DriverError};
 use crate::engine::{Operator, Repair};
 use crate::proto::v1 as pb;
@@ -74,6 +81,25 @@ fn operator<T>(req: &Request<T>, reason: &str) -> Result<Operator, Status> {
         actor: caller(req).name,
         reason: reason.to_string(),
     })
+}
+
+/// A definition version with what the registry knows of it and its unfinished sagas.
+fn definition_view(
+    registry: &Registry,
+    def: &Definition,
+    active: &BTreeMap<(String, u32), u64>,
+) -> pb::Definition {
+    let state = DefinitionState {
+        retired: registry.is_retired_version(&def.name, def.version),
+        current: registry
+            .latest(&def.name)
+            .is_some_and(|d| d.version == def.version),
+        active_sagas: active
+            .get(&(def.name.clone(), def.version))
+            .copied()
+            .unwrap_or(0),
+    };
+    definition_to_pb(def, state)
 }
 
 type ProgressStream =
@@ -291,5 +317,75 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 })
                 .collect(),
         }))
+    }
+
+    async fn list_definitions(
+        &self,
+        req: Request<pb::ListDefinitionsRequest>,
+    ) -> Result<Response<pb::ListDefinitionsResponse>, Status> {
+        let name = Some(req.get_ref().name.trim()).filter(|n| !n.is_empty());
+        let registry = self.driver.registry();
+        let active = self
+            .driver
+            .store()
+            .active_per_version(name)
+            .await
+            .map_err(status_of)?;
+        let mut defs: Vec<_> = match name {
+            Some(name) => registry.versions(name).collect(),
+            None => registry.all().collect(),
+        };
+        // By name, then newest first: the version a reader looks for first is on top.
+        defs.sort_by(|a, b| a.name.cmp(&b.name).then(b.version.cmp(&a.version)));
+        Ok(Response::new(pb::ListDefinitionsResponse {
+            definitions: defs
+                .into_iter()
+                .map(|d| definition_view(registry, d, &active))
+                .collect(),
+        }))
+    }
+
+    async fn get_definition(
+        &self,
+        req: Request<pb::GetDefinitionRequest>,
+    ) -> Result<Response<pb::Definition>, Status> {
+        let name = req.get_ref().name.trim();
+        let version = req.get_ref().version;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        let registry = self.driver.registry();
+        let def = match version {
+            0 => registry.latest(name).or_else(|| registry.newest(name)),
+            v => registry.get(name, v),
+        };
+        let Some(def) = def else {
+            let quoted = crate::contract::quote(name);
+            let known: Vec<String> = registry
+                .versions(name)
+                .rev()
+                .map(|d| d.version.to_string())
+                .collect();
+            return Err(Status::not_found(if known.is_empty() {
+                let mut names: Vec<&str> = registry.all().map(|d| d.name.as_str()).collect();
+                names.dedup();
+                format!(
+                    "saga definition {quoted:?} does not exist; known: {}",
+                    names.join(", ")
+                )
+            } else {
+                format!(
+                    "saga definition {quoted:?} has no version {version}; known versions: {}",
+                    known.join(", ")
+                )
+            }));
+        };
+        let active = self
+            .driver
+            .store()
+            .active_per_version(Some(name))
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(definition_view(registry, &def, &active)))
     }
 }

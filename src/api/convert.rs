@@ -242,3 +242,207 @@ pub fn participant_to_pb(p: store::ParticipantRecord) -> pb::Participant {
         held_commands: p.held_commands,
     }
 }
+
+/// What the registry and the store add to a definition version as the API shows it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefinitionState {
+    pub retired: bool,
+    pub current: bool,
+    pub active_sagas: u64,
+}
+
+pub fn definition_to_pb(def: &Definition, state: DefinitionState) -> pb::Definition {
+    let name_of = |i: usize| def.steps.get(i).map(|s| s.name.clone());
+    // Durations come from validated files (at most days); one built in code beyond what a
+    // protobuf Duration holds shows as unset rather than failing the whole listing.
+    let duration = |d: Duration| prost_types::Duration::try_from(d).ok();
+    let after_pivot = def.descendants(def.pivot);
+    let steps = def
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| pb::DefinitionStep {
+            name: s.name.clone(),
+            participant: s.participant.clone(),
+            action: s.action.clone(),
+            compensation: s.compensation.clone().unwrap_or_default(),
+            after: def.deps(i).into_iter().filter_map(name_of).collect(),
+            when: s
+                .when
+                .as_ref()
+                .map(|c| c.source().to_string())
+                .unwrap_or_default(),
+            input_json: s
+                .input
+                .as_ref()
+                .map(|m| m.source().to_string())
+                .unwrap_or_default(),
+            compensation_input_json: s
+                .compensation_input
+                .as_ref()
+                .map(|m| m.source().to_string())
+                .unwrap_or_default(),
+            pivot: i == def.pivot,
+            after_pivot: after_pivot.binary_search(&i).is_ok(),
+            timeout: duration(s.timeout),
+            retry: Some(pb::RetryPolicy {
+                max_attempts: s.retry.max_attempts,
+                initial_backoff: duration(s.retry.initial_backoff),
+                max_backoff: duration(s.retry.max_backoff),
+                multiplier: s.retry.multiplier,
+            }),
+        })
+        .collect();
+    pb::Definition {
+        name: def.name.clone(),
+        version: def.version,
+        description: def.description.clone(),
+        retired: state.retired,
+        current: state.current,
+        steps,
+        pivot_step: name_of(def.pivot).unwrap_or_default(),
+        compensation_max_attempts: def.compensation_max_attempts,
+        active_sagas: state.active_sagas,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::definition;
+
+    fn example(path: &str) -> Definition {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+        let text = std::fs::read_to_string(&file).unwrap();
+        definition::parse(&file, &text).unwrap()
+    }
+
+    #[test]
+    fn a_corridor_shows_the_implicit_previous_step_as_after() {
+        let pb = definition_to_pb(
+            &example("sagas/order_fulfillment.toml"),
+            DefinitionState::default(),
+        );
+        let after: Vec<Vec<&str>> = pb
+            .steps
+            .iter()
+            .map(|s| s.after.iter().map(String::as_str).collect())
+            .collect();
+        assert_eq!(
+            after,
+            [
+                vec![],
+                vec!["create_order"],
+                vec!["authorize_payment"],
+                vec!["schedule_delivery"]
+            ]
+        );
+        assert_eq!(pb.pivot_step, "schedule_delivery");
+        let pivots: Vec<bool> = pb.steps.iter().map(|s| s.pivot).collect();
+        assert_eq!(pivots, [false, false, true, false]);
+        let pay = &pb.steps[1];
+        assert_eq!(
+            (
+                pay.compensation.as_str(),
+                pay.input_json.as_str(),
+                pay.when.as_str()
+            ),
+            ("refund_payment", "", "")
+        );
+        assert_eq!(
+            pay.timeout,
+            Some(prost_types::Duration {
+                seconds: 15,
+                nanos: 0
+            })
+        );
+        let retry = pay.retry.unwrap();
+        assert_eq!((retry.max_attempts, retry.multiplier), (3, 2.0));
+        assert_eq!(
+            retry.initial_backoff,
+            Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 200_000_000
+            })
+        );
+        assert_eq!(pb.steps[3].compensation, "");
+        let after_pivot: Vec<bool> = pb.steps.iter().map(|s| s.after_pivot).collect();
+        assert_eq!(after_pivot, [false, false, false, true]);
+    }
+
+    #[test]
+    fn the_food_delivery_graph_converts_and_draws_with_its_edges_conditions_and_inputs() {
+        let def = example("docs/examples/food_delivery.toml");
+        let state = DefinitionState {
+            retired: false,
+            current: true,
+            active_sagas: 4,
+        };
+        let pb = definition_to_pb(&def, state);
+        assert_eq!((pb.active_sagas, pb.current, pb.retired), (4, true, false));
+        let rider = &pb.steps[4];
+        assert_eq!(
+            rider.after,
+            ["authorize_payment", "shop_accepts", "redeem_coupon"]
+        );
+        assert!(rider.pivot);
+        assert_eq!(pb.steps[3].when, "has(input.coupon) && input.coupon != ''");
+        // The mapping as written, `${…}` and literals alike, not as rendered for a saga.
+        let input: serde_json::Value = serde_json::from_str(&pb.steps[1].input_json).unwrap();
+        assert_eq!(
+            input,
+            json!({"order_id": "${steps.create_order.output.order_id}",
+                   "amount_cents": "${input.amount_cents}", "currency": "KRW"})
+        );
+        let undo: serde_json::Value =
+            serde_json::from_str(&pb.steps[0].compensation_input_json).unwrap();
+        assert_eq!(
+            undo,
+            json!({"order_id": "${steps.create_order.output.order_id}"})
+        );
+        assert_eq!(pb.steps[2].compensation_input_json, "");
+
+        let text = sagactl::cli::definition_text(&pb);
+        assert_eq!(text, DRAWN, "{text}");
+    }
+
+    /// `sagactl definition food_delivery`: the three branches fork from create_order, the
+    /// join under the step they forked from, spelling out what it waits for.
+    const DRAWN: &str = "\
+definition:    food_delivery@1
+description:   Create an order, pay, have the shop accept it, redeem a coupon, dispatch a rider
+state:         current: new sagas start on it
+pivot:         dispatch_rider
+compensation:  an operator is needed after 10 failed attempts
+active sagas:  4
+
+steps:
+create_order  order: create_order, undo: cancel_order
+│   input: customer_id=${input.customer_id} items=${input.items} shop_id=${input.shop_id}
+│   compensation input: order_id=${steps.create_order.output.order_id}
+│   timeout 10s; 3 attempts, back-off 200ms to 30s ×2
+├── authorize_payment  payment: authorize_payment, undo: void_payment
+│       input: amount_cents=${input.amount_cents} currency=KRW order_id=${steps.create_order.output.order_id}
+│       compensation input: authorization=${steps.authorize_payment.output.authorization}
+│       timeout 15s; 3 attempts, back-off 200ms to 30s ×2
+├── shop_accepts  shop: accept_order, undo: reject_order
+│       input: items=${input.items} order_id=${steps.create_order.output.order_id} shop_id=${input.shop_id}
+│       timeout 10s; 3 attempts, back-off 200ms to 30s ×2
+├── redeem_coupon  coupon: redeem_coupon, undo: restore_coupon
+│       when: has(input.coupon) && input.coupon != ''
+│       input: coupon=${input.coupon} customer_id=${input.customer_id} order_id=${steps.create_order.output.order_id}
+│       compensation input: redemption_id=${steps.redeem_coupon.output.redemption_id}
+│       timeout 10s; 3 attempts, back-off 200ms to 30s ×2
+└── dispatch_rider (pivot)  delivery: dispatch_rider, undo: recall_rider
+    │   after: authorize_payment, shop_accepts, redeem_coupon
+    │   input: address=${input.address} coupon_applied=\"${steps.redeem_coupon.output != null}\" order_id=${steps.create_order.output.order_id} shop_id=${input.shop_id}
+    │   timeout 10s; 3 attempts, back-off 200ms to 30s ×2
+    notify_customer  notification: notify_customer
+        input: customer_id=${input.customer_id} eta_minutes=${steps.dispatch_rider.output.eta_minutes} order_id=${steps.create_order.output.order_id} rider=${steps.dispatch_rider.output.rider_name}
+        timeout 10s; retried until it succeeds, back-off 200ms to 30s ×2
+";
+}

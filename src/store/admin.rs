@@ -1,10 +1,13 @@
-//! Operator queries: the sagas a bulk repair selects, and counts per status and step.
+//! Operator queries: the sagas a bulk repair selects, and counts per status, step and
+//! definition version.
+
+use std::collections::BTreeMap;
 
 use sqlx::Row;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{ACTIVE, ListFilter, Result, Store, filtered, parse_status};
+use super::{ACTIVE, ListFilter, Result, Store, StoreError, filtered, parse_status};
 use crate::engine::Status;
 
 /// How many unfinished sagas wait at one step.
@@ -79,5 +82,33 @@ impl Store {
         .collect::<Result<Vec<_>>>()?;
         tx.commit().await?;
         Ok((by_status, by_step))
+    }
+
+    /// Unfinished sagas per (definition, version), of one definition or of all; versions
+    /// without any are absent.
+    pub async fn active_per_version(
+        &self,
+        definition: Option<&str>,
+    ) -> Result<BTreeMap<(String, u32), u64>> {
+        // Only unfinished rows, which the partial indexes on status keep cheap to find however
+        // many sagas have finished.
+        sqlx::query(
+            "SELECT definition, definition_version, count(*) AS n FROM sagas \
+             WHERE status IN ('running', 'compensating', 'needs_operator') \
+               AND ($1::text IS NULL OR definition = $1) \
+             GROUP BY definition, definition_version",
+        )
+        .bind(definition)
+        .fetch_all(self.pool())
+        .await?
+        .iter()
+        .map(|r| {
+            let version: i32 = r.try_get("definition_version")?;
+            let version = u32::try_from(version)
+                .map_err(|_| StoreError::Corrupt(format!("definition version {version}")))?;
+            let n = r.try_get::<i64, _>("n")?.max(0) as u64;
+            Ok(((r.try_get("definition")?, version), n))
+        })
+        .collect()
     }
 }

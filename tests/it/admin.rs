@@ -11,11 +11,11 @@ use tonic::Code;
 
 use crate::helpers::*;
 
-const OPERATOR: &str = "operator-token-0123456789";
-const PARTICIPANT: &str = "participant-token-0123456789";
+pub(crate) const OPERATOR: &str = "operator-token-0123456789";
+pub(crate) const PARTICIPANT: &str = "participant-token-0123456789";
 const WITHIN: Duration = Duration::from_secs(20);
 
-fn settings_with_auth(env: &TestEnv, dir: &std::path::Path) -> saga::config::Settings {
+pub(crate) fn settings_with_auth(env: &TestEnv, dir: &std::path::Path) -> saga::config::Settings {
     let mut s = env.settings(dir);
     s.operator_token = Some(OPERATOR.into());
     s.participant_token = Some(PARTICIPANT.into());

@@ -152,9 +152,24 @@ where
     C::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
     <C::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
 {
+    start_definition(client, "order_fulfillment", input).await
+}
+
+/// Starts a saga of `definition` through any client; returns its id.
+pub async fn start_definition<C>(
+    client: &mut SagaServiceClient<C>,
+    definition: &str,
+    input: serde_json::Value,
+) -> String
+where
+    C: tonic::client::GrpcService<tonic::body::Body>,
+    C::Error: Into<tonic::codegen::StdError>,
+    C::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <C::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     client
         .start_saga(pb::StartSagaRequest {
-            definition: "order_fulfillment".into(),
+            definition: definition.into(),
             input_json: input.to_string(),
             idempotency_key: String::new(),
         })

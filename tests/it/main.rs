@@ -6,6 +6,7 @@ mod auth;
 mod bounds;
 mod check;
 mod contract;
+mod definitions;
 mod demo;
 mod graphs;
 mod helpers;

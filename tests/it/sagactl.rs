@@ -16,7 +16,7 @@ use crate::helpers::*;
 
 const TOKEN: &str = "sagactl-test-operator-token-0123456789";
 
-struct Harness {
+pub(crate) struct Harness {
     _env: TestEnv,
     _defs: tempfile::TempDir,
     app: TestApp,
@@ -35,7 +35,7 @@ fn patient_definition() -> String {
     patient
 }
 
-async fn harness() -> Harness {
+pub(crate) async fn harness() -> Harness {
     let env = TestEnv::new();
     let defs = definitions_dir(&[("order_fulfillment.toml", &patient_definition())]);
     let mut settings = env.settings(defs.path());
@@ -51,15 +51,15 @@ async fn harness() -> Harness {
     }
 }
 
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Run {
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Run {
     /// stdout, after checking the command succeeded.
-    fn ok(&self) -> &str {
+    pub(crate) fn ok(&self) -> &str {
         assert_eq!(
             self.code,
             Some(0),
@@ -70,7 +70,7 @@ impl Run {
         &self.stdout
     }
 
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(self.ok())
             .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.stdout))
     }
@@ -91,7 +91,7 @@ fn sagactl_command(h: &Harness, token: Option<&str>, args: &[&str]) -> Command {
 }
 
 /// Runs sagactl to its end on the blocking pool, so the in-process sagad keeps serving.
-async fn sagactl_as(h: &Harness, token: Option<&str>, args: &[&str]) -> Run {
+pub(crate) async fn sagactl_as(h: &Harness, token: Option<&str>, args: &[&str]) -> Run {
     let mut cmd = sagactl_command(h, token, args);
     let out = tokio::task::spawn_blocking(move || cmd.output().expect("sagactl runs"))
         .await
@@ -103,11 +103,11 @@ async fn sagactl_as(h: &Harness, token: Option<&str>, args: &[&str]) -> Run {
     }
 }
 
-async fn sagactl(h: &Harness, args: &[&str]) -> Run {
+pub(crate) async fn sagactl(h: &Harness, args: &[&str]) -> Run {
     sagactl_as(h, Some(TOKEN), args).await
 }
 
-async fn start_sagas(h: &Harness, n: usize) -> Vec<String> {
+pub(crate) async fn start_sagas(h: &Harness, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
         let resp = h

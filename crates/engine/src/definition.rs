@@ -621,6 +621,8 @@ pub struct Registry {
     by_key: BTreeMap<(String, u32), Arc<Definition>>,
     /// Per name, the newest version new sagas start on.
     startable: BTreeMap<String, u32>,
+    /// The versions from the files of this start; every other one in `by_key` is retired.
+    shipped: HashSet<(String, u32)>,
 }
 
 impl Registry {
@@ -631,6 +633,7 @@ impl Registry {
             .entry(def.name.clone())
             .or_insert(def.version);
         *newest = (*newest).max(def.version);
+        self.shipped.insert((def.name.clone(), def.version));
         self.by_key
             .insert((def.name.clone(), def.version), Arc::new(def));
     }
@@ -653,8 +656,21 @@ impl Registry {
         self.get(name, *version)
     }
 
+    /// The newest version known, retired or not.
+    pub fn newest(&self, name: &str) -> Option<Arc<Definition>> {
+        self.versions(name).next_back().cloned()
+    }
+
+    /// Every version, by name then version.
     pub fn all(&self) -> impl Iterator<Item = &Arc<Definition>> {
         self.by_key.values()
+    }
+
+    /// Every version of `name`, oldest first.
+    pub fn versions(&self, name: &str) -> impl DoubleEndedIterator<Item = &Arc<Definition>> {
+        self.by_key
+            .range((name.to_string(), 0)..=(name.to_string(), u32::MAX))
+            .map(|(_, def)| def)
     }
 
     /// The names new sagas can start on, sorted.
@@ -664,12 +680,14 @@ impl Registry {
 
     /// Whether `name` is known only from the database: sagas still run on it, none start.
     pub fn is_retired(&self, name: &str) -> bool {
-        !self.startable.contains_key(name)
-            && self
-                .by_key
-                .range((name.to_string(), 0)..=(name.to_string(), u32::MAX))
-                .next()
-                .is_some()
+        !self.startable.contains_key(name) && self.versions(name).next().is_some()
+    }
+
+    /// Whether this version is known only from the database. An older version whose file is
+    /// still shipped is not retired, though new sagas start on the newest one.
+    pub fn is_retired_version(&self, name: &str, version: u32) -> bool {
+        self.by_key.contains_key(&(name.to_string(), version))
+            && !self.shipped.contains(&(name.to_string(), version))
     }
 }
 
@@ -1566,6 +1584,19 @@ action = "do_c"
         assert!(r.get("gone", 10).is_some());
         assert!(r.is_retired("gone") && !r.is_retired("s") && !r.is_retired("never"));
         assert_eq!(r.startable_names().collect::<Vec<_>>(), ["s"]);
+        // Per version: v10 is retired even though it is the newest; v2 was also inserted.
+        assert!(r.is_retired_version("s", 10) && !r.is_retired_version("s", 2));
+        assert!(r.is_retired_version("gone", 10) && !r.is_retired_version("s", 3));
+        assert_eq!(r.newest("s").unwrap().version, 10);
+        assert_eq!(r.newest("gone").unwrap().version, 10);
+        assert!(r.newest("never").is_none());
+        let versions = |name| {
+            r.versions(name)
+                .rev()
+                .map(|d| d.version)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!((versions("s"), versions("never")), (vec![10, 2], vec![]));
     }
 
     /// a -> (b when …, c) -> d (pivot) -> e, with mapped inputs.

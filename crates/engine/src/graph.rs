@@ -1630,8 +1630,8 @@ pub(crate) mod tests {
 
     #[test]
     fn a_reply_output_reaches_the_mapped_inputs_of_the_steps_it_releases() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../sagas/food_delivery.toml");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sagas/food_delivery.toml");
         let def =
             crate::definition::parse(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
         let at = |name: &str| def.step_index(name).unwrap();

@@ -15,9 +15,9 @@ use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 
 use saga_proto::v1::{
-    CircuitState, CommandKind, CountSagasResponse, HistoryEvent, ListSagasRequest, Outcome,
-    Participant, RedriveProgress, RedriveRequest, Saga, SagaStatus, SagaSummary, StartSagaResponse,
-    StepAttempt, StepState,
+    CircuitState, CommandKind, CountSagasResponse, Definition, DefinitionStep, HistoryEvent,
+    ListSagasRequest, Outcome, Participant, RedriveProgress, RedriveRequest, Saga, SagaStatus,
+    SagaSummary, StartSagaResponse, StepAttempt, StepState,
 };
 
 /// Longest JSON rendering put in a table cell; `--output json` has the full value.
@@ -1127,6 +1127,336 @@ pub fn counts_table(resp: &CountSagasResponse, now: OffsetDateTime) -> String {
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// Definitions
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// A protobuf duration as `200ms`, `1m 30s`; `-` when unset or negative.
+fn duration_text(d: Option<&prost_types::Duration>) -> String {
+    d.and_then(|d| std::time::Duration::try_from(*d).ok())
+        .map_or_else(
+            || NONE.to_owned(),
+            |d| humantime::format_duration(d).to_string(),
+        )
+}
+
+fn duration_ms(d: Option<&prost_types::Duration>) -> Option<u128> {
+    d.and_then(|d| std::time::Duration::try_from(*d).ok())
+        .map(|d| d.as_millis())
+}
+
+pub fn definition_json(d: &Definition) -> Value {
+    let steps: Vec<Value> = d
+        .steps
+        .iter()
+        .map(|s| {
+            let retry = s.retry.as_ref();
+            json!({
+                "name": s.name,
+                "participant": s.participant,
+                "action": s.action,
+                "compensation": opt_string(&s.compensation),
+                "after": s.after,
+                "when": opt_string(&s.when),
+                "input": json_value(&s.input_json),
+                "compensation_input": json_value(&s.compensation_input_json),
+                "pivot": s.pivot,
+                "after_pivot": s.after_pivot,
+                "timeout_ms": duration_ms(s.timeout.as_ref()),
+                "retry": retry.map(|r| json!({
+                    "max_attempts": r.max_attempts,
+                    "initial_backoff_ms": duration_ms(r.initial_backoff.as_ref()),
+                    "max_backoff_ms": duration_ms(r.max_backoff.as_ref()),
+                    "multiplier": r.multiplier,
+                })),
+            })
+        })
+        .collect();
+    json!({
+        "name": d.name,
+        "version": d.version,
+        "description": opt_string(&d.description),
+        "current": d.current,
+        "retired": d.retired,
+        "pivot_step": opt_string(&d.pivot_step),
+        "compensation_max_attempts": d.compensation_max_attempts,
+        "active_sagas": d.active_sagas,
+        "steps": steps,
+    })
+}
+
+pub fn definitions_json(defs: &[Definition]) -> Value {
+    json!({
+        "definitions": defs.iter().map(definition_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn definitions_table(defs: &[Definition]) -> String {
+    if defs.is_empty() {
+        return "no definitions\n".to_owned();
+    }
+    let mut table = new_table(&[
+        "NAME",
+        "VERSION",
+        "STEPS",
+        "ACTIVE SAGAS",
+        "RETIRED",
+        "CURRENT",
+        "DESCRIPTION",
+    ]);
+    for d in defs {
+        table.add_row(vec![
+            d.name.clone(),
+            d.version.to_string(),
+            d.steps.len().to_string(),
+            d.active_sagas.to_string(),
+            yes_no(d.retired).to_owned(),
+            yes_no(d.current).to_owned(),
+            or_none(&truncate(&one_line(&d.description), CELL_JSON_MAX)).to_owned(),
+        ]);
+    }
+    table_text(&table)
+}
+
+/// Where each step sits in the drawing of the graph.
+struct Layout {
+    /// Indices into the steps, resolved from `after`: known steps only, not the step itself.
+    deps: Vec<Vec<usize>>,
+    /// The steps drawn under each node; the last node (one past the steps) is the saga's start.
+    children: Vec<Vec<usize>>,
+}
+
+impl Layout {
+    /// Each step is drawn under the nearest step that every one of its `after` steps is, or
+    /// descends from, in the drawing: under its only `after` step, and a join under the step
+    /// its branches forked from, after the branches. Steps the server sent in a cycle (which no
+    /// loader lets through) hang from the start, their `after` shown.
+    fn of(def: &Definition) -> Layout {
+        let n = def.steps.len();
+        let start = n;
+        let mut index = std::collections::HashMap::new();
+        for (i, s) in def.steps.iter().enumerate() {
+            index.entry(s.name.as_str()).or_insert(i);
+        }
+        let deps: Vec<Vec<usize>> = def
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut d: Vec<usize> = s
+                    .after
+                    .iter()
+                    .filter_map(|a| index.get(a.as_str()).copied())
+                    .filter(|&d| d != i)
+                    .collect();
+                d.sort_unstable();
+                d.dedup();
+                d
+            })
+            .collect();
+        // Topological order, file order among the steps ready together; quadratic, and
+        // definitions are small.
+        let mut placed = vec![false; n];
+        let mut order = Vec::with_capacity(n);
+        while let Some(i) = (0..n).find(|&i| {
+            !placed.get(i).copied().unwrap_or(true)
+                && deps
+                    .get(i)
+                    .is_some_and(|ds| ds.iter().all(|&d| placed.get(d) == Some(&true)))
+        }) {
+            if let Some(p) = placed.get_mut(i) {
+                *p = true;
+            }
+            order.push(i);
+        }
+        let mut parent = vec![start; n];
+        let mut children = vec![Vec::new(); n + 1];
+        let chain = |parent: &[usize], from: usize| {
+            let mut chain = vec![from];
+            let mut at = from;
+            while let Some(&p) = parent.get(at) {
+                chain.push(p);
+                at = p;
+            }
+            chain
+        };
+        for &i in &order {
+            let p = match deps.get(i).map(Vec::as_slice) {
+                Some([first, rest @ ..]) => {
+                    let others: Vec<Vec<usize>> = rest.iter().map(|&d| chain(&parent, d)).collect();
+                    chain(&parent, *first)
+                        .into_iter()
+                        .find(|a| others.iter().all(|c| c.contains(a)))
+                        .unwrap_or(start)
+                }
+                _ => start,
+            };
+            if let Some(slot) = parent.get_mut(i) {
+                *slot = p;
+            }
+            if let Some(c) = children.get_mut(p) {
+                c.push(i);
+            }
+        }
+        if let Some(c) = children.get_mut(start) {
+            c.extend((0..n).filter(|&i| placed.get(i) == Some(&false)));
+        }
+        Layout { deps, children }
+    }
+}
+
+/// The lines drawn under a step's name.
+fn step_details(step: &DefinitionStep, shown_after: bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    if shown_after {
+        let after = if step.after.is_empty() {
+            "(nothing: starts with the saga)".to_owned()
+        } else {
+            step.after.join(", ")
+        };
+        lines.push(format!("after: {after}"));
+    }
+    if !step.when.is_empty() {
+        lines.push(format!("when: {}", one_line(&step.when)));
+    }
+    for (label, raw) in [
+        ("input", &step.input_json),
+        ("compensation input", &step.compensation_input_json),
+    ] {
+        if !raw.is_empty() {
+            lines.push(format!("{label}: {}", render_details(&json_value(raw))));
+        }
+    }
+    let mut timing = format!("timeout {}", duration_text(step.timeout.as_ref()));
+    if let Some(r) = &step.retry {
+        let attempts = if step.after_pivot {
+            "retried until it succeeds".to_owned()
+        } else {
+            format!("{} attempts", r.max_attempts)
+        };
+        let _ = write!(
+            timing,
+            "; {attempts}, back-off {} to {} ×{}",
+            duration_text(r.initial_backoff.as_ref()),
+            duration_text(r.max_backoff.as_ref()),
+            r.multiplier
+        );
+    }
+    lines.push(timing);
+    lines
+}
+
+/// A definition version and its steps drawn as the graph of their `after` edges: a step under
+/// the one it waits for, branches as `├──` / `└──`, a step with a single successor followed by
+/// it at the same depth, and every wait the drawing does not show written out as `after:`.
+pub fn definition_text(d: &Definition) -> String {
+    let mut out = String::new();
+    let mut field = |name: &str, value: &str| {
+        // 15 = the longest label, "active sagas:", plus two spaces.
+        let _ = writeln!(out, "{:<15}{value}", format!("{name}:"));
+    };
+    field("definition", &format!("{}@{}", d.name, d.version));
+    if !d.description.is_empty() {
+        field("description", &one_line(&d.description));
+    }
+    let state = if d.retired {
+        "retired: known from the database only; its running sagas finish, none start"
+    } else if d.current {
+        "current: new sagas start on it"
+    } else {
+        "superseded: new sagas start on a newer version"
+    };
+    field("state", state);
+    field("pivot", or_none(&d.pivot_step));
+    field(
+        "compensation",
+        &format!(
+            "an operator is needed after {} failed attempts",
+            d.compensation_max_attempts
+        ),
+    );
+    field("active sagas", &d.active_sagas.to_string());
+    out.push_str("\nsteps:\n");
+    if d.steps.is_empty() {
+        out.push_str("  (none)\n");
+        return out;
+    }
+
+    let layout = Layout::of(d);
+    let start = d.steps.len();
+    let roots = layout.children.get(start).cloned().unwrap_or_default();
+    // (node, text before its name, prefix of the lines below it, the node it hangs from)
+    let mut stack: Vec<(usize, String, String, usize)> = Vec::new();
+    if let [root] = roots.as_slice() {
+        stack.push((*root, String::new(), String::new(), start));
+    } else {
+        // Several roots: the saga's start is drawn as the node they fork from.
+        out.push_str("(start)\n");
+        push_children(&mut stack, &layout, start, "");
+    }
+    while let Some((i, head, body, parent)) = stack.pop() {
+        let Some(step) = d.steps.get(i) else { continue };
+        let pivot = if step.pivot { " (pivot)" } else { "" };
+        let undo = if step.compensation.is_empty() {
+            String::new()
+        } else {
+            format!(", undo: {}", step.compensation)
+        };
+        let _ = writeln!(
+            out,
+            "{head}{}{pivot}  {}: {}{undo}",
+            step.name, step.participant, step.action
+        );
+        let deps = layout.deps.get(i).map(Vec::as_slice).unwrap_or_default();
+        let drawn = if parent == start {
+            deps.is_empty()
+        } else {
+            deps == [parent]
+        };
+        // The drawing says which steps this one waits for only through its parent; the
+        // server's list is checked too, in case it names a step that is not there.
+        let shown_after = !drawn || step.after.len() != deps.len();
+        let kids = layout.children.get(i).map(Vec::len).unwrap_or(0);
+        let bar = if kids > 0 { "│   " } else { "    " };
+        for line in step_details(step, shown_after) {
+            let _ = writeln!(out, "{body}{bar}{line}");
+        }
+        push_children(&mut stack, &layout, i, &body);
+    }
+    out
+}
+
+/// Pushes the steps drawn under `node` (prefix `body`) so that they pop in order.
+fn push_children(
+    stack: &mut Vec<(usize, String, String, usize)>,
+    layout: &Layout,
+    node: usize,
+    body: &str,
+) {
+    let Some(kids) = layout.children.get(node) else {
+        return;
+    };
+    if let [only] = kids.as_slice()
+        && layout.deps.get(*only).map(Vec::as_slice) == Some([node].as_slice())
+    {
+        // A plain sequence continues at the same depth, so a corridor does not drift right.
+        stack.push((*only, body.to_owned(), body.to_owned(), node));
+        return;
+    }
+    for (k, &kid) in kids.iter().enumerate().rev() {
+        let last = k + 1 == kids.len();
+        let (head, next) = if last {
+            ("└── ", "    ")
+        } else {
+            ("├── ", "│   ")
+        };
+        stack.push((kid, format!("{body}{head}"), format!("{body}{next}"), node));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1918,5 +2248,167 @@ mod tests {
             counts_table(&CountSagasResponse::default(), now),
             "no sagas\n"
         );
+    }
+
+    fn step(name: &str, after: &[&str]) -> DefinitionStep {
+        DefinitionStep {
+            name: name.into(),
+            participant: "p".into(),
+            action: format!("do_{name}"),
+            after: after.iter().map(|a| a.to_string()).collect(),
+            timeout: Some(prost_types::Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn def(steps: Vec<DefinitionStep>) -> Definition {
+        Definition {
+            name: "d".into(),
+            version: 2,
+            current: true,
+            compensation_max_attempts: 10,
+            steps,
+            ..Default::default()
+        }
+    }
+
+    /// The drawn lines that name a step, without its details.
+    fn step_lines(text: &str) -> Vec<&str> {
+        text.split_once("steps:\n")
+            .unwrap()
+            .1
+            .lines()
+            .filter(|l| l.contains(": do_") || l.ends_with("(start)"))
+            .collect()
+    }
+
+    #[test]
+    fn a_corridor_is_drawn_as_a_column_not_a_staircase() {
+        let mut steps = vec![step("a", &[]), step("b", &["a"]), step("c", &["b"])];
+        steps[1].pivot = true;
+        steps[0].compensation = "undo_a".into();
+        let mut d = def(steps);
+        d.pivot_step = "b".into();
+        let text = definition_text(&d);
+        assert_eq!(
+            text.split_once("steps:\n").unwrap().1,
+            "a  p: do_a, undo: undo_a\n\
+             │   timeout 10s\n\
+             b (pivot)  p: do_b\n\
+             │   timeout 10s\n\
+             c  p: do_c\n    timeout 10s\n"
+        );
+        assert!(text.starts_with("definition:    d@2\nstate:         current"));
+        assert!(text.contains("pivot:         b\n"), "{text}");
+    }
+
+    #[test]
+    fn several_roots_fork_from_the_start_and_a_join_says_what_it_waits_for() {
+        let d = def(vec![
+            step("x", &[]),
+            step("y", &[]),
+            step("x2", &["x"]),
+            step("z", &["x2", "y"]),
+        ]);
+        let text = definition_text(&d);
+        assert_eq!(
+            step_lines(&text),
+            [
+                "(start)",
+                "├── x  p: do_x",
+                "│   x2  p: do_x2",
+                "├── y  p: do_y",
+                "└── z  p: do_z",
+            ],
+            "{text}"
+        );
+        assert!(
+            text.contains("└── z  p: do_z\n        after: x2, y\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_graph_the_server_should_never_send_is_still_drawn_whole() {
+        // A cycle, an unknown step, a step waiting for itself, a duplicate name.
+        let d = def(vec![
+            step("a", &["b"]),
+            step("b", &["a"]),
+            step("c", &["nowhere", "c"]),
+            step("c", &[]),
+        ]);
+        let text = definition_text(&d);
+        let lines = step_lines(&text);
+        assert_eq!(lines.len(), 5, "{text}");
+        for name in ["a", "b", "c"] {
+            assert!(
+                lines.iter().any(|l| l.contains(&format!("{name}  p:"))),
+                "{text}"
+            );
+        }
+        assert!(
+            text.contains("after: b\n") && text.contains("after: nowhere, c\n"),
+            "{text}"
+        );
+        assert_eq!(
+            definition_text(&def(vec![]))
+                .split_once("steps:\n")
+                .unwrap()
+                .1,
+            "  (none)\n"
+        );
+    }
+
+    #[test]
+    fn definitions_list_as_a_table_and_json() {
+        let mut old = def(vec![step("a", &[])]);
+        old.version = 1;
+        old.current = false;
+        old.retired = true;
+        old.active_sagas = 3;
+        let mut new = def(vec![step("a", &[]), step("b", &["a"])]);
+        new.description = "two steps".into();
+        new.steps[1].input_json = r#"{"id": "${input.id}", "n": 1}"#.into();
+        let table = definitions_table(&[new.clone(), old.clone()]);
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                vec![
+                    "NAME",
+                    "VERSION",
+                    "STEPS",
+                    "ACTIVE",
+                    "SAGAS",
+                    "RETIRED",
+                    "CURRENT",
+                    "DESCRIPTION"
+                ],
+                vec!["d", "2", "2", "0", "no", "yes", "two", "steps"],
+                vec!["d", "1", "1", "3", "yes", "no", "-"],
+            ]
+        );
+        assert_eq!(definitions_table(&[]), "no definitions\n");
+        let v = definitions_json(&[new]);
+        let b = &v["definitions"][0]["steps"][1];
+        assert_eq!(b["input"], json!({"id": "${input.id}", "n": 1}));
+        assert_eq!(
+            (
+                &b["after"],
+                &b["when"],
+                &b["compensation"],
+                &b["timeout_ms"]
+            ),
+            (&json!(["a"]), &Value::Null, &Value::Null, &json!(10_000))
+        );
+        let text = definition_text(&old);
+        assert!(text.contains("state:         retired"), "{text}");
+        assert!(text.contains("active sagas:  3\n"), "{text}");
     }
 }

@@ -21,8 +21,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use saga_proto::v1::admin_service_client::AdminServiceClient;
 use saga_proto::v1::saga_service_client::SagaServiceClient;
 use saga_proto::v1::{
-    CountSagasRequest, GetSagaRequest, ListParticipantsRequest, ParticipantRequest, RedriveRequest,
-    RepairRequest, Saga, SkipStepRequest, StartSagaRequest, WatchSagaRequest,
+    CountSagasRequest, GetDefinitionRequest, GetSagaRequest, ListDefinitionsRequest,
+    ListParticipantsRequest, ParticipantRequest, RedriveRequest, RepairRequest, Saga,
+    SkipStepRequest, StartSagaRequest, WatchSagaRequest,
 };
 use sagactl::cli::{self, FilterArgs, RedriveOutcome};
 use serde_json::Value;
@@ -138,6 +139,13 @@ enum Command {
     Resume(ResumeArgs),
     /// Count sagas by status, and unfinished ones by step with how long they have waited.
     Counts(CountsArgs),
+    /// List every definition version sagad knows, with its unfinished sagas.
+    Definitions(DefinitionsArgs),
+    /// Show a definition's steps as a graph: who does what, after which steps, on which
+    /// condition, with which input.
+    // `--version` picks the definition's version here, not sagactl's.
+    #[command(disable_version_flag = true)]
+    Definition(DefinitionArgs),
 }
 
 #[derive(Debug, Args)]
@@ -271,6 +279,22 @@ struct CountsArgs {
     definition: Option<String>,
 }
 
+#[derive(Debug, Args)]
+struct DefinitionsArgs {
+    /// Only the versions of this definition.
+    name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct DefinitionArgs {
+    /// The definition's name, e.g. order_fulfillment.
+    name: String,
+
+    /// Which version [default: the one new sagas start on, or the newest if all are retired].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    version: Option<u32>,
+}
+
 /// A connection to sagad that authenticates every call; both services' clients wrap it.
 type Api = InterceptedService<Channel, Auth>;
 
@@ -322,6 +346,8 @@ async fn run(args: Cli) -> anyhow::Result<String> {
         Command::Pause(cmd) => pause(global, cmd).await,
         Command::Resume(cmd) => resume(global, cmd).await,
         Command::Counts(cmd) => counts(global, cmd).await,
+        Command::Definitions(cmd) => definitions(global, cmd).await,
+        Command::Definition(cmd) => definition(global, cmd).await,
     }
 }
 
@@ -784,6 +810,37 @@ async fn counts(global: &Global, cmd: CountsArgs) -> anyhow::Result<String> {
     })
 }
 
+async fn definitions(global: &Global, cmd: DefinitionsArgs) -> anyhow::Result<String> {
+    let resp = admin(global)
+        .await?
+        .list_definitions(ListDefinitionsRequest {
+            name: cmd.name.unwrap_or_default(),
+        })
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    Ok(match global.output {
+        Output::Table => cli::definitions_table(&resp.definitions),
+        Output::Json => render_json(&cli::definitions_json(&resp.definitions)),
+    })
+}
+
+async fn definition(global: &Global, cmd: DefinitionArgs) -> anyhow::Result<String> {
+    let def = admin(global)
+        .await?
+        .get_definition(GetDefinitionRequest {
+            name: cmd.name,
+            version: cmd.version.unwrap_or(0),
+        })
+        .await
+        .map_err(|e| global.api_error(e))?
+        .into_inner();
+    Ok(match global.output {
+        Output::Table => cli::definition_text(&def),
+        Output::Json => render_json(&cli::definition_json(&def)),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -912,6 +969,28 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn definition_takes_its_version_as_a_flag() {
+        let cli = Cli::try_parse_from([
+            "sagactl",
+            "definition",
+            "order_fulfillment",
+            "--version",
+            "3",
+        ])
+        .unwrap();
+        let Command::Definition(d) = cli.command else {
+            panic!("expected definition");
+        };
+        assert_eq!((d.name.as_str(), d.version), ("order_fulfillment", Some(3)));
+        let err =
+            Cli::try_parse_from(["sagactl", "definition", "x", "--version", "0"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        // Elsewhere --version is still sagactl's.
+        let err = Cli::try_parse_from(["sagactl", "definitions", "--version"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
     }
 
     #[test]
