@@ -369,3 +369,90 @@ async fn cached_plan_of_saga_update(conn: &mut sqlx::PgConnection) -> String {
         .unwrap();
     plan.join("\n")
 }
+
+/// The README's food delivery runs, on the demo participants: with a coupon every branch runs and
+/// the saga completes; with the shop slow and the card declined, the payment fails while the
+/// shop's step is still in flight, the shop's late acceptance is undone, then the order.
+#[tokio::test]
+async fn food_delivery_runs_its_branches_and_undoes_a_sibling_that_finished_after_a_failure() {
+    let env = TestEnv::new();
+    let mut app = spawn_app(env.settings(&repo_sagas())).await;
+    let demo = spawn_demo(&env, |_| {});
+    let grpc = app.client.clone();
+    let start_food = |input: Value| {
+        let mut client = grpc.clone();
+        async move {
+            client
+                .start_saga(pb::StartSagaRequest {
+                    definition: "food_delivery".into(),
+                    input_json: input.to_string(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .saga_id
+        }
+    };
+    let order = json!({"customer_id": "c-1", "shop_id": "s-9", "items": [{"sku": "bibimbap", "qty": 2}],
+                       "amount_cents": 12900, "address": "1 Main St", "coupon": "WELCOME"});
+    let id = start_food(order).await;
+    let saga = wait_for_status(&mut app.client, &id, pb::SagaStatus::Completed, WITHIN).await;
+    assert!(
+        saga.steps.iter().all(|s| s.state == "succeeded"),
+        "{saga:#?}"
+    );
+    let pool = env.pool().await;
+    assert_eq!(
+        effects(&pool, &id).await,
+        map(&[
+            ("coupon", "redeemed"),
+            ("delivery", "dispatched"),
+            ("notification", "sent"),
+            ("order", "created"),
+            ("payment", "authorized"),
+            ("shop", "accepted"),
+        ])
+    );
+
+    let declined = json!({"customer_id": "c-2", "shop_id": "slow-9", "items": [],
+                          "amount_cents": 2_000_000, "address": "1 Main St"});
+    let id = start_food(declined).await;
+    let saga = wait_for_status(&mut app.client, &id, pb::SagaStatus::Compensated, WITHIN).await;
+    assert!(saga.error.contains("card declined"), "{}", saga.error);
+    let states: Vec<(&str, &str)> = saga
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.state.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("create_order", "compensated"),
+            ("authorize_payment", "failed"),
+            ("shop_accepts", "compensated"),
+            ("redeem_coupon", "skipped"),
+            ("dispatch_rider", "pending"),
+            ("notify_customer", "pending"),
+        ]
+    );
+    // The payment failed first; the shop answered later and was undone before the order.
+    let kinds = step_kinds(&saga);
+    let at = |step: &str, kind: &str| kinds.iter().position(|(s, k)| s == step && *k == kind);
+    assert!(at("shop_accepts", "compensation") < at("create_order", "compensation"));
+    let failed = saga.history.iter().position(|e| e.kind == "step_failed");
+    let accepted = saga
+        .history
+        .iter()
+        .position(|e| e.kind == "step_succeeded" && e.step == "shop_accepts");
+    assert!(
+        failed < accepted,
+        "the shop was still in flight when the payment failed"
+    );
+    assert_eq!(
+        effects(&pool, &id).await,
+        map(&[("order", "cancelled"), ("shop", "rejected")])
+    );
+    demo.stop().await;
+    app.stop().await;
+}
