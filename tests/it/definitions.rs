@@ -1,7 +1,7 @@
 //! The definitions sagad knows, as operators read them: ListDefinitions and GetDefinition
 //! (versions, retired ones, unfinished sagas per version, refusals), and `sagactl definitions` /
-//! `sagactl definition`. Graph definitions are not served yet (`sagad serve` runs corridors
-//! only): their drawing is unit-tested on the food delivery example in `src/api/convert.rs`.
+//! `sagactl definition`, and a graph's edges, condition and mappings as GetDefinition returns
+//! them for the operator console to draw.
 
 use saga::proto::v1 as pb;
 use saga::proto::v1::admin_service_client::AdminServiceClient;
@@ -300,4 +300,31 @@ async fn sagactl_lists_definitions_and_draws_one() {
         "{}",
         anonymous.stderr
     );
+}
+
+#[tokio::test]
+async fn get_definition_returns_a_graph_with_its_edges_condition_and_mappings() {
+    let env = TestEnv::new();
+    let app = spawn_app(settings_with_auth(&env, &repo_sagas())).await;
+    let (_, mut admin) = clients(app.addr, Some(OPERATOR)).await;
+    let def = get(&mut admin, "food_delivery", 0).await.unwrap();
+    let step = |name: &str| def.steps.iter().find(|s| s.name == name).unwrap();
+    assert_eq!(step("create_order").after, Vec::<String>::new());
+    for branch in ["authorize_payment", "shop_accepts", "redeem_coupon"] {
+        assert_eq!(step(branch).after, ["create_order"], "{branch}");
+    }
+    assert_eq!(
+        step("dispatch_rider").after,
+        ["authorize_payment", "shop_accepts", "redeem_coupon"]
+    );
+    assert!(step("dispatch_rider").pivot);
+    assert!(step("notify_customer").after_pivot);
+    assert_eq!(def.pivot_step, "dispatch_rider");
+    assert!(step("redeem_coupon").when.contains("input.coupon"));
+    let input: serde_json::Value =
+        serde_json::from_str(&step("authorize_payment").input_json).unwrap();
+    assert_eq!(input["order_id"], "${steps.create_order.output.order_id}");
+    assert_eq!(input["currency"], "KRW");
+    assert!(step("shop_accepts").compensation_input_json.is_empty());
+    app.stop().await;
 }
