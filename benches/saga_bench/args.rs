@@ -61,6 +61,10 @@ pub(crate) struct Args {
     /// The saga-demo executable (default: the one cargo built for this bench).
     #[arg(long)]
     pub(crate) demo_bin: Option<PathBuf>,
+    /// The saga definitions sagad loads (default: the repository's sagas/). A build that predates
+    /// a definition there needs a directory without it to be compared.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) definitions: Option<PathBuf>,
     /// Extra argument for sagad, repeatable, e.g. --sagad-arg=--db-max-connections=32.
     #[arg(long = "sagad-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub(crate) sagad_args: Vec<String>,

@@ -168,7 +168,10 @@ async fn run(args: Args, smoke: bool) -> anyhow::Result<bool> {
         args: args.clone(),
         sagad_bin,
         demo_bin,
-        definitions: Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas"),
+        definitions: args
+            .definitions
+            .clone()
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("sagas")),
         logs: logs.clone(),
         run_id,
         template: None,
