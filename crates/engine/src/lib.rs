@@ -2,10 +2,14 @@
 //!
 //! - [`definition`]: saga definition files (`sagas/*.toml`), parsed and validated, with errors
 //!   that name the file, line and field.
-//! - [`engine`]: the state machine: (definition, state, event, time) -> (state, effects).
+//! - [`graph`]: the state machine sagad runs: (definition, state, event, time) -> (state,
+//!   effects), one small machine per step, parallel branches, conditions, mapped inputs.
+//! - [`engine`]: the vocabulary both machines share (statuses, events, repairs, [`engine::Ctx`])
+//!   and the corridor machine sagas ran on before graphs: kept as the reference the graph
+//!   machine is tested against on every corridor (`tests/graph_props.rs`), and for converting
+//!   sagas stored on its shape ([`graph::GraphState::from_linear`]).
 //! - [`expr`]: CEL expressions in definitions (`when` conditions, mapped command inputs), the
 //!   only module that knows the `cel` crate.
-//! - [`graph`]: the same for sagas as graphs: one state machine per step, parallel branches.
 //! - [`explore`]: the exhaustive checker that drives [`graph`] through every order of replies.
 //!
 //! Nothing here reads the clock, draws random numbers or does I/O: the driver in `sagad` passes
