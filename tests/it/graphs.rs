@@ -201,6 +201,24 @@ async fn parallel_branches_leave_together_and_the_join_waits_for_all_of_them() {
             .and_then(|a| a.sent_at)
     };
     assert_eq!(sent("pay"), sent("stock"));
+    // The operator filters find the saga at either of its current steps.
+    for (step, participant) in [("pay", ""), ("stock", ""), ("", "bank"), ("", "store")] {
+        let found = h
+            .app
+            .client
+            .list_sagas(pb::ListSagasRequest {
+                step: step.into(),
+                participant: participant.into(),
+                page_size: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .sagas;
+        assert_eq!(found.len(), 1, "{step}{participant}");
+        assert_eq!(found[0].current_steps, ["pay", "stock"]);
+    }
 
     // One branch done: the join still waits for the other, and sends nothing.
     h.answer(&pay, success(json!({"charge_id": "C-9"}))).await;
