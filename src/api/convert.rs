@@ -376,7 +376,7 @@ mod tests {
 
     #[test]
     fn the_food_delivery_graph_converts_and_draws_with_its_edges_conditions_and_inputs() {
-        let def = example("docs/examples/food_delivery.toml");
+        let def = example("sagas/food_delivery.toml");
         let state = DefinitionState {
             retired: false,
             current: true,
