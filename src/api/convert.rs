@@ -166,11 +166,6 @@ fn steps_to_pb(def: &Definition, state: &GraphState) -> Vec<pb::StepState> {
     if state.steps.len() != def.steps.len() {
         return Vec::new();
     }
-    let names = |ids: Vec<usize>| -> Vec<String> {
-        ids.into_iter()
-            .filter_map(|i| def.steps.get(i).map(|s| s.name.clone()))
-            .collect()
-    };
     def.steps
         .iter()
         .zip(&state.steps)
@@ -183,7 +178,7 @@ fn steps_to_pb(def: &Definition, state: &GraphState) -> Vec<pb::StepState> {
             command_id: st.command_id().map(|c| c.to_string()).unwrap_or_default(),
             wake_at: st.wake_at().map(timestamp),
             reason: st.reason().unwrap_or_default().to_string(),
-            after: names(def.deps(i)),
+            after: after_names(def, i),
             pivot: def.pivot == i,
         })
         .collect()
@@ -243,6 +238,14 @@ pub fn participant_to_pb(p: store::ParticipantRecord) -> pb::Participant {
     }
 }
 
+/// The names of the steps step `i` waits for.
+fn after_names(def: &Definition, i: usize) -> Vec<String> {
+    def.deps(i)
+        .into_iter()
+        .filter_map(|d| def.steps.get(d).map(|s| s.name.clone()))
+        .collect()
+}
+
 /// What the registry and the store add to a definition version as the API shows it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefinitionState {
@@ -266,7 +269,7 @@ pub fn definition_to_pb(def: &Definition, state: DefinitionState) -> pb::Definit
             participant: s.participant.clone(),
             action: s.action.clone(),
             compensation: s.compensation.clone().unwrap_or_default(),
-            after: def.deps(i).into_iter().filter_map(name_of).collect(),
+            after: after_names(def, i),
             when: s
                 .when
                 .as_ref()
