@@ -24,6 +24,11 @@ pub(crate) struct Args {
     /// which needs a sagad that runs graph definitions.
     #[arg(long, value_enum, default_value = "both")]
     pub(crate) variant: VariantArg,
+    /// Who answers the commands: the demo services (each command one PostgreSQL transaction
+    /// with its de-duplication record), or noop (a success at once, no database work: the
+    /// no-op steps other engines are benchmarked with). Replies are confirmed either way.
+    #[arg(long, value_enum, default_value = "demo")]
+    pub(crate) participants: ParticipantsArg,
     /// Open loop: start sagas at this fixed rate (per second) instead of keeping --in-flight
     /// going; latency counts from each saga's scheduled start (no coordinated omission).
     #[arg(long)]
@@ -80,6 +85,12 @@ pub(crate) struct Args {
     /// Passed by `cargo bench`; without it (as under `cargo test`) a smoke run is made.
     #[arg(long, hide = true)]
     pub(crate) bench: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ParticipantsArg {
+    Demo,
+    Noop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

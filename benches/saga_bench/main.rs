@@ -158,9 +158,10 @@ async fn run(args: Args, smoke: bool) -> anyhow::Result<bool> {
         .unwrap_or_default();
     let machine = machine_info();
     eprintln!(
-        "saga_bench {run_id}: sagad {}, demo {}, logs in {}",
+        "saga_bench {run_id}: sagad {}, demo {} ({:?} participants), logs in {}",
         sagad_bin.display(),
         demo_bin.display(),
+        args.participants,
         logs.display()
     );
     eprintln!("machine: {machine}");
@@ -186,7 +187,8 @@ async fn run(args: Args, smoke: bool) -> anyhow::Result<bool> {
                 "sagas": args.sagas, "in_flight": args.in_flight, "warmup": args.warmup,
                 "rate": args.rate, "single": args.single, "connections": args.connections,
                 "raw_duration_s": args.raw_duration.as_secs_f64(), "preload": args.preload,
-                "hold": args.hold, "sagad_args": args.sagad_args, "demo_args": args.demo_args,
+                "hold": args.hold, "sagad_args": args.sagad_args,
+                "participants": format!("{:?}", args.participants).to_lowercase(), "demo_args": args.demo_args,
             },
         });
         if let Some(n) = args.hold {

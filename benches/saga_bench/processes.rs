@@ -83,6 +83,9 @@ pub(crate) fn start_demo(ctx: &Ctx, env: &TestEnv, label: &str) -> anyhow::Resul
         "--database-url".into(),
         env.demo_database_url(),
     ];
+    if ctx.args.participants == crate::args::ParticipantsArg::Noop {
+        args.push("--noop".into());
+    }
     args.extend(ctx.args.demo_args.iter().cloned());
     // The demo stands for services on other machines: its per-command info log would only
     // take CPU from the process under test on this 2-core box.

@@ -456,3 +456,24 @@ async fn food_delivery_runs_its_branches_and_undoes_a_sibling_that_finished_afte
     demo.stop().await;
     app.stop().await;
 }
+
+/// The bench's no-op participants: every command answered with a success at once, through the
+/// same confirmed replies, and nothing written to the participants' database.
+#[tokio::test]
+async fn noop_participants_complete_sagas_without_database_work() {
+    let env = TestEnv::new();
+    let mut app = spawn_app(env.settings(&repo_sagas())).await;
+    let demo = spawn_demo(&env, |c| c.noop = true);
+    let id = start(&mut app.client, json!({"order_id": "N-1"})).await;
+    let saga = wait_for_status(&mut app.client, &id, pb::SagaStatus::Completed, WITHIN).await;
+    assert_eq!(saga.attempts.len(), 4);
+    let pool = env.pool().await;
+    assert!(effects(&pool, &id).await.is_empty());
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM demo_processed_commands")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 0);
+    demo.stop().await;
+    app.stop().await;
+}

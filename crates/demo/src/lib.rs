@@ -192,6 +192,10 @@ pub struct DemoConfig {
     pub prefetch: u16,
     /// Send every reply twice (for fault tests).
     pub duplicate_replies: bool,
+    /// Answer every command with a success at once, with no database work: the no-op steps
+    /// other engines are benchmarked with (the bench's `--participants noop`). The reply is still
+    /// confirmed before the command is acknowledged; nothing is de-duplicated or recorded.
+    pub noop: bool,
 }
 
 impl Default for DemoConfig {
@@ -205,6 +209,7 @@ impl Default for DemoConfig {
             latency: Duration::ZERO,
             prefetch: 64,
             duplicate_replies: false,
+            noop: false,
         }
     }
 }
@@ -659,6 +664,7 @@ impl Session {
                     failures: config.failures.clone(),
                     latency: config.latency,
                     duplicate_replies: config.duplicate_replies,
+                    noop: config.noop,
                     broken: stop.clone(),
                 };
                 consume(handler, channel, consumer.clone(), stop.clone())
@@ -758,6 +764,7 @@ struct Handler {
     failures: Vec<FailRule>,
     latency: Duration,
     duplicate_replies: bool,
+    noop: bool,
     broken: CancellationToken,
 }
 
@@ -867,6 +874,12 @@ impl Handler {
     /// The participant's local transaction: de-duplicate, decide, apply, record (the
     /// `demo_handle` function of [`SCHEMA`], one round trip).
     async fn process(&self, command: &CommandBody) -> anyhow::Result<Processed> {
+        if self.noop {
+            return Ok(Processed {
+                reply: ReplyBody::success(command.command_id, json!({})),
+                duplicate: false,
+            });
+        }
         let (reply, effect) = decide(&self.participant, command, &self.failures, || {
             rand::random::<f64>()
         });

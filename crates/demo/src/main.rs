@@ -73,6 +73,11 @@ struct Args {
     /// Send every reply twice (to exercise the orchestrator's de-duplication).
     #[arg(long, env = "SAGA_DEMO_DUPLICATE_REPLIES")]
     duplicate_replies: bool,
+
+    /// Answer every command with a success at once, with no database work (for benchmarks
+    /// against engines whose steps do nothing); replies are still confirmed before the ack.
+    #[arg(long, env = "SAGA_DEMO_NOOP")]
+    noop: bool,
 }
 
 #[tokio::main]
@@ -95,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
             latency: args.latency,
             prefetch: args.prefetch,
             duplicate_replies: args.duplicate_replies,
+            noop: args.noop,
         },
         shutdown,
     )
