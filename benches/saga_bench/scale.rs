@@ -206,13 +206,14 @@ $$;
 // started (n - i) * 10ms before it). Saga i is
 // compensated when i % 10 = 0, completed otherwise.
 pub(crate) const PRELOAD_SAGAS: &str = r#"
-INSERT INTO sagas (id, definition, definition_version, status, step, kind, attempt, command_id,
+INSERT INTO sagas (id, definition, definition_version, status, graph,
                    wake_at, input, outputs, error, idempotency_key, created_at, updated_at)
 SELECT bench_uuid7(ts, i * 16), 'order_fulfillment', 1,
        CASE WHEN comp THEN 'compensated' ELSE 'completed' END,
-       CASE WHEN comp THEN 0 ELSE 3 END,
-       CASE WHEN comp THEN 'compensation' ELSE 'action' END,
-       1, NULL, NULL,
+       CASE WHEN comp
+            THEN '{"started": true, "turned": true, "steps": ["compensated", "compensated", "failed", "pending"]}'::jsonb
+            ELSE '{"started": true, "turned": false, "steps": ["succeeded", "succeeded", "succeeded", "succeeded"]}'::jsonb END,
+       NULL,
        CASE WHEN comp
             THEN jsonb_build_object('order_id', 'P-' || i, 'amount_cents', 4200, 'fail_at', 'schedule_delivery')
             ELSE jsonb_build_object('order_id', 'P-' || i, 'amount_cents', 4200) END,

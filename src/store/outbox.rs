@@ -1,12 +1,17 @@
 //! The transactional outbox, as the relay sees it: claim rows, delete them once the broker
 //! confirmed them, and restart the deadlines of commands that waited.
 
+use std::collections::HashMap;
+
+use serde_json::Value;
 use sqlx::{Connection as _, PgConnection, Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Result, Store};
+use super::{Result, Store, StoreError, StoredGraph};
 use crate::contract;
+use crate::engine::Status;
+use crate::graph::StepState;
 
 /// A relay's own connection: its transactions need no fsync wait (losing one only publishes its
 /// rows again, which the contract allows: same message_id, participants de-duplicate), and it
@@ -117,7 +122,8 @@ impl OutboxTx<'_> {
     }
 
     /// Commands that waited in the outbox (a paused participant, an open circuit, a broker outage)
-    /// get their full timeout from the moment they are actually published.
+    /// get their full timeout from the moment they are actually published: on their attempt,
+    /// on the step still awaiting them, and in the saga's wake-up time.
     pub async fn restart_deadlines(
         &mut self,
         command_ids: &[Uuid],
@@ -126,18 +132,73 @@ impl OutboxTx<'_> {
         if command_ids.is_empty() {
             return Ok(());
         }
-        sqlx::query(
-            "WITH moved AS ( \
-               UPDATE step_attempts SET deadline = LEAST($2 + (deadline - sent_at), $3), sent_at = $2 \
-               WHERE command_id = ANY($1) AND replied_at IS NULL AND NOT timed_out AND NOT superseded \
-               RETURNING saga_id, command_id, deadline) \
-             UPDATE sagas s SET wake_at = moved.deadline FROM moved \
-             WHERE s.id = moved.saga_id AND s.command_id = moved.command_id",
+        let attempts: Vec<(Uuid, Uuid, OffsetDateTime)> = sqlx::query_as(
+            "UPDATE step_attempts SET deadline = LEAST($2 + (deadline - sent_at), $3), sent_at = $2 \
+             WHERE command_id = ANY($1) AND replied_at IS NULL AND NOT timed_out AND NOT superseded \
+             RETURNING saga_id, command_id, deadline",
         )
         .bind(command_ids)
         .bind(now)
         // A deadline already at the engine's ceiling must not be pushed past what it reads back.
         .bind(crate::engine::NEVER)
+        .fetch_all(self.conn())
+        .await?;
+        if attempts.is_empty() {
+            return Ok(());
+        }
+        let mut sagas: Vec<Uuid> = attempts.iter().map(|(saga, _, _)| *saga).collect();
+        sagas.sort_unstable();
+        sagas.dedup();
+        let moved: HashMap<Uuid, OffsetDateTime> =
+            attempts.into_iter().map(|(_, c, d)| (c, d)).collect();
+        // Locked in id order, like every transition.
+        let rows: Vec<(Uuid, String, Option<Value>)> = sqlx::query_as(
+            "SELECT id, status, graph FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(&sagas)
+        .fetch_all(self.conn())
+        .await?;
+        let (mut id, mut graph, mut wake) = (Vec::new(), Vec::new(), Vec::new());
+        for (saga, status, stored) in rows {
+            let Some(stored) = stored else { continue };
+            let mut g: StoredGraph = serde_json::from_value(stored)
+                .map_err(|e| StoreError::Corrupt(format!("saga {saga}: step states: {e}")))?;
+            for st in &mut g.steps {
+                if let StepState::Running {
+                    command_id,
+                    deadline,
+                    ..
+                }
+                | StepState::Compensating {
+                    command_id,
+                    deadline,
+                    ..
+                } = st
+                    && let Some(d) = moved.get(command_id)
+                {
+                    *deadline = *d;
+                }
+            }
+            let ended = Status::parse(&status).is_none_or(Status::is_terminal);
+            wake.push(if ended {
+                None
+            } else {
+                g.steps.iter().filter_map(StepState::wake_at).min()
+            });
+            graph.push(
+                serde_json::to_value(&g)
+                    .map_err(|e| StoreError::Corrupt(format!("step states: {e}")))?,
+            );
+            id.push(saga);
+        }
+        sqlx::query(
+            "UPDATE sagas s SET graph = u.graph, wake_at = u.wake_at \
+             FROM UNNEST($1::uuid[], $2::jsonb[], $3::timestamptz[]) AS u(id, graph, wake_at) \
+             WHERE s.id = u.id",
+        )
+        .bind(id)
+        .bind(graph)
+        .bind(wake)
         .execute(self.conn())
         .await?;
         Ok(())

@@ -334,6 +334,21 @@ async fn a_paused_participant_holds_its_commands_and_resume_delivers_them() {
         );
     }
 
+    // Held long enough that, once out, each gets its whole timeout from then on.
+    loop {
+        let waited: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE created_at < now() - interval '1100 milliseconds'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waited == 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "held commands vanished");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
     let p = admin
         .resume_participant(pb::ParticipantRequest {
             participant: "payment".into(),
@@ -346,6 +361,15 @@ async fn a_paused_participant_holds_its_commands_and_resume_delivers_them() {
     for id in &ids {
         wait_for_status_on(&mut sagas, id, pb::SagaStatus::Completed).await;
     }
+    // Their attempts count from when they were published, not from when they were decided.
+    let restarted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM step_attempts a JOIN sagas s ON s.id = a.saga_id \
+         WHERE a.step = 'authorize_payment' AND a.sent_at > s.created_at + interval '1 second'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(restarted, 3);
     let e = admin
         .pause_participant(pb::ParticipantRequest {
             participant: "nobody".into(),

@@ -402,8 +402,8 @@ async fn stuck_report(pool: &PgPool) -> String {
             .unwrap();
     let mut report = format!("statuses: {counts:?}\n");
     let stuck: Vec<String> = sqlx::query_scalar(
-        "SELECT format('%s %s step %s %s attempt %s wake_at %s: ... %s', s.id, s.status, s.step, \
-                s.kind, s.attempt, coalesce(s.wake_at::text, '-'), \
+        "SELECT format('%s %s steps %s wake_at %s: ... %s', s.id, s.status, s.graph -> 'steps', \
+                coalesce(s.wake_at::text, '-'), \
                 (SELECT string_agg(kind || coalesce(':' || step, ''), ' > ' ORDER BY seq) \
                  FROM (SELECT * FROM saga_history h WHERE h.saga_id = s.id \
                        ORDER BY seq DESC LIMIT 6) last)) \
@@ -563,7 +563,7 @@ pub async fn check_invariants(pool: &PgPool, started: &Started) -> Measures {
     };
 
     let sagas: Vec<(Uuid, String, bool)> = sqlx::query_as(
-        "SELECT id, status, command_id IS NULL AND wake_at IS NULL FROM sagas ORDER BY id",
+        "SELECT id, status, cardinality(command_ids) = 0 AND wake_at IS NULL FROM sagas ORDER BY id",
     )
     .fetch_all(pool)
     .await
