@@ -345,7 +345,10 @@ async fn a_paused_participant_holds_its_commands_and_resume_delivers_them() {
         if waited == 3 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "held commands vanished");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "held commands vanished"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 
