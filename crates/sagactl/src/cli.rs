@@ -497,16 +497,14 @@ fn steps_table(steps: &[StepState]) -> Table {
 /// know count as roots; a cycle (which the server never sends) stops deepening after as many
 /// rounds as there are steps.
 fn depths(steps: &[StepState]) -> Vec<usize> {
-    let index = |name: &str| steps.iter().position(|s| s.name == name);
+    let deps = resolve_after(steps.iter().map(|s| (s.name.as_str(), s.after.as_slice())));
     let mut depth = vec![0usize; steps.len()];
     for _ in 0..steps.len() {
         let mut changed = false;
-        for (i, s) in steps.iter().enumerate() {
-            let d = s
-                .after
+        for (i, ds) in deps.iter().enumerate() {
+            let d = ds
                 .iter()
-                .filter_map(|a| index(a))
-                .filter_map(|j| depth.get(j).map(|d| d + 1))
+                .filter_map(|&j| depth.get(j).map(|d| d + 1))
                 .max()
                 .unwrap_or(0);
             if let Some(slot) = depth.get_mut(i)
@@ -1237,26 +1235,11 @@ impl Layout {
     fn of(def: &Definition) -> Layout {
         let n = def.steps.len();
         let start = n;
-        let mut index = std::collections::HashMap::new();
-        for (i, s) in def.steps.iter().enumerate() {
-            index.entry(s.name.as_str()).or_insert(i);
-        }
-        let deps: Vec<Vec<usize>> = def
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let mut d: Vec<usize> = s
-                    .after
-                    .iter()
-                    .filter_map(|a| index.get(a.as_str()).copied())
-                    .filter(|&d| d != i)
-                    .collect();
-                d.sort_unstable();
-                d.dedup();
-                d
-            })
-            .collect();
+        let deps = resolve_after(
+            def.steps
+                .iter()
+                .map(|s| (s.name.as_str(), s.after.as_slice())),
+        );
         // Topological order, file order among the steps ready together; quadratic, and
         // definitions are small.
         let mut placed = vec![false; n];
@@ -1306,6 +1289,30 @@ impl Layout {
         }
         Layout { deps, children }
     }
+}
+
+/// Each step's `after`, (name, after) in order, resolved to step indices: only steps that exist
+/// (the first of a name the server sent twice), never the step itself, each once, ascending.
+fn resolve_after<'a>(steps: impl Iterator<Item = (&'a str, &'a [String])>) -> Vec<Vec<usize>> {
+    let steps: Vec<_> = steps.collect();
+    let mut index = std::collections::HashMap::new();
+    for (i, (name, _)) in steps.iter().enumerate() {
+        index.entry(*name).or_insert(i);
+    }
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, (_, after))| {
+            let mut d: Vec<usize> = after
+                .iter()
+                .filter_map(|a| index.get(a.as_str()).copied())
+                .filter(|&d| d != i)
+                .collect();
+            d.sort_unstable();
+            d.dedup();
+            d
+        })
+        .collect()
 }
 
 /// The lines drawn under a step's name.
