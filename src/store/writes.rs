@@ -312,7 +312,20 @@ impl Writes {
                 healthy,
             },
         };
-        self.ended.push(ended);
+        // Two endings of one attempt in one batch (a late success supersedes the newer attempt,
+        // whose own reply is in the same batch) must both be kept: PostgreSQL updates a row
+        // joined twice only once, with either of the two.
+        match self.ended.iter_mut().find(|e| e.command_id == command_id) {
+            Some(earlier) => {
+                earlier.outcome = earlier.outcome.or(ended.outcome);
+                earlier.output = earlier.output.take().or(ended.output);
+                earlier.reason = earlier.reason.take().or(ended.reason);
+                earlier.timed_out |= ended.timed_out;
+                earlier.superseded |= ended.superseded;
+                earlier.healthy = earlier.healthy.or(ended.healthy);
+            }
+            None => self.ended.push(ended),
+        }
     }
 
     /// Writes a transition batch in the caller's transaction: one statement for every table

@@ -84,3 +84,61 @@ async fn a_sweep_fires_a_deadline_and_then_a_back_off_only_once_the_clock_has_pa
     stop.cancel();
     writer.await.unwrap();
 }
+
+/// A late success of the first attempt and the reply of the second, in one batch: the first
+/// counts and abandons the second, whose own reply is then late. Both endings of the second
+/// attempt are kept (the fault suite's invariant: every late reply answers an attempt given up).
+#[tokio::test]
+async fn a_late_success_and_the_reply_it_makes_late_in_one_batch_both_stay_recorded() {
+    let env = TestEnv::new();
+    let store = Store::connect(&env.database_url(), 2).await.unwrap();
+    store.migrate().await.unwrap();
+    let def = definition::parse(Path::new("slow.toml"), SLOW).unwrap();
+    let registry = store.sync_definitions(&[def]).await.unwrap();
+    let def = registry.latest("slow").unwrap();
+    let clock = Clock::manual_now();
+    let driver = Driver::new(store.clone(), Arc::new(registry)).with_clock(clock.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn(driver.start_writer(stop.clone()));
+    let (id, _, _) = driver
+        .start_saga(&def, json!({}), None, None, None)
+        .await
+        .unwrap();
+    let sent = || async {
+        sqlx::query("DELETE FROM outbox")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        store.get_saga(id).await.unwrap().unwrap().1
+    };
+    let first = sent().await[0].command_id;
+    clock.advance(HOUR + Duration::from_secs(1));
+    assert_eq!(try_sweep(&driver).await.unwrap(), 1, "the deadline passed");
+    clock.advance(HOUR + Duration::from_secs(1));
+    assert_eq!(try_sweep(&driver).await.unwrap(), 1, "the back-off passed");
+    let second = sent().await[1].command_id;
+
+    let success = |n: i32| saga::engine::Outcome::Success {
+        output: json!({ "attempt": n }),
+    };
+    let results = driver
+        .apply_replies(vec![(first, success(1)), (second, success(2))])
+        .await
+        .unwrap();
+    assert_eq!(
+        results,
+        [
+            saga::driver::ReplyResult::Applied,
+            saga::driver::ReplyResult::Recorded
+        ]
+    );
+    let (saga, attempts, _) = store.get_saga(id).await.unwrap().unwrap();
+    assert_eq!(saga.state.status, Status::Completed);
+    assert_eq!(saga.outputs["only"], json!({"attempt": 1}));
+    let second = attempts.iter().find(|a| a.command_id == second).unwrap();
+    assert!(second.superseded, "{second:?}");
+    assert_eq!(second.outcome.as_deref(), Some("success"), "{second:?}");
+    assert!(second.replied_at.is_some(), "{second:?}");
+    stop.cancel();
+    writer.await.unwrap();
+}
