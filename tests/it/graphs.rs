@@ -101,6 +101,22 @@ impl Harness {
             .saga_id
     }
 
+    /// Takes the desk's `open` command and answers it with `ticket`; returns the command.
+    async fn open(&mut self, ticket: &str) -> Value {
+        let open = command(&mut self.desk).await;
+        self.answer(&open, success(json!({ "ticket": ticket })))
+            .await;
+        open
+    }
+
+    /// The two branches' commands, (pay, stock), neither answered.
+    async fn branches(&mut self) -> (Value, Value) {
+        (
+            command(&mut self.bank).await,
+            command(&mut self.store).await,
+        )
+    }
+
     async fn answer(&self, command: &Value, outcome: Value) {
         let mut reply_body = json!({"command_id": command["command_id"]});
         if let (Value::Object(r), Value::Object(o)) = (&mut reply_body, outcome) {
@@ -173,13 +189,11 @@ async fn parallel_branches_leave_together_and_the_join_waits_for_all_of_them() {
     let id = h.start(input.clone()).await;
 
     // A step without a mapping gets the saga's input and the outputs so far.
-    let open = command(&mut h.desk).await;
+    let open = h.open("T-1").await;
     assert_eq!((&open["input"], &open["outputs"]), (&input, &json!({})));
-    h.answer(&open, success(json!({"ticket": "T-1"}))).await;
 
     // Both branches' commands arrive before either is answered.
-    let pay = command(&mut h.bank).await;
-    let stock = command(&mut h.store).await;
+    let (pay, stock) = h.branches().await;
     // A mapped input is exactly the mapping's result (numbers stay numbers), with no outputs.
     assert_eq!(
         pay["input"],
@@ -257,8 +271,7 @@ async fn a_false_condition_skips_its_step_and_sends_nothing_for_it() {
     let env = TestEnv::new();
     let mut h = harness(&env).await;
     let id = h.start(json!({"amount": 10, "reserve": false})).await;
-    let open = command(&mut h.desk).await;
-    h.answer(&open, success(json!({"ticket": "T-2"}))).await;
+    h.open("T-2").await;
     // Decided in the transition that sent the payment: skipped, never to be sent.
     let saga = saga_when(&mut h.app.client, &id, |s| state_of(s, "pay") == "running").await;
     assert_eq!(state_of(&saga, "stock"), "skipped");
@@ -293,10 +306,8 @@ async fn a_failed_branch_waits_for_its_sibling_then_compensates_in_reverse_graph
     let env = TestEnv::new();
     let mut h = harness(&env).await;
     let id = h.start(json!({"amount": 4200, "reserve": true})).await;
-    let open = command(&mut h.desk).await;
-    h.answer(&open, success(json!({"ticket": "T-3"}))).await;
-    let pay = command(&mut h.bank).await;
-    let stock = command(&mut h.store).await;
+    h.open("T-3").await;
+    let (pay, stock) = h.branches().await;
 
     // The stock fails for good while the payment is still in flight: nothing is undone yet,
     // since the payment may still succeed and the order's cancellation must come after it.
@@ -375,10 +386,8 @@ async fn a_repair_names_its_step_when_several_are_current() {
     let env = TestEnv::new();
     let mut h = harness(&env).await;
     let id = h.start(json!({"amount": 1, "reserve": true})).await;
-    let open = command(&mut h.desk).await;
-    h.answer(&open, success(json!({"ticket": "T-4"}))).await;
-    let first = command(&mut h.bank).await;
-    let _stock = command(&mut h.store).await;
+    h.open("T-4").await;
+    let (first, _stock) = h.branches().await;
 
     let (_, mut admin) = clients(h.app.addr, None).await;
     let retry = |step: &str| pb::RepairRequest {

@@ -30,9 +30,18 @@ timeout = "1h"
 retry = { max_attempts = 3, initial_backoff = "1h", max_backoff = "1h", multiplier = 1.0 }
 "#;
 
-#[tokio::test]
-async fn a_sweep_fires_a_deadline_and_then_a_back_off_only_once_the_clock_has_passed_them() {
-    let env = TestEnv::new();
+/// A driver on a manual clock (no relay, no sweeper of its own) and one saga of [`SLOW`] started
+/// on it, its first command sent.
+struct Slow {
+    store: Store,
+    clock: Clock,
+    driver: Driver,
+    id: uuid::Uuid,
+    stop: tokio_util::sync::CancellationToken,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+async fn slow_saga(env: &TestEnv) -> Slow {
     let store = Store::connect(&env.database_url(), 2).await.unwrap();
     store.migrate().await.unwrap();
     let def = definition::parse(Path::new("slow.toml"), SLOW).unwrap();
@@ -46,6 +55,27 @@ async fn a_sweep_fires_a_deadline_and_then_a_back_off_only_once_the_clock_has_pa
         .start_saga(&def, json!({}), None, None, None)
         .await
         .unwrap();
+    Slow {
+        store,
+        clock,
+        driver,
+        id,
+        stop,
+        writer,
+    }
+}
+
+#[tokio::test]
+async fn a_sweep_fires_a_deadline_and_then_a_back_off_only_once_the_clock_has_passed_them() {
+    let env = TestEnv::new();
+    let Slow {
+        store,
+        clock,
+        driver,
+        id,
+        stop,
+        writer,
+    } = slow_saga(&env).await;
     // A command's deadline runs once the relay has taken it out of the outbox; no relay runs
     // here, so the test takes it out.
     sqlx::query("DELETE FROM outbox")
@@ -91,19 +121,14 @@ async fn a_sweep_fires_a_deadline_and_then_a_back_off_only_once_the_clock_has_pa
 #[tokio::test]
 async fn a_late_success_and_the_reply_it_makes_late_in_one_batch_both_stay_recorded() {
     let env = TestEnv::new();
-    let store = Store::connect(&env.database_url(), 2).await.unwrap();
-    store.migrate().await.unwrap();
-    let def = definition::parse(Path::new("slow.toml"), SLOW).unwrap();
-    let registry = store.sync_definitions(&[def]).await.unwrap();
-    let def = registry.latest("slow").unwrap();
-    let clock = Clock::manual_now();
-    let driver = Driver::new(store.clone(), Arc::new(registry)).with_clock(clock.clone());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let writer = tokio::spawn(driver.start_writer(stop.clone()));
-    let (id, _, _) = driver
-        .start_saga(&def, json!({}), None, None, None)
-        .await
-        .unwrap();
+    let Slow {
+        store,
+        clock,
+        driver,
+        id,
+        stop,
+        writer,
+    } = slow_saga(&env).await;
     let sent = || async {
         sqlx::query("DELETE FROM outbox")
             .execute(store.pool())
