@@ -58,6 +58,7 @@ pub enum StartupError {
 pub struct Application {
     addr: SocketAddr,
     metrics_addr: SocketAddr,
+    console_addr: SocketAddr,
     driver: Driver,
     tasks: Supervisor,
     readiness: Readiness,
@@ -82,7 +83,7 @@ impl Application {
         }
         info!(database = %redact_url(&settings.database_url), "connecting to PostgreSQL");
         let tokens = Arc::new(load_tokens(&settings)?);
-        let tls = load_tls(&settings)?;
+        let (tls, console_tls) = load_tls(&settings)?.unzip();
         let amqp_ca = broker::load_amqp_ca(&settings.amqp_url, settings.amqp_ca_file.as_deref())
             .map_err(StartupError::Amqp)?;
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
@@ -138,6 +139,20 @@ impl Application {
                 source,
             })?;
 
+        let console_listener =
+            TcpListener::bind(settings.console_listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: settings.console_listen,
+                    source,
+                })?;
+        let console_addr = console_listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind {
+                addr: settings.console_listen,
+                source,
+            })?;
+
         let mut tasks = Supervisor::new(
             Policy {
                 window: settings.task_failure_window,
@@ -185,6 +200,32 @@ impl Application {
                 broker::run_relay(driver.clone(), relay.clone(), shutdown.clone())
             });
         }
+        let console = crate::console::ConsoleSettings {
+            tls: console_tls,
+            tokens: tokens.clone(),
+            amqp_url: settings.amqp_url.clone(),
+            amqp_ca: amqp_ca.as_deref().map(str::to_owned),
+        };
+        info!(url = %crate::console::url(console_addr, console.tls.is_some()), "operator console");
+        let console_listener = Rebind::new(console_listener, console_addr);
+        tasks.spawn("console", {
+            let (driver, shutdown) = (driver.clone(), shutdown.clone());
+            move || {
+                let (listener, console, driver, shutdown) = (
+                    console_listener.clone(),
+                    console.clone(),
+                    driver.clone(),
+                    shutdown.clone(),
+                );
+                async move {
+                    let listener = listener
+                        .get()
+                        .await
+                        .map_err(|e| format!("cannot listen: {e}"))?;
+                    crate::console::serve(listener, console, driver, shutdown).await
+                }
+            }
+        });
         let consumer = ConsumerSettings {
             amqp_url: settings.amqp_url.clone(),
             amqp_ca,
@@ -235,6 +276,7 @@ impl Application {
         Ok(Application {
             addr,
             metrics_addr,
+            console_addr,
             driver,
             tasks,
             readiness,
@@ -250,6 +292,11 @@ impl Application {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
+    }
+
+    /// Where the operator console is served.
+    pub fn console_addr(&self) -> SocketAddr {
+        self.console_addr
     }
 
     pub fn driver(&self) -> &Driver {
@@ -343,12 +390,13 @@ fn load_tokens(settings: &Settings) -> Result<Tokens, StartupError> {
             .map_err(StartupError::Auth)?;
     }
     if tokens.is_empty() {
-        if !settings.listen.ip().is_loopback() && !settings.allow_anonymous {
-            return Err(StartupError::Auth(format!(
-                "no API tokens configured and {} is reachable from other machines; configure \
-                 --tokens-file / SAGA_OPERATOR_TOKEN, or pass --allow-anonymous",
-                settings.listen
-            )));
+        for addr in [settings.listen, settings.console_listen] {
+            if !addr.ip().is_loopback() && !settings.allow_anonymous {
+                return Err(StartupError::Auth(format!(
+                    "no API tokens configured and {addr} is reachable from other machines; configure \
+                     --tokens-file / SAGA_OPERATOR_TOKEN, or pass --allow-anonymous",
+                )));
+            }
         }
         warn!("AUTHENTICATION DISABLED: no API tokens configured, every caller is an operator");
     } else {
@@ -359,13 +407,15 @@ fn load_tokens(settings: &Settings) -> Result<Tokens, StartupError> {
 
 /// Reads and checks the gRPC listener's certificate and key, so that unreadable or mismatched
 /// PEM contents stop `sagad` here, naming the file, instead of after it announced it listens.
-fn load_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, StartupError> {
+fn load_tls(
+    settings: &Settings,
+) -> Result<Option<(ServerTlsConfig, Arc<tokio_rustls::rustls::ServerConfig>)>, StartupError> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
     let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) else {
         warn!(
-            "TLS DISABLED: the gRPC API is served in plain text (configure --tls-cert and --tls-key)"
+            "TLS DISABLED: the gRPC API and the console are served in plain text (configure --tls-cert and --tls-key)"
         );
         return Ok(None);
     };
@@ -390,6 +440,13 @@ fn load_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, StartupError
     // Only whether it parses: the key itself is not kept, nor ever printed.
     PrivateKeyDer::from_pem_slice(&key_pem)
         .map_err(|e| StartupError::Tls(format!("{}: not a PEM private key: {e}", key.display())))?;
+    let console = crate::console::tls_config(&cert_pem, &key_pem).map_err(|e| {
+        StartupError::Tls(format!(
+            "{} and {}: unusable for the console: {e}",
+            cert.display(),
+            key.display()
+        ))
+    })?;
     let config = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
     // Builds the server's TLS acceptor once now: this is where a certificate that does not
     // belong to the key, or one rustls cannot use, is found.
@@ -404,7 +461,7 @@ fn load_tls(settings: &Settings) -> Result<Option<ServerTlsConfig>, StartupError
             ))
         })?;
     info!(cert = %cert.display(), "TLS on");
-    Ok(Some(config))
+    Ok(Some((config, console)))
 }
 
 /// An error with its sources, which tonic's transport errors keep the useful part in.

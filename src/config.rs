@@ -45,6 +45,15 @@ pub struct Settings {
         default_value = "127.0.0.1:9464"
     )]
     pub metrics_listen: SocketAddr,
+    /// Address of the operator console (HTTP; HTTPS with --tls-cert/--tls-key). Operator
+    /// tokens log in; without tokens it is open, so it must then be on loopback, as the API.
+    #[arg(
+        long,
+        global = true,
+        env = "SAGA_CONSOLE_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub console_listen: SocketAddr,
     /// Directory of saga definition files (`*.toml`).
     #[arg(long, global = true, env = "SAGA_DEFINITIONS", default_value = "sagas")]
     pub definitions: PathBuf,
@@ -119,10 +128,10 @@ pub struct Settings {
     /// Serve the API without authentication on a non-loopback address (never in production).
     #[arg(long, global = true, env = "SAGA_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
-    /// PEM certificate chain for TLS on the gRPC listener (with --tls-key).
+    /// PEM certificate chain for TLS on the gRPC listener and the console (with --tls-key).
     #[arg(long, global = true, env = "SAGA_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key for TLS on the gRPC listener (with --tls-cert).
+    /// PEM private key for TLS on the gRPC listener and the console (with --tls-cert).
     #[arg(long, global = true, env = "SAGA_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// How long shutdown waits for in-flight work before giving up.

@@ -13,6 +13,7 @@
 //! - [`supervisor`]: restarts failed long-lived tasks and reports them in readiness.
 //! - [`api`]: the gRPC service; [`proto`]: its generated code and codec, re-exported from the
 //!   `saga-proto` crate (`crates/proto`), which sagactl uses too.
+//! - [`console`]: the operator console, HTML on its own listener, a client of [`api`] in-process.
 //! - [`app`]: start-up and shutdown; [`config`]: settings; [`telemetry`]: logs and traces;
 //!   [`metrics`]: the Prometheus figures, served with the health checks by [`endpoints`].
 // A panic in a task of a long-running server stops work for every saga behind it (until its
@@ -37,6 +38,7 @@ pub mod breaker;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod driver;
 pub mod endpoints;
 pub mod metrics;

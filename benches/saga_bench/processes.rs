@@ -56,7 +56,8 @@ pub(crate) async fn start_sagad(
         "sagad",
         &ctx.sagad_bin,
         &args,
-        &[],
+        // As an environment variable, which a sagad built before the console ignores.
+        &[("SAGA_CONSOLE_LISTEN", "127.0.0.1:0")],
         ctx.logs.join(format!("{label}-sagad.log")),
     )?;
     let deadline = Instant::now() + Duration::from_secs(60);

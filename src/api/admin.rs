@@ -205,6 +205,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                     skipped: 0,
                     saga_ids: as_strings(&ids),
                     done: true,
+                    skipped_ids: Vec::new(),
                 };
                 let _ = tx.send(Ok(progress)).await;
                 return;
@@ -225,6 +226,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
                             skipped,
                             saga_ids: as_strings(&ok),
                             done: i == last,
+                            skipped_ids: as_strings(&refused),
                         };
                         let _ = tx.send(Ok(progress)).await;
                     }

@@ -112,3 +112,102 @@ impl Store {
         .collect()
     }
 }
+
+/// Unfinished sagas waiting at one step of one definition version (the console's inbox).
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    pub definition: String,
+    pub version: u32,
+    pub step: String,
+    pub participant: String,
+    pub status: Status,
+    pub count: u64,
+    pub oldest_updated_at: OffsetDateTime,
+}
+
+/// Unfinished sagas that share an error text.
+#[derive(Debug, Clone)]
+pub struct ErrorGroup {
+    pub error: String,
+    pub definition: String,
+    pub count: u64,
+    pub oldest_updated_at: OffsetDateTime,
+}
+
+impl Store {
+    /// Unfinished sagas per (definition, version, current step, participant, status), with the
+    /// oldest last progress. Reads only unfinished rows (the partial index on status), so its cost
+    /// follows the sagas in flight, not the sagas stored.
+    pub async fn waiting_by_step(&self) -> Result<Vec<Waiting>> {
+        sqlx::query(
+            "SELECT definition, definition_version, c.step, c.participant, status, \
+               count(*) AS n, min(updated_at) AS oldest \
+             FROM sagas LEFT JOIN LATERAL unnest(current_steps, current_participants) AS c(step, participant) ON true \
+             WHERE status IN ('running', 'compensating', 'needs_operator') \
+             GROUP BY definition, definition_version, c.step, c.participant, status \
+             ORDER BY min(updated_at)",
+        )
+        .fetch_all(self.pool())
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(Waiting {
+                definition: r.try_get("definition")?,
+                version: version_of(r)?,
+                step: r.try_get::<Option<String>, _>("step")?.unwrap_or_default(),
+                participant: r.try_get::<Option<String>, _>("participant")?.unwrap_or_default(),
+                status: parse_status(r)?,
+                count: r.try_get::<i64, _>("n")?.max(0) as u64,
+                oldest_updated_at: r.try_get("oldest")?,
+            })
+        })
+        .collect()
+    }
+
+    /// Unfinished sagas with an error, grouped by its text, largest groups first.
+    pub async fn failing_by_error(&self, groups: i64) -> Result<Vec<ErrorGroup>> {
+        sqlx::query(
+            "SELECT error, definition, count(*) AS n, min(updated_at) AS oldest FROM sagas \
+             WHERE status IN ('running', 'compensating', 'needs_operator') AND error IS NOT NULL \
+             GROUP BY error, definition ORDER BY count(*) DESC, min(updated_at) LIMIT $1",
+        )
+        .bind(groups)
+        .fetch_all(self.pool())
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(ErrorGroup {
+                error: r.try_get("error")?,
+                definition: r.try_get("definition")?,
+                count: r.try_get::<i64, _>("n")?.max(0) as u64,
+                oldest_updated_at: r.try_get("oldest")?,
+            })
+        })
+        .collect()
+    }
+
+    /// The saga a command was sent for.
+    pub async fn saga_of_command(&self, command_id: Uuid) -> Result<Option<Uuid>> {
+        Ok(
+            sqlx::query_scalar("SELECT saga_id FROM step_attempts WHERE command_id = $1")
+                .bind(command_id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    /// The saga started with an idempotency key.
+    pub async fn saga_of_key(&self, key: &str) -> Result<Option<Uuid>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM sagas WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+}
+
+fn version_of(r: &sqlx::postgres::PgRow) -> Result<u32> {
+    let version: i32 = r.try_get("definition_version")?;
+    u32::try_from(version).map_err(|_| StoreError::Corrupt(format!("definition version {version}")))
+}

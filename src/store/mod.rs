@@ -136,6 +136,8 @@ pub struct ListFilter {
     pub error_contains: Option<String>,
     /// Only sagas started with this token (participants see their own sagas only).
     pub started_by: Option<String>,
+    /// Only sagas whose input contains this JSON (`@>`, on the input's GIN index).
+    pub input_contains: Option<Value>,
     /// Only sagas with an id below this one (the previous page's last id).
     pub before: Option<Uuid>,
     pub limit: u32,
@@ -637,6 +639,9 @@ fn filtered(select: &'static str, f: &ListFilter) -> sqlx::QueryBuilder<Postgres
     }
     if let Some(by) = &f.started_by {
         q.push(" AND started_by = ").push_bind(by);
+    }
+    if let Some(v) = &f.input_contains {
+        q.push(" AND input @> ").push_bind(v);
     }
     if let Some(e) = &f.error_contains {
         // Escape LIKE's wildcards: the operator searches for text, not a pattern.

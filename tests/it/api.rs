@@ -473,7 +473,20 @@ async fn with_a_certificate_the_api_is_served_over_tls_only() {
         .await
         .unwrap();
     let addr = app.local_addr();
+    let console = app.console_addr();
     let running = tokio::spawn(app.run_until_stopped());
+
+    // The console is HTTPS with the same certificate, its cookie Secure; plain HTTP gets nothing.
+    let page = console_over_tls(console, &cert.cert).await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.lines().any(|l| l.starts_with("set-cookie:")
+            && l.contains("HttpOnly")
+            && l.contains("Secure")),
+        "{page}"
+    );
+    let (code, _) = http_get(console, "/").await;
+    assert_eq!(code, 0, "the console must not answer in plain text");
 
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem()))
@@ -535,4 +548,29 @@ async fn with_a_certificate_the_api_is_served_over_tls_only() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--ca-cert"));
     shutdown.cancel();
     running.await.unwrap();
+}
+
+/// GET / from the console over TLS, trusting `cert`; the raw response.
+async fn console_over_tls(addr: std::net::SocketAddr, cert: &rcgen::Certificate) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await;
+    String::from_utf8_lossy(&raw).into_owned()
 }

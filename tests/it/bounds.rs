@@ -435,6 +435,7 @@ async fn sagad(env: &TestEnv, args: &[&str]) -> (bool, String) {
         .env("SAGA_AMQP_URL", env.amqp_url())
         .env("SAGA_LISTEN", "127.0.0.1:0")
         .env("SAGA_METRICS_LISTEN", "127.0.0.1:0")
+        .env("SAGA_CONSOLE_LISTEN", "127.0.0.1:0")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)

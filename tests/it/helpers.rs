@@ -28,6 +28,7 @@ impl EnvSettings for TestEnv {
         s.amqp_url = self.amqp_url();
         s.listen = "127.0.0.1:0".parse().unwrap();
         s.metrics_listen = "127.0.0.1:0".parse().unwrap();
+        s.console_listen = "127.0.0.1:0".parse().unwrap();
         s.definitions = definitions.to_path_buf();
         s.db_max_connections = 8;
         s.timer_poll = Duration::from_millis(50);
@@ -38,6 +39,7 @@ impl EnvSettings for TestEnv {
 
 pub struct TestApp {
     pub metrics_addr: std::net::SocketAddr,
+    pub console_addr: std::net::SocketAddr,
     pub addr: std::net::SocketAddr,
     pub client: SagaServiceClient<Channel>,
     pub readiness: saga::supervisor::Readiness,
@@ -69,6 +71,7 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
         .expect("sagad starts");
     let addr = app.local_addr();
     let metrics_addr = app.metrics_addr();
+    let console_addr = app.console_addr();
     let readiness = app.readiness();
     let handle = tokio::spawn(app.run_until_stopped());
     let client = SagaServiceClient::connect(format!("http://{addr}"))
@@ -77,6 +80,7 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
     TestApp {
         addr,
         metrics_addr,
+        console_addr,
         client,
         readiness,
         shutdown,

@@ -5,6 +5,7 @@ mod api;
 mod auth;
 mod bounds;
 mod check;
+mod console;
 mod contract;
 mod definitions;
 mod demo;

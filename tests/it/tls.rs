@@ -233,6 +233,7 @@ async fn postgres_sslmode_require_refuses_a_server_without_tls() {
 async fn sagad_with_tls(env: &TestEnv, cert: &std::path::Path, key: &std::path::Path) -> String {
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_sagad"))
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--console-listen", "127.0.0.1:0"])
         .arg("--definitions")
         .arg(repo_sagas())
         .args(["--database-url", &env.database_url()])

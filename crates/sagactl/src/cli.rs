@@ -2040,6 +2040,7 @@ mod tests {
             skipped,
             saga_ids: ids.iter().map(|s| s.to_string()).collect(),
             done,
+            skipped_ids: Vec::new(),
         }
     }
 
@@ -2077,6 +2078,7 @@ mod tests {
             skipped: 0,
             saga_ids: ids,
             done: true,
+            skipped_ids: Vec::new(),
         });
         let text = redrive_preview(&o);
         assert!(

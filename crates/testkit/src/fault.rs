@@ -60,6 +60,7 @@ impl Sagad {
             .args(["--amqp-url", &env.amqp_url()])
             .args(["--listen", &addr.to_string()])
             .args(["--metrics-listen", "127.0.0.1:0"])
+            .env("SAGA_CONSOLE_LISTEN", "127.0.0.1:0")
             .arg("--definitions")
             .arg(definitions)
             .args(["--db-max-connections", "8"])

@@ -175,7 +175,11 @@ class Sagad:
             ],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info")},
+            env={
+                **os.environ,
+                "RUST_LOG": os.environ.get("RUST_LOG", "info"),
+                "SAGA_CONSOLE_LISTEN": "127.0.0.1:0",
+            },
         )
 
     async def wait_ready(self) -> None:
