@@ -35,22 +35,25 @@ fn refund<'a>(cmd: &'a Command, conn: &'a mut PgConnection) -> HandlerFuture<'a>
     })
 }
 
+/// The payment participant (the tests run this too).
+pub fn payment(amqp_url: String) -> Participant {
+    Participant::new("payment")
+        .amqp_url(amqp_url)
+        .action("authorize_payment", authorize)
+        .compensation("refund_payment", refund)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let env = |name, default: &str| std::env::var(name).unwrap_or(default.into());
-    let pool = sqlx::PgPool::connect(&env(
-        "DATABASE_URL",
-        "postgres://postgres@127.0.0.1/payments",
-    ))
-    .await?;
+    let url = env("DATABASE_URL", "postgres://postgres@127.0.0.1/payments");
+    let pool = sqlx::PgPool::connect(&url).await?;
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move { tokio::signal::ctrl_c().await.map(|()| on_signal.cancel()) });
-    Participant::new("payment")
-        .amqp_url(env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"))
-        .action("authorize_payment", authorize)
-        .compensation("refund_payment", refund)
-        .run(pool, stop) // until Ctrl-C: finishes the commands in flight, then returns
+    // Until Ctrl-C: then it finishes the commands in flight and returns.
+    payment(env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"))
+        .run(pool, stop)
         .await?;
     Ok(())
 }

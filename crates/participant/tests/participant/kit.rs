@@ -434,16 +434,7 @@ async fn the_guide_example_runs() {
     .execute(&pool)
     .await
     .unwrap();
-    // `cargo test` builds the examples beside the test binaries.
-    let bin = saga_testkit::bins::profile_dir()
-        .join("examples")
-        .join("payment");
-    let mut cmd = std::process::Command::new(&bin);
-    cmd.env("AMQP_URL", env.amqp_url())
-        .env("DATABASE_URL", env.database_url())
-        .env("RUST_LOG", "info");
-    let log = saga_testkit::bins::target_tmp().join(format!("payment-example-{}.log", env.name));
-    let mut example = saga_testkit::process::Proc::spawn(cmd, "the payment example", log).unwrap();
+    let running = Running::start(crate::example::payment(env.amqp_url()), pool.clone()).await;
 
     let mut kit = CommandKit::connect(&env.amqp_url(), "payment")
         .await
@@ -465,20 +456,5 @@ async fn the_guide_example_runs() {
         .await
         .unwrap();
     assert_eq!(rows, [(4200, "refunded".to_string())]);
-
-    // Ctrl-C: a clean stop.
-    let pid = example.pid().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = poll("the example to exit", Duration::from_secs(30), || {
-        let exited = example.exited();
-        async move { exited }
-    })
-    .await;
-    assert!(status.success(), "{status}: {}", example.log_tail());
+    running.stop().await;
 }

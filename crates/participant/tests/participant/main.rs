@@ -6,6 +6,11 @@
 mod kit;
 mod sagad;
 
+/// The guide's example (docs/participants.md), run in-process: its `main` is not called.
+#[path = "../../examples/payment.rs"]
+#[allow(dead_code)]
+mod example;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
