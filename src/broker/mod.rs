@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use lapin::tcp::OwnedTLSConfig;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio_util::sync::CancellationToken;
@@ -66,18 +65,9 @@ pub fn load_amqp_ca(url: &str, ca_file: Option<&Path>) -> Result<Option<Arc<str>
     Ok(Some(pem.into()))
 }
 
-/// Connects to RabbitMQ. `amqps://` is always TLS (verified against the system's authorities and
-/// `ca`, the PEM of [`load_amqp_ca`]); a server that does not speak TLS there fails the
-/// connection, it is never retried in plain text. Every AMQP connection of this crate (relay,
-/// consumer, topology, demo participants) goes through here.
-pub async fn connect(url: &str, ca: Option<&str>) -> Result<Connection, lapin::Error> {
-    let tls = OwnedTLSConfig {
-        identity: None,
-        cert_chain: ca.map(str::to_owned),
-    };
-    let runtime = lapin::runtime::default_runtime()?;
-    Connection::connect_with_config(url, ConnectionProperties::default(), tls, runtime).await
-}
+// Every AMQP connection of this crate (relay, consumer, topology, demo participants) goes
+// through `connect`; it lives in the contract crate so participants connect the same way.
+pub use saga_contract::amqp::{connect, disconnected};
 
 /// Connects and opens a channel, declaring the topology first: done on every (re)connect, so a
 /// broker that lost its state gets it back before anything is published or consumed.
@@ -147,15 +137,3 @@ async fn reconnecting<F, Fut>(
         }
     }
 }
-
-/// Resolves once `connected` turns false, checked every [`CONNECTION_CHECK`]. A lost
-/// connection does not always end lapin's consumer streams, nor the publishes and acks waiting
-/// on it (seen when RabbitMQ stops mid-load: sessions hung and never reconnected), so whatever
-/// waits on the broker also waits on this.
-pub async fn disconnected(connected: impl Fn() -> bool) {
-    while connected() {
-        tokio::time::sleep(CONNECTION_CHECK).await;
-    }
-}
-
-const CONNECTION_CHECK: Duration = Duration::from_millis(250);

@@ -13,6 +13,7 @@
     )
 )]
 
+pub mod amqp;
 pub mod render;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
