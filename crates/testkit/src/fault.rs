@@ -54,6 +54,17 @@ pub struct Sagad {
 impl Sagad {
     /// Starts `sagad` and waits until its API answers (which needs the database too).
     pub async fn spawn(env: &TestEnv, definitions: &Path, label: &str) -> Sagad {
+        Sagad::spawn_with(env, definitions, label, &[]).await
+    }
+
+    /// [`Sagad::spawn`] with more arguments (tokens, say): then any answer of the API, even
+    /// UNAUTHENTICATED, means it serves.
+    pub async fn spawn_with(
+        env: &TestEnv,
+        definitions: &Path,
+        label: &str,
+        args: &[&str],
+    ) -> Sagad {
         let addr = free_addr();
         let mut cmd = Command::new(built_bin("sagad"));
         cmd.args(["--database-url", &env.database_url()])
@@ -70,6 +81,7 @@ impl Sagad {
                 "--shutdown-grace",
                 &format!("{}s", SHUTDOWN_GRACE.as_secs()),
             ])
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn,lapin=warn".into()),
@@ -92,7 +104,15 @@ impl Sagad {
                         ..Default::default()
                     })
                     .await;
-                if probe.is_ok() {
+                // A status from sagad itself (not a transport error) means it serves.
+                let served = match &probe {
+                    Ok(_) => true,
+                    Err(status) => matches!(
+                        status.code(),
+                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                    ),
+                };
+                if served {
                     return Sagad { proc, addr };
                 }
             }

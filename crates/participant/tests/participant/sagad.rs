@@ -2,15 +2,13 @@
 //! against the real sagad binary: sagas complete and compensate, and a participant that answers
 //! over gRPC (`ReportStepResult`) instead of the broker takes part like the others.
 
-use std::process::Command as Process;
 use std::time::Duration;
 
 use saga_participant::{Command, GrpcReplies, Outcome, Participant};
 use saga_proto::v1 as pb;
 use saga_proto::v1::saga_service_client::SagaServiceClient;
 use saga_testkit::env::Options;
-use saga_testkit::process::{Proc, free_addr};
-use saga_testkit::{TestEnv, built_bin, repo_sagas};
+use saga_testkit::{TestEnv, repo_sagas};
 use serde_json::json;
 use sqlx::{PgConnection, PgPool};
 use tonic::metadata::AsciiMetadataValue;
@@ -148,7 +146,7 @@ fn shop(env: &TestEnv) -> Vec<Participant> {
 
 /// The real sagad on the test's database and vhost, with `args` added.
 struct Sagad {
-    _proc: Proc,
+    _proc: saga_testkit::fault::Sagad,
     addr: std::net::SocketAddr,
     client: SagaServiceClient<tonic::transport::Channel>,
     token: Option<AsciiMetadataValue>,
@@ -156,38 +154,11 @@ struct Sagad {
 
 impl Sagad {
     async fn spawn(env: &TestEnv, args: &[&str], token: Option<&str>) -> Sagad {
-        let addr = free_addr();
-        let mut cmd = Process::new(built_bin("sagad"));
-        cmd.args(["--database-url", &env.database_url()])
-            .args(["--amqp-url", &env.amqp_url()])
-            .args(["--listen", &addr.to_string()])
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .arg("--definitions")
-            .arg(repo_sagas())
-            .args(["--db-max-connections", "8"])
-            .args(["--timer-poll", "50ms"])
-            .args(["--outbox-poll", "200ms"])
-            .args(args)
-            .env("RUST_LOG", "info,sqlx=warn,lapin=warn");
-        let log = saga_testkit::bins::target_tmp().join(format!("sagad-{}.log", env.name));
-        let mut proc = Proc::spawn(cmd, "sagad", log).unwrap();
+        let proc =
+            saga_testkit::fault::Sagad::spawn_with(env, &repo_sagas(), &env.name, args).await;
+        let addr = proc.addr;
+        let client = SagaServiceClient::connect(proc.endpoint()).await.unwrap();
         let token = token.map(|t| format!("Bearer {t}").parse().unwrap());
-        let client = poll("sagad to serve its API", Duration::from_secs(30), || {
-            if let Err(e) = proc.check_alive() {
-                panic!("{e}");
-            }
-            let endpoint = format!("http://{addr}");
-            async move {
-                let mut client = SagaServiceClient::connect(endpoint).await.ok()?;
-                // Any answer, even UNAUTHENTICATED, means it serves.
-                client
-                    .list_sagas(pb::ListSagasRequest::default())
-                    .await
-                    .ok();
-                Some(client)
-            }
-        })
-        .await;
         Sagad {
             _proc: proc,
             addr,
