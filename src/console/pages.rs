@@ -740,6 +740,51 @@ async fn get_saga(c: &Console, s: &Session, id: &str) -> Result<pb::Saga, Respon
         .map_err(api_error)
 }
 
+/// The command input of each mapped step of the saga, by (step, kind): what the mapping gives on
+/// the saga's data, which is what was sent (inputs and saved outputs do not change). Steps that
+/// do not map their input are sent the saga's input and outputs, shown on the page already.
+fn mapped_inputs(c: &Console, saga: &pb::Saga) -> HashMap<(String, i32), String> {
+    use crate::engine::Kind;
+    use crate::graph::Facts;
+    let Some(def) = c
+        .driver
+        .registry()
+        .get(&saga.definition, saga.definition_version)
+    else {
+        return HashMap::new();
+    };
+    let input: Value = serde_json::from_str(&saga.input_json).unwrap_or(Value::Null);
+    let stored: Value = serde_json::from_str(&saga.outputs_json).unwrap_or(Value::Null);
+    let outputs: Vec<Option<Value>> = def
+        .steps
+        .iter()
+        .map(|st| stored.get(&st.name).cloned())
+        .collect();
+    let facts = crate::graph::DataFacts {
+        def: &def,
+        data: crate::expr::Data {
+            input: &input,
+            saga_id: saga.id.parse().unwrap_or_default(),
+            outputs: &outputs,
+        },
+    };
+    let mut inputs = HashMap::new();
+    for (i, st) in def.steps.iter().enumerate() {
+        for (kind, pb_kind) in [
+            (Kind::Action, pb::CommandKind::Action),
+            (Kind::Compensation, pb::CommandKind::Compensation),
+        ] {
+            let text = match facts.command_input(i, kind, &[]) {
+                Ok(Some(v)) => v.to_string(),
+                Ok(None) => continue,
+                Err(e) => format!("\"cannot be rendered now: {e}\""),
+            };
+            inputs.insert((st.name.clone(), pb_kind as i32), text);
+        }
+    }
+    inputs
+}
+
 pub async fn saga_page(
     State(c): State<Console>,
     Extension(s): Extension<Session>,
@@ -766,6 +811,7 @@ pub async fn saga_page(
         .filter(|st| !st.when.is_empty())
         .map(|st| (st.name.as_str(), st.when.as_str()))
         .collect();
+    let inputs = mapped_inputs(&c, &saga);
     let now = c.driver.clock().now();
     let status = status_name(saga.status);
     let current: Vec<&pb::StepState> = saga
@@ -905,7 +951,7 @@ pub async fn saga_page(
         (json_block("outputs", &saga.outputs_json))
         h2 { "Attempts" }
         table id="attempts" {
-            thead { tr { th { "Step" } th { "Kind" } th class="num" { "#" } th { "Sent" } th { "Replied" } th { "Outcome" } th { "Reason / output" } } }
+            thead { tr { th { "Step" } th { "Kind" } th class="num" { "#" } th { "Sent" } th { "Replied" } th { "Outcome" } th { "Input, output, reason" } } }
             tbody { @for (i, a) in saga.attempts.iter().enumerate() {
                 tr {
                     td { (a.step) } td { (if a.kind == pb::CommandKind::Compensation as i32 { "compensation" } else { "action" }) }
@@ -920,6 +966,11 @@ pub async fn saga_page(
                         }
                     }
                     td {
+                        @if let Some(input) = inputs.get(&(a.step.clone(), a.kind)) {
+                            details { summary { "input" } (json_block(&format!("in-{i}"), input)) }
+                        } @else {
+                            details { summary { "input" } p class="hint" { "The saga's input and the outputs before this step (above)." } }
+                        }
                         @if !a.reason.is_empty() { pre class="error" { (a.reason) } }
                         @if !a.output_json.is_empty() { details { summary { "output" } (json_block(&format!("out-{i}"), &a.output_json)) } }
                     }

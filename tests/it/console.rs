@@ -407,6 +407,38 @@ async fn console_actions_follow_the_apis_rules_escape_inputs_and_refuse_forged_f
     }
     b.screenshot("redrive-done").await;
 
+    // A mapped step's attempt shows the input its mapping gave, not the saga's whole input.
+    admin
+        .resume_participant(pb::ParticipantRequest {
+            participant: "payment".into(),
+            reason: "done".into(),
+        })
+        .await
+        .unwrap();
+    let food = start_definition(
+        &mut sagas,
+        "food_delivery",
+        json!({"customer_id": "cu-7", "shop_id": "closed-9", "items": ["pho"], "amount_cents": 1234}),
+    )
+    .await;
+    b.goto(&format!("/sagas/{food}")).await;
+    b.wait_text("#why", "compensated").await;
+    let attempts = b.c.find(Locator::Css("table#attempts")).await.unwrap();
+    let first_input = attempts
+        .find(Locator::Css("pre[id^=in-]"))
+        .await
+        .unwrap()
+        .prop("textContent")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    let shown: serde_json::Value = serde_json::from_str(&first_input).unwrap();
+    assert_eq!(
+        shown,
+        json!({"customer_id": "cu-7", "shop_id": "closed-9", "items": ["pho"]}),
+        "create_order's mapped input"
+    );
+
     // Search by a value in the input finds the saga; the definition page draws its graph.
     b.goto("/search?q=order_id%3DC-2").await;
     b.wait_text("table#sagas", &id).await;
