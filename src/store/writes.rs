@@ -116,18 +116,17 @@ impl Writes {
                 Effect::Send(cmd) => self.command(def, record, &cmd)?,
                 Effect::AttemptEnded { command_id, end } => self.end_attempt(command_id, end),
                 Effect::History {
-                    kind,
+                    event,
                     step,
                     command_id,
-                    detail,
                 } => {
                     let step = step.map(|i| step_of(def, i)).transpose()?;
                     self.history.push(HistoryEntry {
                         saga_id: record.id,
-                        kind: kind.as_str(),
+                        kind: event.kind().as_str(),
                         step: step.map(|s| s.name.clone()),
                         command_id,
-                        detail,
+                        detail: event.into_detail(),
                     });
                 }
                 Effect::Lifecycle(status) => {

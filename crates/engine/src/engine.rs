@@ -206,10 +206,9 @@ pub enum Effect {
     SaveOutput { step: usize, output: Value },
     /// Append to the saga's history (its timeline).
     History {
-        kind: HistoryKind,
+        event: HistoryEvent,
         step: Option<usize>,
         command_id: Option<Uuid>,
-        detail: Value,
     },
     /// The saga entered a status that others may want to know about.
     Lifecycle(Status),
@@ -255,6 +254,173 @@ impl HistoryKind {
             HistoryKind::OperatorAction => "operator_action",
             HistoryKind::SagaResolved => "saga_resolved",
             HistoryKind::StepSkipped => "step_skipped",
+        }
+    }
+}
+
+/// One entry of a saga's history and what it records. Its [`detail`](HistoryEvent::detail) is
+/// stored as `saga_history.detail` and shown as is by the API, sagactl and the console, so the
+/// JSON of every variant is a contract: `history_details_keep_their_shape` pins it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HistoryEvent {
+    SagaStarted {
+        definition_version: u32,
+    },
+    CommandSent {
+        kind: Kind,
+        attempt: u32,
+    },
+    StepSucceeded {
+        output: Value,
+    },
+    /// A participant's failure, or (`retryable: false`) an action whose command cannot be built.
+    StepFailed {
+        reason: String,
+        retryable: bool,
+    },
+    StepTimedOut {
+        kind: Kind,
+        timeout_ms: u64,
+    },
+    RetryScheduled {
+        kind: Kind,
+        next_attempt: u32,
+        delay_ms: u64,
+        reason: String,
+    },
+    /// `attempts` is the failed step's: none when an operator turned the saga around.
+    CompensationStarted {
+        reason: String,
+        attempts: Option<u32>,
+    },
+    StepCompensated,
+    CompensationFailed {
+        reason: String,
+    },
+    /// A reply to an attempt that had already ended.
+    LateReply {
+        outcome: Outcome,
+    },
+    SagaCompleted,
+    SagaCompensated,
+    NeedsOperator {
+        reason: String,
+    },
+    /// `action` is recorded by its name; a skip's output is recorded beside it as `output`.
+    OperatorAction {
+        action: Repair,
+        actor: String,
+        reason: String,
+        kind: Kind,
+    },
+    SagaResolved {
+        actor: String,
+    },
+    /// The step's `when` was false (the only way a step is skipped).
+    StepSkipped,
+}
+
+impl HistoryEvent {
+    pub fn kind(&self) -> HistoryKind {
+        match self {
+            HistoryEvent::SagaStarted { .. } => HistoryKind::SagaStarted,
+            HistoryEvent::CommandSent { .. } => HistoryKind::CommandSent,
+            HistoryEvent::StepSucceeded { .. } => HistoryKind::StepSucceeded,
+            HistoryEvent::StepFailed { .. } => HistoryKind::StepFailed,
+            HistoryEvent::StepTimedOut { .. } => HistoryKind::StepTimedOut,
+            HistoryEvent::RetryScheduled { .. } => HistoryKind::RetryScheduled,
+            HistoryEvent::CompensationStarted { .. } => HistoryKind::CompensationStarted,
+            HistoryEvent::StepCompensated => HistoryKind::StepCompensated,
+            HistoryEvent::CompensationFailed { .. } => HistoryKind::CompensationFailed,
+            HistoryEvent::LateReply { .. } => HistoryKind::LateReply,
+            HistoryEvent::SagaCompleted => HistoryKind::SagaCompleted,
+            HistoryEvent::SagaCompensated => HistoryKind::SagaCompensated,
+            HistoryEvent::NeedsOperator { .. } => HistoryKind::NeedsOperator,
+            HistoryEvent::OperatorAction { .. } => HistoryKind::OperatorAction,
+            HistoryEvent::SagaResolved { .. } => HistoryKind::SagaResolved,
+            HistoryEvent::StepSkipped => HistoryKind::StepSkipped,
+        }
+    }
+
+    /// The entry's detail, as stored (see [`HistoryEvent::into_detail`]).
+    pub fn detail(&self) -> Value {
+        self.clone().into_detail()
+    }
+
+    /// The JSON stored as the entry's detail. Taking the event by value saves copying a step's
+    /// output on the store's path.
+    pub fn into_detail(self) -> Value {
+        match self {
+            HistoryEvent::SagaStarted { definition_version } => {
+                json!({"definition_version": definition_version})
+            }
+            HistoryEvent::CommandSent { kind, attempt } => {
+                json!({"kind": kind.as_str(), "attempt": attempt})
+            }
+            HistoryEvent::StepSucceeded { output } => json!({"output": output}),
+            HistoryEvent::StepFailed { reason, retryable } => {
+                json!({"reason": reason, "retryable": retryable})
+            }
+            HistoryEvent::StepTimedOut { kind, timeout_ms } => {
+                json!({"kind": kind.as_str(), "timeout_ms": timeout_ms})
+            }
+            HistoryEvent::RetryScheduled {
+                kind,
+                next_attempt,
+                delay_ms,
+                reason,
+            } => json!({
+                "kind": kind.as_str(),
+                "next_attempt": next_attempt,
+                "delay_ms": delay_ms,
+                "reason": reason,
+            }),
+            HistoryEvent::CompensationStarted {
+                reason,
+                attempts: Some(attempts),
+            } => json!({"reason": reason, "attempts": attempts}),
+            HistoryEvent::CompensationStarted {
+                reason,
+                attempts: None,
+            } => json!({"reason": reason}),
+            HistoryEvent::CompensationFailed { reason }
+            | HistoryEvent::NeedsOperator { reason } => {
+                json!({"reason": reason})
+            }
+            HistoryEvent::LateReply {
+                outcome: Outcome::Success { output },
+            } => json!({"outcome": "success", "output": output}),
+            HistoryEvent::LateReply {
+                outcome: Outcome::Failure { reason, retryable },
+            } => json!({"outcome": "failure", "reason": reason, "retryable": retryable}),
+            HistoryEvent::OperatorAction {
+                action,
+                actor,
+                reason,
+                kind,
+            } => {
+                let name = action.name();
+                match action {
+                    Repair::Skip { output } => json!({
+                        "action": name,
+                        "actor": actor,
+                        "reason": reason,
+                        "kind": kind.as_str(),
+                        "output": output,
+                    }),
+                    Repair::RetryNow | Repair::Compensate | Repair::Resolve => json!({
+                        "action": name,
+                        "actor": actor,
+                        "reason": reason,
+                        "kind": kind.as_str(),
+                    }),
+                }
+            }
+            HistoryEvent::SagaResolved { actor } => json!({"actor": actor}),
+            HistoryEvent::StepSkipped => json!({"when": false}),
+            HistoryEvent::StepCompensated
+            | HistoryEvent::SagaCompleted
+            | HistoryEvent::SagaCompensated => json!({}),
         }
     }
 }
@@ -374,15 +540,12 @@ pub fn repair(
         return Err(Refused("the saga has not started yet".into()));
     }
     let step = state.step;
-    let mut detail = json!({"action": repair.name(), "actor": by.actor, "reason": by.reason, "kind": state.kind.as_str()});
-    match &repair {
-        Repair::Skip { output } => {
-            if let Value::Object(d) = &mut detail {
-                d.insert("output".into(), output.clone());
-            }
-        }
-        Repair::RetryNow | Repair::Compensate | Repair::Resolve => {}
-    }
+    let action = HistoryEvent::OperatorAction {
+        action: repair.clone(),
+        actor: by.actor.clone(),
+        reason: by.reason.clone(),
+        kind: state.kind,
+    };
     // Whatever the repair, a command still in flight is abandoned: its reply, if it ever
     // comes, is recorded as late and changes nothing.
     let abandon = |m: &mut Machine| {
@@ -398,12 +561,12 @@ pub fn repair(
             if status == Status::NeedsOperator {
                 m.state.status = Status::Compensating;
             }
-            m.history(HistoryKind::OperatorAction, Some(step), None, detail);
+            m.history(action, Some(step), None);
             abandon(&mut m);
             m.send(step, state.kind, state.attempt.saturating_add(1));
         }
         Repair::Skip { output } => {
-            m.history(HistoryKind::OperatorAction, Some(step), None, detail);
+            m.history(action, Some(step), None);
             abandon(&mut m);
             match state.kind {
                 Kind::Action => {
@@ -429,15 +592,17 @@ pub fn repair(
                     def.steps[def.pivot].name
                 )));
             }
-            m.history(HistoryKind::OperatorAction, Some(step), None, detail);
+            m.history(action, Some(step), None);
             abandon(&mut m);
             m.state.error = Some(format!("compensated by {}: {}", by.actor, by.reason));
             m.state.status = Status::Compensating;
             m.history(
-                HistoryKind::CompensationStarted,
+                HistoryEvent::CompensationStarted {
+                    reason: by.reason.clone(),
+                    attempts: None,
+                },
                 Some(step),
                 None,
-                json!({"reason": by.reason}),
             );
             // The current step may have been applied (a command was out, or failed attempts
             // timed out): undo it too; compensations tolerate undoing nothing.
@@ -450,14 +615,15 @@ pub fn repair(
                     status.as_str()
                 )));
             }
-            m.history(HistoryKind::OperatorAction, Some(step), None, detail);
+            m.history(action, Some(step), None);
             m.state.status = Status::Resolved;
             m.state.waiting = Waiting::Nothing;
             m.history(
-                HistoryKind::SagaResolved,
+                HistoryEvent::SagaResolved {
+                    actor: by.actor.clone(),
+                },
                 None,
                 None,
-                json!({"actor": by.actor}),
             );
             m.effects.push(Effect::Lifecycle(Status::Resolved));
         }
@@ -484,10 +650,11 @@ impl Machine<'_> {
             return;
         }
         self.history(
-            HistoryKind::SagaStarted,
+            HistoryEvent::SagaStarted {
+                definition_version: self.def.version,
+            },
             None,
             None,
-            json!({"definition_version": self.def.version}),
         );
         self.effects.push(Effect::Lifecycle(Status::Running));
         self.send(0, Kind::Action, 1);
@@ -505,10 +672,11 @@ impl Machine<'_> {
                 end: AttemptEnd::Replied(outcome.clone()),
             });
             self.history(
-                HistoryKind::LateReply,
+                HistoryEvent::LateReply {
+                    outcome: outcome.clone(),
+                },
                 None,
                 Some(command_id),
-                outcome_detail(&outcome),
             );
             // A late *success* of the very step (and kind) the saga is still retrying means that
             // step is done: take it, rather than keep sending attempts that may each time out
@@ -539,10 +707,12 @@ impl Machine<'_> {
             (_, Outcome::Success { output }) => self.succeeded(command_id, output),
             (Kind::Action, Outcome::Failure { reason, retryable }) => {
                 self.history(
-                    HistoryKind::StepFailed,
+                    HistoryEvent::StepFailed {
+                        reason: reason.clone(),
+                        retryable,
+                    },
                     Some(step),
                     Some(command_id),
-                    json!({"reason": reason, "retryable": retryable}),
                 );
                 // The participant answered: its local transaction did not happen, so this step
                 // has nothing to undo.
@@ -550,10 +720,11 @@ impl Machine<'_> {
             }
             (Kind::Compensation, Outcome::Failure { reason, .. }) => {
                 self.history(
-                    HistoryKind::CompensationFailed,
+                    HistoryEvent::CompensationFailed {
+                        reason: reason.clone(),
+                    },
                     Some(step),
                     Some(command_id),
-                    json!({"reason": reason}),
                 );
                 self.compensation_failed(reason);
             }
@@ -566,21 +737,17 @@ impl Machine<'_> {
         match self.state.kind {
             Kind::Action => {
                 self.history(
-                    HistoryKind::StepSucceeded,
+                    HistoryEvent::StepSucceeded {
+                        output: output.clone(),
+                    },
                     Some(step),
                     Some(command_id),
-                    json!({"output": output}),
                 );
                 self.effects.push(Effect::SaveOutput { step, output });
                 self.advance(step);
             }
             Kind::Compensation => {
-                self.history(
-                    HistoryKind::StepCompensated,
-                    Some(step),
-                    Some(command_id),
-                    json!({}),
-                );
+                self.history(HistoryEvent::StepCompensated, Some(step), Some(command_id));
                 // Also ends a wait for an operator: the compensation did happen after all.
                 self.state.status = Status::Compensating;
                 self.compensate_from(step.checked_sub(1));
@@ -611,10 +778,12 @@ impl Machine<'_> {
                 let step = self.state.step;
                 let timeout = self.def.steps[step].timeout;
                 self.history(
-                    HistoryKind::StepTimedOut,
+                    HistoryEvent::StepTimedOut {
+                        kind: self.state.kind,
+                        timeout_ms: millis(timeout),
+                    },
                     Some(step),
                     Some(command_id),
-                    json!({"kind": self.state.kind.as_str(), "timeout_ms": millis(timeout)}),
                 );
                 let reason = format!(
                     "{} of step {} got no reply within {}",
@@ -656,10 +825,12 @@ impl Machine<'_> {
                 self.def.steps[step].name
             ));
             self.history(
-                HistoryKind::CompensationStarted,
+                HistoryEvent::CompensationStarted {
+                    reason,
+                    attempts: Some(self.state.attempt),
+                },
                 Some(step),
                 None,
-                json!({"reason": reason, "attempts": self.state.attempt}),
             );
             self.state.status = Status::Compensating;
             self.compensate_from(from);
@@ -675,12 +846,7 @@ impl Machine<'_> {
                 "compensation of step {} failed {} times, last: {reason}",
                 self.def.steps[step].name, self.state.attempt
             ));
-            self.history(
-                HistoryKind::NeedsOperator,
-                Some(step),
-                None,
-                json!({"reason": reason}),
-            );
+            self.history(HistoryEvent::NeedsOperator { reason }, Some(step), None);
             self.effects.push(Effect::Lifecycle(Status::NeedsOperator));
         } else {
             self.retry_later(&reason);
@@ -694,15 +860,14 @@ impl Machine<'_> {
         let at = later(self.ctx.now, delay);
         self.state.waiting = Waiting::Retry { at };
         self.history(
-            HistoryKind::RetryScheduled,
+            HistoryEvent::RetryScheduled {
+                kind: self.state.kind,
+                next_attempt,
+                delay_ms: millis(delay),
+                reason: reason.to_owned(),
+            },
             Some(self.state.step),
             None,
-            json!({
-                "kind": self.state.kind.as_str(),
-                "next_attempt": next_attempt,
-                "delay_ms": millis(delay),
-                "reason": reason,
-            }),
         );
     }
 
@@ -738,41 +903,33 @@ impl Machine<'_> {
             deadline,
         }));
         self.history(
-            HistoryKind::CommandSent,
+            HistoryEvent::CommandSent { kind, attempt },
             Some(step),
             Some(command_id),
-            json!({"kind": kind.as_str(), "attempt": attempt}),
         );
     }
 
     fn finish(&mut self, status: Status) {
         self.state.status = status;
         self.state.waiting = Waiting::Nothing;
-        let kind = match status {
-            Status::Completed => HistoryKind::SagaCompleted,
-            _ => HistoryKind::SagaCompensated,
+        let event = match status {
+            Status::Completed => HistoryEvent::SagaCompleted,
+            _ => HistoryEvent::SagaCompensated,
         };
         self.state.error = self
             .state
             .error
             .take()
             .filter(|_| status != Status::Completed);
-        self.history(kind, None, None, json!({}));
+        self.history(event, None, None);
         self.effects.push(Effect::Lifecycle(status));
     }
 
-    fn history(
-        &mut self,
-        kind: HistoryKind,
-        step: Option<usize>,
-        command_id: Option<Uuid>,
-        detail: Value,
-    ) {
+    fn history(&mut self, event: HistoryEvent, step: Option<usize>, command_id: Option<Uuid>) {
         self.effects.push(Effect::History {
-            kind,
+            event,
             step,
             command_id,
-            detail,
         });
     }
 }
@@ -802,15 +959,6 @@ fn fits(def: &Definition, state: &SagaState) -> bool {
     !def.steps.is_empty() && def.pivot < def.steps.len() && state.step < def.steps.len()
 }
 
-fn outcome_detail(outcome: &Outcome) -> Value {
-    match outcome {
-        Outcome::Success { output } => json!({"outcome": "success", "output": output}),
-        Outcome::Failure { reason, retryable } => {
-            json!({"outcome": "failure", "reason": reason, "retryable": retryable})
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -819,6 +967,177 @@ mod tests {
     use time::macros::datetime;
 
     const T0: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
+
+    /// The stored detail of every kind of history entry, in every shape it takes. The store,
+    /// the API, sagactl, the console and the integration tests read these keys and types: a
+    /// change here is a change of contract, not a refactoring.
+    #[test]
+    fn history_details_keep_their_shape() {
+        use HistoryEvent as H;
+        let operator = |action| H::OperatorAction {
+            action,
+            actor: "alice".into(),
+            reason: "ticket 42".into(),
+            kind: Kind::Compensation,
+        };
+        let operator_detail = |action: &str| json!({"action": action, "actor": "alice", "reason": "ticket 42", "kind": "compensation"});
+        let table = [
+            (
+                H::SagaStarted {
+                    definition_version: 3,
+                },
+                "saga_started",
+                json!({"definition_version": 3}),
+            ),
+            (
+                H::CommandSent {
+                    kind: Kind::Action,
+                    attempt: 2,
+                },
+                "command_sent",
+                json!({"kind": "action", "attempt": 2}),
+            ),
+            (
+                H::StepSucceeded {
+                    output: json!({"order_id": "o-1", "n": [1, null]}),
+                },
+                "step_succeeded",
+                json!({"output": {"order_id": "o-1", "n": [1, null]}}),
+            ),
+            (
+                H::StepSucceeded {
+                    output: Value::Null,
+                },
+                "step_succeeded",
+                json!({"output": null}),
+            ),
+            (
+                H::StepFailed {
+                    reason: "card declined".into(),
+                    retryable: false,
+                },
+                "step_failed",
+                json!({"reason": "card declined", "retryable": false}),
+            ),
+            (
+                H::StepTimedOut {
+                    kind: Kind::Compensation,
+                    timeout_ms: 30_000,
+                },
+                "step_timed_out",
+                json!({"kind": "compensation", "timeout_ms": 30_000}),
+            ),
+            (
+                H::RetryScheduled {
+                    kind: Kind::Action,
+                    next_attempt: 3,
+                    delay_ms: u64::MAX,
+                    reason: "busy".into(),
+                },
+                "retry_scheduled",
+                json!({"kind": "action", "next_attempt": 3, "delay_ms": u64::MAX, "reason": "busy"}),
+            ),
+            (
+                H::CompensationStarted {
+                    reason: "out of stock".into(),
+                    attempts: Some(1),
+                },
+                "compensation_started",
+                json!({"reason": "out of stock", "attempts": 1}),
+            ),
+            (
+                H::CompensationStarted {
+                    reason: "ticket 42".into(),
+                    attempts: None,
+                },
+                "compensation_started",
+                json!({"reason": "ticket 42"}),
+            ),
+            (H::StepCompensated, "step_compensated", json!({})),
+            (
+                H::CompensationFailed {
+                    reason: "refund refused".into(),
+                },
+                "compensation_failed",
+                json!({"reason": "refund refused"}),
+            ),
+            (
+                H::LateReply {
+                    outcome: Outcome::Success {
+                        output: json!({"a": 1}),
+                    },
+                },
+                "late_reply",
+                json!({"outcome": "success", "output": {"a": 1}}),
+            ),
+            (
+                H::LateReply {
+                    outcome: Outcome::Failure {
+                        reason: "late".into(),
+                        retryable: true,
+                    },
+                },
+                "late_reply",
+                json!({"outcome": "failure", "reason": "late", "retryable": true}),
+            ),
+            (H::SagaCompleted, "saga_completed", json!({})),
+            (H::SagaCompensated, "saga_compensated", json!({})),
+            (
+                H::NeedsOperator {
+                    reason: "refund refused".into(),
+                },
+                "needs_operator",
+                json!({"reason": "refund refused"}),
+            ),
+            (
+                operator(Repair::RetryNow),
+                "operator_action",
+                operator_detail("retry"),
+            ),
+            (
+                operator(Repair::Skip {
+                    output: json!({"by": "hand"}),
+                }),
+                "operator_action",
+                json!({"action": "skip", "actor": "alice", "reason": "ticket 42", "kind": "compensation", "output": {"by": "hand"}}),
+            ),
+            (
+                operator(Repair::Skip {
+                    output: Value::Null,
+                }),
+                "operator_action",
+                json!({"action": "skip", "actor": "alice", "reason": "ticket 42", "kind": "compensation", "output": null}),
+            ),
+            (
+                operator(Repair::Compensate),
+                "operator_action",
+                operator_detail("compensate"),
+            ),
+            (
+                operator(Repair::Resolve),
+                "operator_action",
+                operator_detail("resolve"),
+            ),
+            (
+                H::SagaResolved {
+                    actor: "alice".into(),
+                },
+                "saga_resolved",
+                json!({"actor": "alice"}),
+            ),
+            (H::StepSkipped, "step_skipped", json!({"when": false})),
+        ];
+        let mut kinds = std::collections::BTreeSet::new();
+        for (event, kind, detail) in table {
+            assert_eq!(event.kind().as_str(), kind, "{event:?}");
+            assert_eq!(event.detail(), detail, "{event:?}");
+            // Compared as text as well: a number must stay a number, not become a string.
+            assert_eq!(event.detail().to_string(), detail.to_string(), "{event:?}");
+            assert_eq!(event.clone().into_detail(), detail, "{event:?}");
+            kinds.insert(kind);
+        }
+        assert_eq!(kinds.len(), 16, "every kind is pinned: {kinds:?}");
+    }
 
     fn order_saga() -> Definition {
         let text = std::fs::read_to_string(
@@ -873,7 +1192,7 @@ mod tests {
                         c.kind.as_str(),
                         c.attempt
                     )),
-                    Effect::History { kind, .. } => out.history.push(*kind),
+                    Effect::History { event, .. } => out.history.push(event.kind()),
                     Effect::Lifecycle(s) => out.lifecycle.push(*s),
                     _ => {}
                 }
@@ -1196,7 +1515,7 @@ mod tests {
                     e,
                     Effect::AttemptEnded { .. }
                         | Effect::History {
-                            kind: HistoryKind::LateReply,
+                            event: HistoryEvent::LateReply { .. },
                             ..
                         }
                 )));
@@ -1227,7 +1546,7 @@ mod tests {
                 matches!(
                     e,
                     Effect::History {
-                        kind: HistoryKind::LateReply,
+                        event: HistoryEvent::LateReply { .. },
                         ..
                     }
                 )
@@ -1421,10 +1740,9 @@ mod tests {
             .iter()
             .find_map(|e| match e {
                 Effect::History {
-                    kind: HistoryKind::OperatorAction,
-                    detail,
+                    event: event @ HistoryEvent::OperatorAction { .. },
                     ..
-                } => Some(detail.clone()),
+                } => Some(event.detail()),
                 _ => None,
             })
             .expect("the repair is in the history")

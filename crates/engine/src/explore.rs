@@ -44,7 +44,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::definition::Definition;
-use crate::engine::{AttemptEnd, Ctx, Event, HistoryKind, Kind, Outcome, Status};
+use crate::engine::{AttemptEnd, Ctx, Event, HistoryEvent, Kind, Outcome, Status};
 use crate::graph::{Effect, Facts, Graph, GraphState, StepState};
 
 /// Which steps use data. The checker cannot know what an expression will say, only that it is
@@ -148,7 +148,7 @@ pub fn check(def: &Definition) -> Report {
 /// [`check`] with the data use given explicitly.
 pub fn check_shape(def: &Definition, shape: &Shape) -> Report {
     let bounded_def = capped(def);
-    let g = Graph::new(&bounded_def).without_details();
+    let g = Graph::new(&bounded_def);
     let mut x = Explorer {
         g: &g,
         shape,
@@ -272,7 +272,8 @@ pub fn check_transition(
                 // successes included) or time out; an action that failed has nothing to undo.
                 let now_done = effects.iter().any(|e| match e {
                     Effect::History {
-                        kind: HistoryKind::StepSucceeded | HistoryKind::StepTimedOut,
+                        event:
+                            HistoryEvent::StepSucceeded { .. } | HistoryEvent::StepTimedOut { .. },
                         step,
                         ..
                     } => *step == Some(i),
@@ -385,7 +386,7 @@ pub fn check_trace(
         for e in effects {
             let seen = match e {
                 Effect::History {
-                    kind: HistoryKind::StepSucceeded,
+                    event: HistoryEvent::StepSucceeded { .. },
                     step: Some(i),
                     ..
                 } => Some((*i, Applied::Maybe)),

@@ -42,13 +42,13 @@
 //! flight, then compensated, or needs_operator when a compensation (or a held step) blocks.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::definition::{Definition, Step};
 use crate::engine::{
-    AttemptEnd, Ctx, Event, HistoryKind, Kind, Operator, Outcome, Refused, Repair, SagaState,
+    AttemptEnd, Ctx, Event, HistoryEvent, Kind, Operator, Outcome, Refused, Repair, SagaState,
     Status, Waiting, later,
 };
 
@@ -456,10 +456,9 @@ pub enum Effect {
         output: Value,
     },
     History {
-        kind: HistoryKind,
+        event: HistoryEvent,
         step: Option<usize>,
         command_id: Option<Uuid>,
-        detail: Value,
     },
     Lifecycle(Status),
 }
@@ -486,8 +485,6 @@ pub struct Graph<'a> {
     /// Every step that waits for `i`, directly or not (`i` itself excluded, even in a cycle).
     descendants: Vec<Vec<usize>>,
     after_pivot: Vec<bool>,
-    /// Whether history entries carry their detail (the checker does without).
-    details: bool,
 }
 
 impl<'a> Graph<'a> {
@@ -532,15 +529,7 @@ impl<'a> Graph<'a> {
             deps,
             descendants,
             after_pivot,
-            details: true,
         }
-    }
-
-    /// The same graph producing history entries without their detail (`Value::Null`): the
-    /// checker looks at states and commands only, and building details dominated its walk.
-    pub(crate) fn without_details(mut self) -> Self {
-        self.details = false;
-        self
     }
 
     pub fn def(&self) -> &'a Definition {
@@ -747,10 +736,12 @@ impl<'a> Graph<'a> {
                 m.s.error = Some(format!("compensated by {}: {}", by.actor, by.reason));
                 m.s.turned = true;
                 m.history(
-                    HistoryKind::CompensationStarted,
+                    HistoryEvent::CompensationStarted {
+                        reason: by.reason.clone(),
+                        attempts: None,
+                    },
                     first,
                     None,
-                    || json!({"reason": by.reason}),
                 );
             }
             Repair::Resolve => {
@@ -765,10 +756,11 @@ impl<'a> Graph<'a> {
                 m.operator_action_at(&Repair::Resolve, at, kind, by);
                 m.s.status = Status::Resolved;
                 m.history(
-                    HistoryKind::SagaResolved,
+                    HistoryEvent::SagaResolved {
+                        actor: by.actor.clone(),
+                    },
                     None,
                     None,
-                    || json!({"actor": by.actor}),
                 );
                 m.effects.push(Effect::Lifecycle(Status::Resolved));
             }
@@ -837,15 +829,6 @@ fn millis(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn outcome_detail(outcome: &Outcome) -> Value {
-    match outcome {
-        Outcome::Success { output } => json!({"outcome": "success", "output": output}),
-        Outcome::Failure { reason, retryable } => {
-            json!({"outcome": "failure", "reason": reason, "retryable": retryable})
-        }
-    }
-}
-
 static PENDING: StepState = StepState::Pending;
 
 struct Machine<'m> {
@@ -884,20 +867,11 @@ impl Machine<'_> {
         self.step(i).is_some_and(|s| s.compensation.is_some())
     }
 
-    /// `d` builds the entry's detail, only when details are kept (see `Graph::without_details`).
-    fn history(
-        &mut self,
-        kind: HistoryKind,
-        step: Option<usize>,
-        cmd: Option<Uuid>,
-        d: impl FnOnce() -> Value,
-    ) {
-        let detail = if self.g.details { d() } else { Value::Null };
+    fn history(&mut self, event: HistoryEvent, step: Option<usize>, cmd: Option<Uuid>) {
         self.effects.push(Effect::History {
-            kind,
+            event,
             step,
             command_id: cmd,
-            detail,
         });
     }
 
@@ -924,10 +898,11 @@ impl Machine<'_> {
         self.s.started = true;
         let version = self.g.def.version;
         self.history(
-            HistoryKind::SagaStarted,
+            HistoryEvent::SagaStarted {
+                definition_version: version,
+            },
             None,
             None,
-            || json!({"definition_version": version}),
         );
         self.effects.push(Effect::Lifecycle(Status::Running));
     }
@@ -950,20 +925,20 @@ impl Machine<'_> {
                 self.action_succeeded(i, command_id, output)
             }
             (StepState::Running { attempt, .. }, Outcome::Failure { reason, retryable }) => {
-                let d = || json!({"reason": reason, "retryable": retryable});
-                self.history(HistoryKind::StepFailed, Some(i), Some(command_id), d);
+                let event = HistoryEvent::StepFailed {
+                    reason: reason.clone(),
+                    retryable,
+                };
+                self.history(event, Some(i), Some(command_id));
                 // The participant answered: its local transaction did not happen.
                 self.action_failed(i, attempt, reason, retryable, false);
             }
             (_, Outcome::Success { .. }) => self.compensated(i, command_id),
             (st, Outcome::Failure { reason, .. }) => {
-                let d = || json!({"reason": reason});
-                self.history(
-                    HistoryKind::CompensationFailed,
-                    Some(i),
-                    Some(command_id),
-                    d,
-                );
+                let event = HistoryEvent::CompensationFailed {
+                    reason: reason.clone(),
+                };
+                self.history(event, Some(i), Some(command_id));
                 self.compensation_failed(i, st.attempt(), reason);
             }
         }
@@ -977,8 +952,10 @@ impl Machine<'_> {
             command_id,
             end: AttemptEnd::Replied(outcome.clone()),
         });
-        let d = || outcome_detail(&outcome);
-        self.history(HistoryKind::LateReply, None, Some(command_id), d);
+        let event = HistoryEvent::LateReply {
+            outcome: outcome.clone(),
+        };
+        self.history(event, None, Some(command_id));
         let (Some((i, kind)), Outcome::Success { output }) = (answers, outcome) else {
             return;
         };
@@ -1057,8 +1034,11 @@ impl Machine<'_> {
             command_id,
             end: AttemptEnd::TimedOut,
         });
-        let d = || json!({"kind": kind.as_str(), "timeout_ms": millis(timeout)});
-        self.history(HistoryKind::StepTimedOut, Some(i), Some(command_id), d);
+        let event = HistoryEvent::StepTimedOut {
+            kind,
+            timeout_ms: millis(timeout),
+        };
+        self.history(event, Some(i), Some(command_id));
         format!(
             "{} of step {} got no reply within {}",
             kind.as_str(),
@@ -1070,8 +1050,10 @@ impl Machine<'_> {
     // ---- per-step transitions ----
 
     fn action_succeeded(&mut self, i: usize, command_id: Uuid, output: Value) {
-        let d = || json!({"output": output});
-        self.history(HistoryKind::StepSucceeded, Some(i), Some(command_id), d);
+        let event = HistoryEvent::StepSucceeded {
+            output: output.clone(),
+        };
+        self.history(event, Some(i), Some(command_id));
         self.effects.push(Effect::SaveOutput { step: i, output });
         self.set(i, StepState::Succeeded);
     }
@@ -1096,12 +1078,7 @@ impl Machine<'_> {
     }
 
     fn compensated(&mut self, i: usize, command_id: Uuid) {
-        self.history(
-            HistoryKind::StepCompensated,
-            Some(i),
-            Some(command_id),
-            || json!({}),
-        );
+        self.history(HistoryEvent::StepCompensated, Some(i), Some(command_id));
         self.set(i, StepState::Compensated);
     }
 
@@ -1133,15 +1110,13 @@ impl Machine<'_> {
                 Kind::Compensation => StepState::CompRetryWait { attempt, at },
             },
         );
-        let d = || {
-            json!({
-                "kind": kind.as_str(),
-                "next_attempt": next_attempt,
-                "delay_ms": millis(delay),
-                "reason": reason,
-            })
+        let event = HistoryEvent::RetryScheduled {
+            kind,
+            next_attempt,
+            delay_ms: millis(delay),
+            reason: reason.to_owned(),
         };
-        self.history(HistoryKind::RetryScheduled, Some(i), None, d);
+        self.history(event, Some(i), None);
     }
 
     /// Step `i` failed for good at or before the pivot: the saga turns around.
@@ -1151,8 +1126,11 @@ impl Machine<'_> {
         }
         self.s.turned = true;
         self.s.error = Some(format!("step {} failed: {reason}", self.name(i)));
-        let d = || json!({"reason": reason, "attempts": attempts});
-        self.history(HistoryKind::CompensationStarted, Some(i), None, d);
+        let event = HistoryEvent::CompensationStarted {
+            reason: reason.to_owned(),
+            attempts: Some(attempts),
+        };
+        self.history(event, Some(i), None);
         // Between attempts nothing is out: no new attempt goes; whether the step may have been
         // applied is what its last attempt said.
         for st in &mut self.s.steps {
@@ -1193,8 +1171,11 @@ impl Machine<'_> {
     fn cannot_build(&mut self, i: usize, kind: Kind, attempts: u32, reason: String) {
         match kind {
             Kind::Action => {
-                let d = || json!({"reason": reason, "retryable": false});
-                self.history(HistoryKind::StepFailed, Some(i), None, d);
+                let event = HistoryEvent::StepFailed {
+                    reason: reason.clone(),
+                    retryable: false,
+                };
+                self.history(event, Some(i), None);
                 if self.g.is_after_pivot(i) {
                     self.set(
                         i,
@@ -1209,8 +1190,10 @@ impl Machine<'_> {
                 }
             }
             Kind::Compensation => {
-                let d = || json!({"reason": reason});
-                self.history(HistoryKind::CompensationFailed, Some(i), None, d);
+                let event = HistoryEvent::CompensationFailed {
+                    reason: reason.clone(),
+                };
+                self.history(event, Some(i), None);
                 self.set(
                     i,
                     StepState::CompFailed {
@@ -1250,8 +1233,11 @@ impl Machine<'_> {
             deadline,
             input,
         }));
-        let d = || json!({"kind": kind.as_str(), "attempt": attempt});
-        self.history(HistoryKind::CommandSent, Some(i), Some(command_id), d);
+        self.history(
+            HistoryEvent::CommandSent { kind, attempt },
+            Some(i),
+            Some(command_id),
+        );
     }
 
     // ---- the saga ----
@@ -1303,12 +1289,7 @@ impl Machine<'_> {
                 let input = match self.facts.condition(i, &self.saved()) {
                     Ok(Some(false)) => {
                         self.set(i, StepState::Skipped);
-                        self.history(
-                            HistoryKind::StepSkipped,
-                            Some(i),
-                            None,
-                            || json!({"when": false}),
-                        );
+                        self.history(HistoryEvent::StepSkipped, Some(i), None);
                         self.effects.push(Effect::SaveOutput {
                             step: i,
                             output: Value::Null,
@@ -1400,19 +1381,14 @@ impl Machine<'_> {
         match new {
             Status::Completed => {
                 self.s.error = None;
-                self.history(HistoryKind::SagaCompleted, None, None, || json!({}));
+                self.history(HistoryEvent::SagaCompleted, None, None);
             }
             Status::Compensated => {
-                self.history(HistoryKind::SagaCompensated, None, None, || json!({}));
+                self.history(HistoryEvent::SagaCompensated, None, None);
             }
             Status::NeedsOperator => {
                 let (at, reason) = self.why_stopped();
-                self.history(
-                    HistoryKind::NeedsOperator,
-                    at,
-                    None,
-                    || json!({"reason": reason}),
-                );
+                self.history(HistoryEvent::NeedsOperator { reason }, at, None);
             }
             Status::Running | Status::Compensating | Status::Resolved => return,
         }
@@ -1500,11 +1476,13 @@ impl Machine<'_> {
         kind: Kind,
         by: &Operator,
     ) {
-        let mut d = json!({"action": repair.name(), "actor": by.actor, "reason": by.reason, "kind": kind.as_str()});
-        if let (Repair::Skip { output }, Value::Object(d)) = (repair, &mut d) {
-            d.insert("output".into(), output.clone());
-        }
-        self.history(HistoryKind::OperatorAction, at, None, || d);
+        let event = HistoryEvent::OperatorAction {
+            action: repair.clone(),
+            actor: by.actor.clone(),
+            reason: by.reason.clone(),
+            kind,
+        };
+        self.history(event, at, None);
     }
 
     /// Whatever the repair, a command of step `i` still in flight is abandoned: its reply, if it
@@ -1523,6 +1501,8 @@ impl Machine<'_> {
 pub(crate) mod tests {
     use super::*;
     use crate::definition::RetryPolicy;
+    use crate::engine::HistoryKind;
+    use serde_json::json;
     use std::collections::HashMap;
     use std::time::Duration;
     use time::macros::datetime;
@@ -1838,7 +1818,7 @@ pub(crate) mod tests {
         effects
             .iter()
             .filter_map(|e| match e {
-                Effect::History { kind, .. } => Some(*kind),
+                Effect::History { event, .. } => Some(event.kind()),
                 _ => None,
             })
             .collect()

@@ -150,11 +150,10 @@ fn engine_effect(e: &engine::Effect) -> String {
         engine::Effect::AttemptEnded { command_id, end } => format!("ended {command_id} {end:?}"),
         engine::Effect::SaveOutput { step, output } => format!("output {step} {output}"),
         engine::Effect::History {
-            kind,
+            event,
             step,
             command_id,
-            detail,
-        } => format!("history {kind:?} {step:?} {command_id:?} {detail}"),
+        } => format!("history {event:?} {step:?} {command_id:?}"),
         engine::Effect::Lifecycle(s) => format!("lifecycle {s:?}"),
     }
 }
@@ -168,11 +167,10 @@ fn graph_effect(e: &graph::Effect) -> String {
         graph::Effect::AttemptEnded { command_id, end } => format!("ended {command_id} {end:?}"),
         graph::Effect::SaveOutput { step, output } => format!("output {step} {output}"),
         graph::Effect::History {
-            kind,
+            event,
             step,
             command_id,
-            detail,
-        } => format!("history {kind:?} {step:?} {command_id:?} {detail}"),
+        } => format!("history {event:?} {step:?} {command_id:?}"),
         graph::Effect::Lifecycle(s) => format!("lifecycle {s:?}"),
     }
 }

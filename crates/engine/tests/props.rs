@@ -9,7 +9,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use saga_engine::definition::{self, Definition, RetryPolicy, Step};
 use saga_engine::engine::{
-    self, Ctx, Effect, Event, HistoryKind, Kind, Operator, Outcome, Repair, SagaState, Status,
+    self, Ctx, Effect, Event, HistoryEvent, Kind, Operator, Outcome, Repair, SagaState, Status,
     Waiting,
 };
 use serde_json::json;
@@ -762,7 +762,7 @@ fn check_invariants(
                 e,
                 Effect::AttemptEnded { .. }
                     | Effect::History {
-                        kind: HistoryKind::LateReply,
+                        event: HistoryEvent::LateReply { .. },
                         ..
                     }
             )),
@@ -1030,7 +1030,7 @@ fn absurd_timeouts_and_back_offs_saturate_at_never() {
         .effects
         .iter()
         .filter_map(|e| match e {
-            Effect::History { detail, .. } => detail.get("delay_ms").cloned(),
+            Effect::History { event, .. } => event.detail().get("delay_ms").cloned(),
             _ => None,
         })
         .collect();
