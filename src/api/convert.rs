@@ -112,7 +112,6 @@ pub fn filter_from_pb(
         updated_before: from_timestamp("updated_before", &req.updated_before)?,
         error_contains: text(&req.error_contains),
         started_by: None,
-        input_contains: None,
         before: None,
         limit: 0,
     })

@@ -656,13 +656,8 @@ pub async fn search(
     if let Some((path, value)) = text.split_once('=')
         && let Some(v) = containment(path, value)
     {
-        let filter = crate::store::ListFilter {
-            input_contains: Some(v.clone()),
-            limit: 50,
-            ..Default::default()
-        };
         results = store
-            .list_sagas(&filter)
+            .sagas_with_input(&v, 50)
             .await
             .map_err(store_error)?
             .into_iter()
