@@ -29,6 +29,10 @@ pub(crate) struct Args {
     /// no-op steps other engines are benchmarked with). Replies are confirmed either way.
     #[arg(long, value_enum, default_value = "demo")]
     pub(crate) participants: ParticipantsArg,
+    /// Store the run's classic queues in this format (1: RabbitMQ 3.10's default, 2: the newer
+    /// one), by a `queue-version` policy on the run's vhost set before anything declares them.
+    #[arg(long)]
+    pub(crate) queue_type: Option<String>,
     /// Open loop: start sagas at this fixed rate (per second) instead of keeping --in-flight
     /// going; latency counts from each saga's scheduled start (no coordinated omission).
     #[arg(long)]

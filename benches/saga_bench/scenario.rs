@@ -151,6 +151,23 @@ pub(crate) async fn run_scenario(ctx: &Ctx, sc: &Scenario) -> anyhow::Result<Sce
         },
     )
     .map_err(anyhow::Error::msg)?;
+    if let Some(kind) = &ctx.args.queue_type {
+        let definition = match kind.as_str() {
+            "1" | "2" => format!(r#"{{"queue-version":{kind}}}"#),
+            other => anyhow::bail!("--queue-type {other}: 1 or 2 (classic queue versions)"),
+        };
+        saga_testkit::rabbitmqctl(&[
+            "set_policy",
+            "-p",
+            &name,
+            "--apply-to",
+            "queues",
+            "queue-version",
+            ".*",
+            &definition,
+        ])
+        .map_err(anyhow::Error::msg)?;
+    }
     let (mut sagad, addr) = start_sagad(ctx, &env, &ctx.definitions, &sc.label).await?;
     let mut demo = start_demo(ctx, &env, &sc.label)?;
     let tracker = Arc::new(Tracker::default());
