@@ -103,11 +103,8 @@ impl Store {
         .await?
         .iter()
         .map(|r| {
-            let version: i32 = r.try_get("definition_version")?;
-            let version = u32::try_from(version)
-                .map_err(|_| StoreError::Corrupt(format!("definition version {version}")))?;
             let n = r.try_get::<i64, _>("n")?.max(0) as u64;
-            Ok(((r.try_get("definition")?, version), n))
+            Ok(((r.try_get("definition")?, version_of(r)?), n))
         })
         .collect()
     }

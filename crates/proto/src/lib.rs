@@ -11,6 +11,7 @@
 )]
 
 pub mod codec;
+pub mod graph;
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {

@@ -456,7 +456,8 @@ pub fn saga_table(saga: &Saga) -> String {
 /// depth (the longest chain of `after` above it), so steps that run in parallel line up and a
 /// join sits below all its branches.
 fn steps_table(steps: &[StepState]) -> Table {
-    let depths = depths(steps);
+    let depths =
+        saga_proto::graph::depths(steps.iter().map(|s| (s.name.as_str(), s.after.as_slice())));
     let mut table = new_table(&[
         "STEP",
         "AFTER",
@@ -491,34 +492,6 @@ fn steps_table(steps: &[StepState]) -> Table {
         ]);
     }
     table
-}
-
-/// Each step's depth: 0 for a root, else one more than its deepest `after`. Names it does not
-/// know count as roots; a cycle (which the server never sends) stops deepening after as many
-/// rounds as there are steps.
-fn depths(steps: &[StepState]) -> Vec<usize> {
-    let deps = resolve_after(steps.iter().map(|s| (s.name.as_str(), s.after.as_slice())));
-    let mut depth = vec![0usize; steps.len()];
-    for _ in 0..steps.len() {
-        let mut changed = false;
-        for (i, ds) in deps.iter().enumerate() {
-            let d = ds
-                .iter()
-                .filter_map(|&j| depth.get(j).map(|d| d + 1))
-                .max()
-                .unwrap_or(0);
-            if let Some(slot) = depth.get_mut(i)
-                && *slot != d
-            {
-                *slot = d;
-                changed = true;
-            }
-        }
-        if !changed {
-            break;
-        }
-    }
-    depth
 }
 
 fn push_json_block(out: &mut String, name: &str, raw: &str) {
@@ -1235,7 +1208,7 @@ impl Layout {
     fn of(def: &Definition) -> Layout {
         let n = def.steps.len();
         let start = n;
-        let deps = resolve_after(
+        let deps = saga_proto::graph::resolve_after(
             def.steps
                 .iter()
                 .map(|s| (s.name.as_str(), s.after.as_slice())),
@@ -1289,30 +1262,6 @@ impl Layout {
         }
         Layout { deps, children }
     }
-}
-
-/// Each step's `after`, (name, after) in order, resolved to step indices: only steps that exist
-/// (the first of a name the server sent twice), never the step itself, each once, ascending.
-fn resolve_after<'a>(steps: impl Iterator<Item = (&'a str, &'a [String])>) -> Vec<Vec<usize>> {
-    let steps: Vec<_> = steps.collect();
-    let mut index = std::collections::HashMap::new();
-    for (i, (name, _)) in steps.iter().enumerate() {
-        index.entry(*name).or_insert(i);
-    }
-    steps
-        .iter()
-        .enumerate()
-        .map(|(i, (_, after))| {
-            let mut d: Vec<usize> = after
-                .iter()
-                .filter_map(|a| index.get(a.as_str()).copied())
-                .filter(|&d| d != i)
-                .collect();
-            d.sort_unstable();
-            d.dedup();
-            d
-        })
-        .collect()
 }
 
 /// The lines drawn under a step's name.
