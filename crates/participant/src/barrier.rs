@@ -145,32 +145,92 @@ async fn call(
     }
 }
 
-/// Records the step after a successful handler, in its savepoint. A database error here while
-/// the connection is fine means the handler left the transaction failed (it caught an error and
-/// returned success anyway) or its output cannot be stored: a transient failure, rolled back,
-/// rather than a redelivery loop.
-async fn record(
+/// The savepoint the handler runs in. It is never released: the commit keeps it, and a release
+/// would cost a round trip.
+const SAVEPOINT: &str = "SAVEPOINT saga_barrier_handler";
+const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT saga_barrier_handler";
+
+/// Claims the command id and, in the same statement, inserts the step row the command's kind
+/// asks for (an action's `applied` row, a compensation's tombstone) when the claim succeeded:
+/// (claimed, step row inserted), one round trip. A concurrent delivery of the command waits on
+/// the claim, a concurrent attempt or compensation of the step on the step row, as with two
+/// statements; the step insert runs only if this delivery claimed the command.
+async fn claim(
+    conn: &mut PgConnection,
+    participant: &str,
+    command: &Command,
+) -> Result<(bool, bool), BarrierError> {
+    let step_insert = match command.kind {
+        Kind::Action => {
+            "INSERT INTO saga_barrier_steps (saga_id, step, state, action_command_id) \
+             SELECT $2, $4, 'applied', $1 FROM claim \
+             ON CONFLICT (saga_id, step) DO NOTHING RETURNING 1"
+        }
+        Kind::Compensation => {
+            "INSERT INTO saga_barrier_steps \
+             (saga_id, step, state, compensation_command_id, compensation_output, tombstone) \
+             SELECT $2, $4, 'compensated', $1, 'null'::jsonb, true FROM claim \
+             ON CONFLICT (saga_id, step) DO NOTHING RETURNING 1"
+        }
+    };
+    let sql = format!(
+        "WITH claim AS (INSERT INTO saga_barrier_commands \
+         (command_id, saga_id, participant, step, kind, command, attempt) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (command_id) DO NOTHING \
+         RETURNING command_id), \
+         step AS ({step_insert}) \
+         SELECT EXISTS (SELECT FROM claim), EXISTS (SELECT FROM step)"
+    );
+    let claimed: (bool, bool) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(command.command_id)
+        .bind(command.saga_id)
+        .bind(participant)
+        .bind(&command.step)
+        .bind(command.kind.as_str())
+        .bind(&command.command)
+        .bind(i64::from(command.attempt))
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(claimed)
+}
+
+/// Stores the reply on the command's row and returns it as stored: the stored text is sent, so
+/// the first delivery's answer and every redelivery's are the same bytes. `step_update`, a
+/// data-modifying statement on the step row (`$2` the command id, `$3` the saga id, `$4` the
+/// step, `$5` the output when given), runs in the same statement: one round trip.
+async fn store(
     conn: &mut PgConnection,
     command: &Command,
-    query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
-) -> Result<Result<(), Rollback>, BarrierError> {
-    match query.execute(&mut *conn).await {
-        Ok(_) => Ok(Ok(())),
-        Err(e) if e.as_database_error().is_some() => Ok(Err(Rollback {
-            reply: failure(
-                command,
-                &format!(
-                    "the handler left its transaction failed, or its output cannot be stored: {e}"
-                ),
-                true,
-            ),
-            how: "transaction failed",
-        })),
-        Err(e) => Err(e.into()),
+    reply: &ReplyBody,
+    step_update: Option<(&str, Option<&str>)>,
+) -> Result<String, BarrierError> {
+    let reply = serde_json::to_string(reply)
+        .map_err(|e| BarrierError::Inconsistent(format!("a reply does not serialize: {e}")))?;
+    const UPDATE: &str = "UPDATE saga_barrier_commands SET reply = $1::jsonb \
+                          WHERE command_id = $2 RETURNING reply::text";
+    let Some((step_update, output)) = step_update else {
+        return Ok(sqlx::query_scalar(UPDATE)
+            .bind(reply)
+            .bind(command.command_id)
+            .fetch_one(&mut *conn)
+            .await?);
+    };
+    let sql = format!("WITH step AS ({step_update}) {UPDATE}");
+    let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(reply)
+        .bind(command.command_id)
+        .bind(command.saga_id)
+        .bind(&command.step);
+    if let Some(output) = output {
+        query = query.bind(output);
     }
+    Ok(query.fetch_one(&mut *conn).await?)
 }
 
 /// Runs one command's transaction on `conn` and returns the reply to send.
+///
+/// Round trips for a new action: BEGIN, the claim with the step row, SAVEPOINT, the handler's
+/// own statements, the step's output with the reply, COMMIT.
 pub(crate) async fn process(
     conn: &mut PgConnection,
     participant: &str,
@@ -178,22 +238,8 @@ pub(crate) async fn process(
     handler: &Handler,
 ) -> Result<Processed, BarrierError> {
     let mut tx = conn.begin().await?;
-    let claimed = sqlx::query(
-        "INSERT INTO saga_barrier_commands \
-         (command_id, saga_id, participant, step, kind, command, attempt) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (command_id) DO NOTHING",
-    )
-    .bind(command.command_id)
-    .bind(command.saga_id)
-    .bind(participant)
-    .bind(&command.step)
-    .bind(command.kind.as_str())
-    .bind(&command.command)
-    .bind(i64::from(command.attempt))
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if claimed == 0 {
+    let (claimed, inserted) = claim(&mut tx, participant, command).await?;
+    if !claimed {
         // Claimed by an earlier delivery: the insert waited for its transaction, so its row
         // (and reply) is committed. Answer with the same reply.
         let stored: Option<Option<String>> = sqlx::query_scalar(
@@ -216,22 +262,17 @@ pub(crate) async fn process(
             how: "duplicate",
         });
     }
-    let (reply, how) = match command.kind {
-        Kind::Action => action(&mut tx, command, handler).await?,
-        Kind::Compensation => compensation(&mut tx, command, handler).await?,
+    let (reply, how) = match (command.kind, inserted) {
+        (Kind::Action, true) => apply(&mut tx, command, handler).await?,
+        (Kind::Action, false) => applied_or_blocked(&mut tx, command).await?,
+        (Kind::Compensation, true) => {
+            // Nothing to undo (the action never applied here, or has not arrived yet): the row
+            // is a tombstone that blocks a late action.
+            let reply = ReplyBody::success(command.command_id, Value::Null);
+            (store(&mut tx, command, &reply, None).await?, "tombstone")
+        }
+        (Kind::Compensation, false) => compensate(&mut tx, command, handler).await?,
     };
-    let reply = serde_json::to_string(&reply)
-        .map_err(|e| BarrierError::Inconsistent(format!("a reply does not serialize: {e}")))?;
-    // The stored text is sent, so the first delivery's answer and every redelivery's are the
-    // same bytes.
-    let reply: String = sqlx::query_scalar(
-        "UPDATE saga_barrier_commands SET reply = $1::jsonb WHERE command_id = $2 \
-         RETURNING reply::text",
-    )
-    .bind(reply)
-    .bind(command.command_id)
-    .fetch_one(&mut *tx)
-    .await?;
     tx.commit().await?;
     Ok(Processed {
         reply,
@@ -271,136 +312,122 @@ async fn step_row(
     Ok((state, output))
 }
 
-async fn action(
+/// Runs the handler in the savepoint; on success stores `step_update` (with the output as `$5`)
+/// and the success reply in one statement. On any failure the savepoint is rolled back and
+/// `undo` (a statement on the step row, or nothing) runs with the failure reply instead.
+async fn run_handler(
     tx: &mut PgConnection,
     command: &Command,
     handler: &Handler,
-) -> Result<(ReplyBody, &'static str), BarrierError> {
-    let mut savepoint = tx.begin().await?;
-    // Claims the step: a concurrent attempt or compensation of it waits here.
-    let inserted = sqlx::query(
-        "INSERT INTO saga_barrier_steps (saga_id, step, state, action_command_id) \
-         VALUES ($1, $2, 'applied', $3) ON CONFLICT (saga_id, step) DO NOTHING",
-    )
-    .bind(command.saga_id)
-    .bind(&command.step)
-    .bind(command.command_id)
-    .execute(&mut *savepoint)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        let recorded = match call(handler, command, &mut savepoint).await {
-            Ok((output, text)) => {
-                let update = sqlx::query(
-                    "UPDATE saga_barrier_steps SET action_output = $1::jsonb \
-                     WHERE saga_id = $2 AND step = $3",
-                )
-                .bind(text)
-                .bind(command.saga_id)
-                .bind(&command.step);
-                record(&mut savepoint, command, update)
-                    .await?
-                    .map(|()| output)
+    step_update: &str,
+    undo: Option<&str>,
+    how: &'static str,
+) -> Result<(String, &'static str), BarrierError> {
+    sqlx::raw_sql(SAVEPOINT).execute(&mut *tx).await?;
+    let rollback = match call(handler, command, tx).await {
+        Ok((output, text)) => {
+            let reply = ReplyBody::success(command.command_id, output);
+            match store(tx, command, &reply, Some((step_update, Some(&text)))).await {
+                Ok(stored) => return Ok((stored, how)),
+                // The handler left the transaction failed (it caught an error and returned
+                // success anyway) or its output cannot be stored: a transient failure, rolled
+                // back, rather than a redelivery loop.
+                Err(BarrierError::Database(e)) if e.as_database_error().is_some() => Rollback {
+                    reply: failure(
+                        command,
+                        &format!(
+                            "the handler left its transaction failed, or its output cannot be \
+                             stored: {e}"
+                        ),
+                        true,
+                    ),
+                    how: "transaction failed",
+                },
+                Err(e) => return Err(e),
             }
-            Err(rollback) => Err(rollback),
-        };
-        return match recorded {
-            Ok(output) => {
-                savepoint.commit().await?;
-                Ok((ReplyBody::success(command.command_id, output), "applied"))
-            }
-            Err(Rollback { reply, how }) => {
-                // Drops the step row with the handler's work: the step did not happen.
-                savepoint.rollback().await?;
-                Ok((reply, how))
-            }
-        };
-    }
-    savepoint.commit().await?;
-    let (state, output) = step_row(tx, command, Kind::Action).await?;
-    if state == "applied" {
-        // An earlier attempt applied: the orchestrator never got (or gave up on) its answer.
-        return Ok((
-            ReplyBody::success(command.command_id, output),
-            "already applied",
-        ));
-    }
-    Ok((
-        failure(
-            command,
-            &format!(
-                "step {:?} was already compensated for this saga",
-                command.step
-            ),
-            false,
-        ),
-        "blocked",
-    ))
+        }
+        Err(rollback) => rollback,
+    };
+    sqlx::raw_sql(ROLLBACK_TO_SAVEPOINT)
+        .execute(&mut *tx)
+        .await?;
+    let stored = store(tx, command, &rollback.reply, undo.map(|undo| (undo, None))).await?;
+    Ok((stored, rollback.how))
 }
 
-async fn compensation(
+/// A new action: its step row is inserted; the handler applies the step.
+async fn apply(
     tx: &mut PgConnection,
     command: &Command,
     handler: &Handler,
-) -> Result<(ReplyBody, &'static str), BarrierError> {
-    let inserted = sqlx::query(
-        "INSERT INTO saga_barrier_steps \
-         (saga_id, step, state, compensation_command_id, compensation_output, tombstone) \
-         VALUES ($1, $2, 'compensated', $3, 'null'::jsonb, true) \
-         ON CONFLICT (saga_id, step) DO NOTHING",
+) -> Result<(String, &'static str), BarrierError> {
+    run_handler(
+        tx,
+        command,
+        handler,
+        "UPDATE saga_barrier_steps SET action_output = $5::jsonb \
+         WHERE saga_id = $3 AND step = $4",
+        // The step did not happen: its row goes with the handler's work, so a later attempt
+        // may apply it and a compensation finds nothing to undo.
+        Some("DELETE FROM saga_barrier_steps WHERE saga_id = $3 AND step = $4"),
+        "applied",
     )
-    .bind(command.saga_id)
-    .bind(&command.step)
-    .bind(command.command_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if inserted == 1 {
-        // Nothing to undo (the action never applied here, or has not arrived yet): the row is a
-        // tombstone that blocks a late action.
-        return Ok((
-            ReplyBody::success(command.command_id, Value::Null),
-            "tombstone",
-        ));
-    }
+    .await
+}
+
+/// An action whose step row exists: an earlier attempt applied it, or it was compensated.
+async fn applied_or_blocked(
+    tx: &mut PgConnection,
+    command: &Command,
+) -> Result<(String, &'static str), BarrierError> {
+    let (state, output) = step_row(tx, command, Kind::Action).await?;
+    let (reply, how) = if state == "applied" {
+        // An earlier attempt applied: the orchestrator never got (or gave up on) its answer.
+        (
+            ReplyBody::success(command.command_id, output),
+            "already applied",
+        )
+    } else {
+        (
+            failure(
+                command,
+                &format!(
+                    "step {:?} was already compensated for this saga",
+                    command.step
+                ),
+                false,
+            ),
+            "blocked",
+        )
+    };
+    Ok((store(tx, command, &reply, None).await?, how))
+}
+
+/// A compensation whose step row exists: undo the action unless an earlier attempt did.
+async fn compensate(
+    tx: &mut PgConnection,
+    command: &Command,
+    handler: &Handler,
+) -> Result<(String, &'static str), BarrierError> {
     let (state, output) = step_row(tx, command, Kind::Compensation).await?;
     if state == "compensated" {
+        let reply = ReplyBody::success(command.command_id, output);
         return Ok((
-            ReplyBody::success(command.command_id, output),
+            store(tx, command, &reply, None).await?,
             "already compensated",
         ));
     }
-    let mut savepoint = tx.begin().await?;
-    let recorded = match call(handler, command, &mut savepoint).await {
-        Ok((output, text)) => {
-            let update = sqlx::query(
-                "UPDATE saga_barrier_steps SET state = 'compensated', \
-                 compensation_command_id = $1, compensation_output = $2::jsonb, \
-                 updated_at = now() WHERE saga_id = $3 AND step = $4",
-            )
-            .bind(command.command_id)
-            .bind(text)
-            .bind(command.saga_id)
-            .bind(&command.step);
-            record(&mut savepoint, command, update)
-                .await?
-                .map(|()| output)
-        }
-        Err(rollback) => Err(rollback),
-    };
-    match recorded {
-        Ok(output) => {
-            savepoint.commit().await?;
-            Ok((
-                ReplyBody::success(command.command_id, output),
-                "compensated",
-            ))
-        }
-        Err(Rollback { reply, how }) => {
-            savepoint.rollback().await?;
-            Ok((reply, how))
-        }
-    }
+    run_handler(
+        tx,
+        command,
+        handler,
+        "UPDATE saga_barrier_steps SET state = 'compensated', \
+         compensation_command_id = $2, compensation_output = $5::jsonb, \
+         updated_at = now() WHERE saga_id = $3 AND step = $4",
+        None,
+        "compensated",
+    )
+    .await
 }
 
 #[cfg(test)]

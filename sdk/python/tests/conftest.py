@@ -155,7 +155,15 @@ async def poll(
 class Sagad:
     """The real sagad binary on free ports, and sagactl to talk to it."""
 
-    def __init__(self, env: Env, definitions: Path, log: Path) -> None:
+    def __init__(
+        self,
+        env: Env,
+        definitions: Path,
+        log: Path,
+        extra_args: tuple[str, ...] = (),
+        token: str | None = None,
+    ) -> None:
+        self.token = token
         self.port = free_port()
         self.metrics_port = free_port()
         self.server = f"http://127.0.0.1:{self.port}"
@@ -172,6 +180,7 @@ class Sagad:
                 "--db-max-connections", "8",
                 "--timer-poll", "50ms",
                 "--outbox-poll", "200ms",
+                *extra_args,
             ],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
@@ -203,6 +212,7 @@ class Sagad:
         proc = await asyncio.create_subprocess_exec(
             _binary("sagactl"), "--server", self.server, "--output", "json", *args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **({"SAGA_TOKEN": self.token} if self.token else {})},
         )
         out, err = await proc.communicate()
         if proc.returncode != 0:

@@ -58,9 +58,17 @@ def _checks(cmd: Command) -> Failure | None:
     return None
 
 
-def build(amqp_url: str, database_url: str, **options: Any) -> list[Participant]:
+def build(
+    amqp_url: str, database_url: str, payment_options: dict[str, Any] | None = None, **options: Any
+) -> list[Participant]:
+    """The three participants; ``payment_options`` override ``options`` for the payment service
+    (e.g. another broker user and replies over gRPC)."""
     order = Participant("order", amqp_url=amqp_url, database_url=database_url, **options)
-    payment = Participant("payment", amqp_url=amqp_url, database_url=database_url, **options)
+    payment = Participant(
+        "payment",
+        **{"amqp_url": amqp_url, "database_url": database_url, **options,
+           **(payment_options or {})},
+    )
     delivery = Participant("delivery", amqp_url=amqp_url, database_url=database_url, **options)
 
     @order.action("create_order")
@@ -148,14 +156,14 @@ def _kill_after_commit(participants: list[Participant], command: str, marker: st
         original = p._publish_reply
 
         async def publish(publisher: Any, message: Any, cmd: Command, reply: str,
-                          _original: Any = original) -> None:
+                          traceparent: str | None, _original: Any = original) -> None:
             if cmd.command == command and not os.path.exists(marker):
                 with open(marker, "w") as f:
                     f.write(str(cmd.command_id))
                     f.flush()
                     os.fsync(f.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)
-            await _original(publisher, message, cmd, reply)
+            await _original(publisher, message, cmd, reply, traceparent)
 
         p._publish_reply = publish  # type: ignore[method-assign]
 

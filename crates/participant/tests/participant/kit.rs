@@ -458,3 +458,94 @@ async fn the_guide_example_runs() {
     assert_eq!(rows, [(4200, "refunded".to_string())]);
     running.stop().await;
 }
+
+/// Backends of the test's database waiting for a lock (a claim or step row held by another
+/// transaction).
+async fn waiting_on_locks(bank: &Bank) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&bank.pool)
+    .await
+    .unwrap()
+}
+
+/// Deliveries and attempts that arrive while the first attempt's handler is still running wait
+/// for its transaction: a second delivery of the command on the claim, a second attempt of the
+/// step on the step row. Then the command applied once, and the step once.
+#[tokio::test]
+async fn deliveries_and_attempts_racing_the_first_apply_nothing_twice() {
+    init_tracing();
+    let env = TestEnv::new();
+    let mut bank = Bank::new(&env).await;
+    let gate = Arc::new(Semaphore::new(0));
+    bank.gate = Some(Arc::clone(&gate));
+    let running = Running::start(bank.participant(&env), bank.pool.clone()).await;
+    let mut kit = CommandKit::connect(&env.amqp_url(), "payment")
+        .await
+        .unwrap();
+
+    // The first attempt succeeds: the second delivery gets its stored reply, the second attempt
+    // its output.
+    let cmd = pay(json!(10));
+    let entered = bank.entered.notified();
+    kit.send(&cmd).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), entered)
+        .await
+        .expect("the handler runs");
+    let retry = cmd.retry();
+    kit.send(&cmd).await.unwrap();
+    kit.send(&retry).await.unwrap();
+    poll(
+        "both to wait for the first",
+        Duration::from_secs(30),
+        || async { (waiting_on_locks(&bank).await >= 2).then_some(()) },
+    )
+    .await;
+    // Permits for all three: a handler run twice shows as a second row, not as a hang.
+    gate.add_permits(3);
+    let (first, again) = (
+        kit.reply(&cmd).await.unwrap(),
+        kit.reply(&cmd).await.unwrap(),
+    );
+    assert!(first.is_success(), "{first:?}");
+    assert_eq!(first.raw, again.raw);
+    let retried = kit.reply(&retry).await.unwrap();
+    assert!(retried.is_success(), "{retried:?}");
+    assert_eq!(retried.body.output, first.body.output);
+    assert_eq!(
+        bank.payments(cmd.saga_id()).await,
+        [("10".to_string(), "authorized".to_string())]
+    );
+    assert_eq!(deliveries(&bank, &cmd).await, 2);
+    // The handler took one permit: it ran once.
+    assert_eq!(gate.forget_permits(3), 2);
+
+    // The first attempt fails (over the limit): its step row goes with its work, so the second
+    // attempt, which waited on it, applies.
+    let over = pay(json!(5000));
+    let entered = bank.entered.notified();
+    kit.send(&over).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), entered)
+        .await
+        .expect("the handler runs");
+    let retry = over.retry().input(json!({"amount": 20}));
+    kit.send(&retry).await.unwrap();
+    poll(
+        "the retry to wait for the first",
+        Duration::from_secs(30),
+        || async { (waiting_on_locks(&bank).await >= 1).then_some(()) },
+    )
+    .await;
+    gate.add_permits(2);
+    let failed = kit.reply(&over).await.unwrap();
+    assert!(failed.is_failure() && !failed.body.retryable, "{failed:?}");
+    let applied = kit.reply(&retry).await.unwrap();
+    assert!(applied.is_success(), "{applied:?}");
+    assert_eq!(
+        bank.payments(over.saga_id()).await,
+        [("20".to_string(), "authorized".to_string())]
+    );
+    running.stop().await;
+}

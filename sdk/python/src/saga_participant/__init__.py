@@ -23,6 +23,7 @@ See docs/participants.md in the repository for the guide, and docs/participant-c
 the wire contract.
 """
 
+from ._grpc import GrpcReplies
 from ._parse import parse_command
 from ._types import (
     Command,
@@ -52,6 +53,7 @@ __all__ = [
     "REPLIES_QUEUE",
     "Command",
     "Failure",
+    "GrpcReplies",
     "Handler",
     "Kind",
     "MalformedCommand",

@@ -16,7 +16,8 @@ import psycopg
 from aio_pika.abc import AbstractIncomingMessage
 from psycopg_pool import AsyncConnectionPool
 
-from . import _barrier
+from . import _barrier, _grpc
+from ._grpc import GrpcReplies
 from ._parse import child_traceparent, parse_command
 from ._types import Command, Handler, Kind, MalformedCommand
 
@@ -71,6 +72,10 @@ class Participant:
     :param requeue_delay: wait before requeueing a command whose transaction or reply failed
         (database or broker trouble), so an outage does not become a hot redelivery loop.
     :param shutdown_grace: how long :meth:`stop` lets in-flight commands finish.
+    :param reply_via_grpc: send replies with sagad's ``ReportStepResult`` instead of publishing
+        them (:class:`GrpcReplies`; needs the ``grpc`` extra), for a participant that may
+        consume its queue but not publish. A report sagad refuses for good (``NOT_FOUND``,
+        ``INVALID_ARGUMENT``) is logged and the command acked; any other error requeues it.
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class Participant:
         reconnect_max: float = 30.0,
         requeue_delay: float = 0.5,
         shutdown_grace: float = 30.0,
+        reply_via_grpc: GrpcReplies | None = None,
     ) -> None:
         if (database_url is None) == (pool is None):
             raise ValueError("give exactly one of database_url and pool")
@@ -108,6 +114,10 @@ class Participant:
         self.reconnect_max = reconnect_max
         self.requeue_delay = requeue_delay
         self.shutdown_grace = shutdown_grace
+        if reply_via_grpc is not None:
+            reply_via_grpc.target()  # a malformed address fails here, not at the first reply
+        self._grpc_config = reply_via_grpc
+        self._reporter: _grpc.Reporter | None = None
         self._handlers: dict[tuple[Kind, str], Handler] = {}
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
@@ -168,6 +178,8 @@ class Participant:
                 kwargs={"autocommit": True},
                 open=False,
             )
+        if self._grpc_config is not None:
+            self._reporter = _grpc.Reporter(self._grpc_config)
         try:
             if self._own_pool:
                 await self._pool.open()
@@ -190,6 +202,9 @@ class Participant:
                     backoff = min(backoff * 2, self.reconnect_max)
         finally:
             self._ready.clear()
+            if self._reporter is not None:
+                await self._reporter.close()
+                self._reporter = None
             if self._own_pool and self._pool is not None:
                 await self._pool.close()
                 self._pool = None
@@ -316,7 +331,14 @@ class Participant:
                 handler = self._handlers.get((command.kind, command.command))
                 async with self.pool.connection() as conn:
                     processed = await _barrier.process(conn, self.name, command, handler)
-                await self._publish_reply(publisher, message, command, processed.reply)
+                traceparent = child_traceparent(command.traceparent)
+                reporter = self._reporter
+                if reporter is None:
+                    await self._publish_reply(
+                        publisher, message, command, processed.reply, traceparent
+                    )
+                else:
+                    await self._report(reporter, command, processed.reply, traceparent)
             await message.ack()
             log.info(
                 "participant %s: %s %s of saga %s (attempt %d): %s%s",
@@ -348,11 +370,11 @@ class Participant:
         message: AbstractIncomingMessage,
         command: Command,
         reply: str,
+        traceparent: str | None,
     ) -> None:
         """Publishes the reply (persistent, to the command's ``reply_to``) and returns once the
         broker confirmed it; raises if the broker refused it or the channel failed."""
         headers: dict[str, Any] = {}
-        traceparent = child_traceparent(command.traceparent)
         if traceparent is not None:
             headers["traceparent"] = traceparent
         reply_to = message.reply_to or REPLIES_QUEUE
@@ -376,3 +398,27 @@ class Participant:
                 command.command_id,
                 reply_to,
             )
+
+    async def _report(
+        self, reporter: _grpc.Reporter, command: Command, reply: str, traceparent: str | None
+    ) -> None:
+        """Reports the reply over gRPC; raises (the command is requeued) unless sagad answered
+        or refused it for good."""
+        try:
+            applied = await reporter.report(reply, traceparent)
+        except _grpc.Refused as e:
+            # As for an unroutable reply: asking again cannot help; the step times out and
+            # the orchestrator retries or compensates.
+            log.warning(
+                "participant %s: sagad refused the report for %s (%s); the step will time out",
+                self.name,
+                command.command_id,
+                e,
+            )
+            return
+        log.debug(
+            "participant %s: reported %s over gRPC (applied: %s)",
+            self.name,
+            command.command_id,
+            applied,
+        )
