@@ -197,14 +197,32 @@ fn bounded(text: &str, max: usize) -> String {
 // ---------------------------------------------------------------------------------------------
 // Login.
 
-pub async fn login_form(State(c): State<Console>) -> Response {
+pub async fn login_form(State(c): State<Console>, headers: axum::http::HeaderMap) -> Response {
     if c.tokens.is_empty() {
         return Redirect::to("/").into_response();
     }
-    login_page(StatusCode::OK, None)
+    login_page(&c, &headers, StatusCode::OK, None)
 }
 
-fn login_page(code: StatusCode, problem: Option<&str>) -> Response {
+/// The login form's CSRF token the browser already holds, if any.
+fn login_nonce(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| session::cookie(h, session::LOGIN_COOKIE))
+        .filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The login form with its CSRF token: the one the browser holds (so two tabs, or a reload,
+/// keep working), else a new one set in the cookie.
+fn login_page(
+    c: &Console,
+    headers: &axum::http::HeaderMap,
+    code: StatusCode,
+    problem: Option<&str>,
+) -> Response {
+    let held = login_nonce(headers);
+    let nonce = held.map_or_else(session::random_token, str::to_owned);
     let body = html! {
         (DOCTYPE)
         html lang="en" {
@@ -213,30 +231,58 @@ fn login_page(code: StatusCode, problem: Option<&str>) -> Response {
                 h1 { "sagad console" }
                 @if let Some(p) = problem { p class="error" id="error" { (p) } }
                 form method="post" action="/login" {
+                    input type="hidden" name="csrf" value=(nonce);
                     label { "Operator token" input type="password" name="token" autocomplete="current-password" required autofocus; }
                     button type="submit" { "Log in" }
                 }
             } }
         }
     };
-    (code, body).into_response()
+    let mut resp = (code, body).into_response();
+    if held.is_none()
+        && let Ok(v) = HeaderValue::from_str(&session::set_login_cookie(&nonce, c.secure))
+    {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
 }
 
 #[derive(Deserialize)]
 pub struct LoginForm {
     #[serde(default)]
     token: String,
+    #[serde(default)]
+    csrf: String,
 }
 
-pub async fn login(State(c): State<Console>, Form(f): Form<LoginForm>) -> Response {
+pub async fn login(
+    State(c): State<Console>,
+    headers: axum::http::HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Response {
     if c.tokens.is_empty() {
         return Redirect::to("/").into_response();
     }
+    if !session::same_token(&f.csrf, login_nonce(&headers).unwrap_or_default()) {
+        return login_page(
+            &c,
+            &headers,
+            StatusCode::FORBIDDEN,
+            Some("the login form expired or did not come from this console: try again"),
+        );
+    }
     let Some(caller) = c.tokens.authenticate(f.token.trim()).cloned() else {
-        return login_page(StatusCode::UNAUTHORIZED, Some("unknown token"));
+        return login_page(
+            &c,
+            &headers,
+            StatusCode::UNAUTHORIZED,
+            Some("unknown token"),
+        );
     };
     if caller.scope != Scope::Operator {
         return login_page(
+            &c,
+            &headers,
             StatusCode::FORBIDDEN,
             Some("this is a participant token: the console is for operator tokens only"),
         );

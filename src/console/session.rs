@@ -30,8 +30,7 @@ pub struct Session {
 impl Session {
     /// Whether `presented` is this session's CSRF token (constant time).
     pub fn csrf_matches(&self, presented: &str) -> bool {
-        presented.len() == self.csrf.len()
-            && bool::from(presented.as_bytes().ct_eq(self.csrf.as_bytes()))
+        same_token(presented, &self.csrf)
     }
 }
 
@@ -40,7 +39,7 @@ pub struct Sessions {
     by_id: Mutex<HashMap<String, Session>>,
 }
 
-fn random_token() -> String {
+pub(super) fn random_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -87,6 +86,21 @@ impl Sessions {
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
     }
+}
+
+/// Cookie that carries the login form's CSRF token (a double submit: a site that cannot read
+/// this cookie cannot put its value in the form, so it cannot log a browser in as itself).
+pub const LOGIN_COOKIE: &str = "saga_login";
+
+/// The `Set-Cookie` value for the login form's token, valid for that form only.
+pub fn set_login_cookie(nonce: &str, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{LOGIN_COOKIE}={nonce}; Path=/login; HttpOnly; SameSite=Strict; Max-Age=900{secure}")
+}
+
+/// Whether two tokens are equal (constant time) and not empty.
+pub fn same_token(a: &str, b: &str) -> bool {
+    !a.is_empty() && a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
 /// The value of cookie `name` in a `Cookie` header.

@@ -208,6 +208,20 @@ async fn an_operator_logs_in_finds_a_saga_stuck_on_a_paused_participant_and_watc
         assert_eq!(b.path().await, "/login");
         assert!(b.c.find(Locator::Css("table#waiting")).await.is_err());
     }
+    // A login posted from elsewhere (no login cookie of this console's form) is refused, even
+    // with the operator's token.
+    let status =
+        b.c.execute_async(
+            "const done = arguments[arguments.length - 1];
+             fetch('/login', {method: 'POST', credentials: 'omit',
+               headers: {'Content-Type': 'application/x-www-form-urlencoded'},
+               body: 'csrf=forged&token=' + encodeURIComponent(arguments[0])})
+               .then(r => done(r.status));",
+            vec![json!(OPERATOR)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, json!(403));
     b.type_into("input[name=token]", OPERATOR).await;
     b.click("button[type=submit]").await;
 
