@@ -113,45 +113,9 @@ impl Application {
             Err(e) => warn!(error = %e, "broker unreachable at start-up; will keep trying"),
         }
 
-        let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|source| StartupError::Bind {
-                    addr: settings.listen,
-                    source,
-                })?;
-        let addr = listener.local_addr().map_err(|source| StartupError::Bind {
-            addr: settings.listen,
-            source,
-        })?;
-
-        let metrics_listener =
-            TcpListener::bind(settings.metrics_listen)
-                .await
-                .map_err(|source| StartupError::Bind {
-                    addr: settings.metrics_listen,
-                    source,
-                })?;
-        let metrics_addr = metrics_listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind {
-                addr: settings.metrics_listen,
-                source,
-            })?;
-
-        let console_listener =
-            TcpListener::bind(settings.console_listen)
-                .await
-                .map_err(|source| StartupError::Bind {
-                    addr: settings.console_listen,
-                    source,
-                })?;
-        let console_addr = console_listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind {
-                addr: settings.console_listen,
-                source,
-            })?;
+        let (listener, addr) = bind(settings.listen).await?;
+        let (metrics_listener, metrics_addr) = bind(settings.metrics_listen).await?;
+        let (console_listener, console_addr) = bind(settings.console_listen).await?;
 
         let mut tasks = Supervisor::new(
             Policy {
@@ -329,6 +293,14 @@ impl Application {
         self.driver.store().close().await;
         info!("stopped");
     }
+}
+
+/// Binds `addr` (port 0: a free one) and says which address it got.
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
+    let bound = |source| StartupError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bound)?;
+    let local = listener.local_addr().map_err(bound)?;
+    Ok((listener, local))
 }
 
 async fn declare_topology(
