@@ -117,6 +117,19 @@ async fn publish_batch(
         tx.commit().await?;
         return Ok(0);
     }
+    // A command that waited (held participant, broker outage, backlog) gets its whole timeout
+    // from now; fresh ones keep the deadline set when they were created. Written before the
+    // messages go out, in the transaction that commits only after their confirms: the reply
+    // could otherwise be applied first, and the attempt keep the deadline it was decided with.
+    let waited: Vec<uuid::Uuid> = rows
+        .iter()
+        .filter(|r| {
+            r.exchange == contract::COMMANDS_EXCHANGE
+                && breaker::restarts_deadline(r.created_at, now)
+        })
+        .map(|r| r.message_id)
+        .collect();
+    tx.restart_deadlines(&waited, now).await?;
     // Hand every message to the connection at once (each publish only resolves once lapin's
     // I/O thread has written it, so awaiting them one by one costs a thread round trip per
     // message), then wait for the confirms together: one broker round trip per batch. The
@@ -159,17 +172,6 @@ async fn publish_batch(
         }
     }
     let published = rows.len();
-    // A command that waited (held participant, broker outage, backlog) gets its whole timeout
-    // from now; fresh ones keep the deadline set when they were created.
-    let waited: Vec<uuid::Uuid> = rows
-        .iter()
-        .filter(|r| {
-            r.exchange == contract::COMMANDS_EXCHANGE
-                && breaker::restarts_deadline(r.created_at, now)
-        })
-        .map(|r| r.message_id)
-        .collect();
-    tx.restart_deadlines(&waited, now).await?;
     for participant in &probes {
         tx.probe_sent(participant, now, driver.circuit().cooldown)
             .await?;

@@ -132,6 +132,20 @@ impl OutboxTx<'_> {
         if command_ids.is_empty() {
             return Ok(());
         }
+        // Sagas first, in id order, then their attempts: the order every transition locks in,
+        // so this cannot deadlock with a timer or a repair on the same saga.
+        let owners: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT DISTINCT saga_id FROM step_attempts WHERE command_id = ANY($1) ORDER BY saga_id",
+        )
+        .bind(command_ids)
+        .fetch_all(self.conn())
+        .await?;
+        let rows: Vec<(Uuid, String, Option<Value>)> = sqlx::query_as(
+            "SELECT id, status, graph FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(&owners)
+        .fetch_all(self.conn())
+        .await?;
         let attempts: Vec<(Uuid, Uuid, OffsetDateTime)> = sqlx::query_as(
             "UPDATE step_attempts SET deadline = LEAST($2 + (deadline - sent_at), $3), sent_at = $2 \
              WHERE command_id = ANY($1) AND replied_at IS NULL AND NOT timed_out AND NOT superseded \
@@ -146,23 +160,14 @@ impl OutboxTx<'_> {
         if attempts.is_empty() {
             return Ok(());
         }
-        let mut sagas: Vec<Uuid> = attempts.iter().map(|(saga, _, _)| *saga).collect();
-        sagas.sort_unstable();
-        sagas.dedup();
         let moved: HashMap<Uuid, OffsetDateTime> =
             attempts.into_iter().map(|(_, c, d)| (c, d)).collect();
-        // Locked in id order, like every transition.
-        let rows: Vec<(Uuid, String, Option<Value>)> = sqlx::query_as(
-            "SELECT id, status, graph FROM sagas WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-        )
-        .bind(&sagas)
-        .fetch_all(self.conn())
-        .await?;
         let (mut id, mut graph, mut wake) = (Vec::new(), Vec::new(), Vec::new());
         for (saga, status, stored) in rows {
             let Some(stored) = stored else { continue };
             let mut g: StoredGraph = serde_json::from_value(stored)
                 .map_err(|e| StoreError::Corrupt(format!("saga {saga}: step states: {e}")))?;
+            let mut changed = false;
             for st in &mut g.steps {
                 if let StepState::Running {
                     command_id,
@@ -177,7 +182,11 @@ impl OutboxTx<'_> {
                     && let Some(d) = moved.get(command_id)
                 {
                     *deadline = *d;
+                    changed = true;
                 }
+            }
+            if !changed {
+                continue;
             }
             let ended = Status::parse(&status).is_none_or(Status::is_terminal);
             wake.push(if ended {
