@@ -1590,18 +1590,27 @@ fn redrive_request(f: &RedriveForm, dry_run: bool) -> Result<pb::RedriveRequest,
     })
 }
 
+/// The AdminService's redrive of what the form selects: its stream of progress.
+async fn redrive(
+    c: &Console,
+    s: &Session,
+    f: &RedriveForm,
+    dry_run: bool,
+) -> Result<<super::AdminApi as AdminService>::RedriveStream, Response> {
+    let req = redrive_request(f, dry_run)?;
+    Ok(c.admin
+        .redrive(call(s, req))
+        .await
+        .map_err(api_error)?
+        .into_inner())
+}
+
 pub async fn redrive_dry_run(
     State(c): State<Console>,
     Extension(s): Extension<Session>,
     Form(f): Form<RedriveForm>,
 ) -> Page {
-    let req = redrive_request(&f, true)?;
-    let mut stream = c
-        .admin
-        .redrive(call(&s, req))
-        .await
-        .map_err(api_error)?
-        .into_inner();
+    let mut stream = redrive(&c, &s, &f, true).await?;
     let mut matched = 0;
     let mut ids = Vec::new();
     while let Some(p) = stream.next().await {
@@ -1634,13 +1643,7 @@ pub async fn redrive_run(
     Extension(s): Extension<Session>,
     Form(f): Form<RedriveForm>,
 ) -> Page {
-    let req = redrive_request(&f, false)?;
-    let mut stream = c
-        .admin
-        .redrive(call(&s, req))
-        .await
-        .map_err(api_error)?
-        .into_inner();
+    let mut stream = redrive(&c, &s, &f, false).await?;
     let (tx, rx) = watch::channel(JobState {
         by: s.caller.name.clone(),
         reason: f.reason.clone(),
